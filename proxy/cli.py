@@ -1,0 +1,171 @@
+"""``rightsizer``: argument parsing and start-up only.
+
+rightsizer serve     run the proxy in front of OpenAI-compatible backends
+rightsizer emulate   run an emulated engine (no GPU needed)
+rightsizer demo      two emulated engines + the proxy + a short traffic run, then a report
+rightsizer estimate  offline projection from a model config.json and a traffic profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from .config import ConfigError, ProxyConfig, load_config
+
+log = logging.getLogger("rightsizer")
+
+
+def _install_uvloop() -> str:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+async def run_site(app: web.Application, host: str, port: int, *, grace_s: float = 10.0) -> None:
+    """Serve until SIGINT/SIGTERM, then drain in-flight requests for up to ``grace_s``."""
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    log.info("listening on http://%s:%d", host, port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    over: dict[str, Any] = {}
+    server = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if server:
+        over["server"] = server
+    if args.backend:
+        over["backends"] = [{"url": u} for u in args.backend]
+    if args.request_log:
+        over["request_log"] = {"path": args.request_log}
+    if args.no_estimator:
+        over["estimator"] = {"enabled": False}
+    return over
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, overrides=_serve_overrides(args))
+    except ConfigError as exc:
+        print(f"rightsizer: config error: {exc}", file=sys.stderr)
+        return 2
+    if not config.backends:
+        print(
+            "rightsizer: no backends: give --backend URL or a config with backends:",
+            file=sys.stderr,
+        )
+        return 2
+    loop_name = _install_uvloop()
+    log.info("event loop: %s; backends: %s", loop_name, ", ".join(b.url for b in config.backends))
+    asyncio.run(_serve(config))
+    return 0
+
+
+async def _serve(config: ProxyConfig) -> None:
+    from .app import build_app
+    from .wiring import estimator_deps
+
+    app = build_app(config, estimator_deps(config))
+    await run_site(
+        app, config.server.host, config.server.port, grace_s=config.server.shutdown_grace_s
+    )
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    from .emulate import EmulatorServer
+    from .wiring import emulator_from_args
+
+    cfg, timing = emulator_from_args(args)
+    _install_uvloop()
+    server = EmulatorServer(cfg, timing)
+    asyncio.run(run_site(server.app(), args.host, args.port, grace_s=1.0))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _install_uvloop()
+    return asyncio.run(run_demo(duration_s=args.duration, requests=args.requests))
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from estimator.cli import run_estimate
+
+    return run_estimate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rightsizer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the proxy. Precedence: flags > RIGHTSIZER_* env vars > config file.",
+    )
+    s.add_argument("--config", help="YAML config (see configs/proxy.yaml)")
+    s.add_argument("--backend", action="append", help="backend base URL (repeatable)")
+    s.add_argument("--host", help="listen address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="listen port (default 8080)")
+    s.add_argument("--request-log", help="write a JSON-lines request log here")
+    s.add_argument("--no-estimator", action="store_true", help="don't run the online estimator")
+    s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("emulate", help="run an emulated OpenAI-compatible engine")
+    from .wiring import add_emulator_arguments
+
+    add_emulator_arguments(e)
+    e.set_defaults(func=cmd_emulate)
+
+    d = sub.add_parser("demo", help="self-contained demo: emulated engines, proxy, traffic, report")
+    d.add_argument("--duration", type=float, default=20.0, help="traffic duration in seconds")
+    d.add_argument("--requests", type=int, default=400, help="maximum requests to send")
+    d.set_defaults(func=cmd_demo)
+
+    est = sub.add_parser("estimate", help="offline projection from a model config and traffic")
+    try:
+        from estimator.cli import add_estimate_arguments
+    except ImportError:  # the estimator CLI is optional at build time of this parser
+        est.set_defaults(func=lambda a: (print("estimator CLI unavailable", file=sys.stderr), 2)[1])
+    else:
+        add_estimate_arguments(est)
+        est.set_defaults(func=cmd_estimate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,287 @@
+"""Configuration: frozen dataclasses, loaded from YAML, overridden by env vars and CLI flags.
+
+Defaults live only in the field defaults. Every field carries its documentation in
+``metadata["doc"]`` (the README's config reference is generated from it). Durations are float
+seconds with an ``_s`` suffix. Unknown keys and wrong types are errors that name the file,
+the key path and the reason: ``configs/proxy.yaml: timeouts.read_s: expected a number, got 'x'``.
+
+Environment overrides: ``RIGHTSIZER_<SECTION>__<FIELD>=value`` (double underscore between
+levels), e.g. ``RIGHTSIZER_SERVER__PORT=9000``; values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+ENV_PREFIX = "RIGHTSIZER_"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the source, the key path and the reason."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+        self.source, self.key, self.reason = source, key, reason
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field with documentation attached."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"doc": text}, **kw)  # required, or built by default_factory
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+def section(text: str, cls: type[Any]) -> Any:
+    """A nested config section, defaulting to its own defaults."""
+    return field(default_factory=cls, metadata={"doc": text})
+
+
+_FROZEN = {"frozen": True, "slots": True, "kw_only": True}
+
+
+@dataclass(**_FROZEN)
+class BackendConfig:
+    url: str = doc("Base URL of the OpenAI-compatible server, e.g. http://10.0.0.5:8000.")
+    name: str = doc("Name used in metrics and logs; defaults to host:port of the URL.", "")
+    models: tuple[str, ...] = doc(
+        "Models this backend serves. Empty: discovered from its /v1/models.", ()
+    )
+    api_key: str | None = doc("Bearer token sent upstream (never logged).", None)
+    dialect: str = doc("Metrics dialect: auto, vllm, sglang, tgi, llamacpp or none.", "auto")
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            parts = urlsplit(self.url)
+            object.__setattr__(self, "name", parts.netloc or self.url)
+
+
+@dataclass(**_FROZEN)
+class ServerConfig:
+    host: str = doc("Address to listen on.", "127.0.0.1")
+    port: int = doc("Port to listen on.", 8080)
+    max_body_bytes: int = doc("Largest request body accepted; larger gets 413.", 4 * 1024 * 1024)
+    max_header_bytes: int = doc("Largest single request header accepted.", 16 * 1024)
+    shutdown_grace_s: float = doc("How long in-flight requests may finish on shutdown.", 10.0)
+
+
+@dataclass(**_FROZEN)
+class TimeoutConfig:
+    connect_s: float = doc("Upstream TCP connect timeout.", 5.0)
+    read_s: float = doc(
+        "Longest wait for upstream bytes: the first byte, and between streamed chunks.", 120.0
+    )
+    total_s: float | None = doc("Whole-request limit (None: no limit).", 900.0)
+
+
+@dataclass(**_FROZEN)
+class HealthConfig:
+    interval_s: float = doc("Active health check period per backend.", 5.0)
+    timeout_s: float = doc("Timeout of one health check or scrape.", 3.0)
+    unhealthy_after: int = doc("Consecutive failures (active or passive) that eject a backend.", 3)
+    eject_s: float = doc("Minimum time an ejected backend stays out before re-checking.", 10.0)
+    models_refresh_s: float = doc("How often each backend's /v1/models is re-read.", 30.0)
+    scrape_interval_s: float = doc("How often each backend's /metrics is scraped (0: never).", 5.0)
+
+
+@dataclass(**_FROZEN)
+class RequestLogConfig:
+    path: str | None = doc("JSON-lines request log (one RequestRecord per line); None: off.", None)
+    max_bytes: int = doc("Rotate the log when it reaches this size.", 100 * 1024 * 1024)
+    backups: int = doc("Rotated files kept.", 5)
+    log_prompts: bool = doc("Also log request bodies (prompts). Off unless explicitly on.", False)
+
+
+@dataclass(**_FROZEN)
+class MetricsConfig:
+    max_tenants: int = doc("Distinct tenant label values before the rest collapse to 'other'.", 50)
+
+
+@dataclass(**_FROZEN)
+class EstimatorSection:
+    enabled: bool = doc("Run the online estimator inside the proxy.", True)
+    refresh_interval_s: float = doc("How often the estimator refits and re-projects.", 15.0)
+    slo_ttft_p95_s: float = doc("SLO: p95 time to first token.", 0.5)
+    slo_itl_p95_s: float = doc("SLO: p95 inter-token latency.", 0.05)
+    gpu: str | None = doc("GPU catalog key the backends run on (for cost), e.g. h100-sxm.", None)
+    gpus_per_backend: int = doc("GPUs behind each backend (tensor parallel degree).", 1)
+    quant: str = doc("Weight quantization of the served model (bf16, fp8, int8, int4-awq).", "bf16")
+    model_configs: Mapping[str, str] = doc(
+        "Served model name -> path of its Hugging Face config.json.",
+        dataclasses.MISSING,
+        default_factory=dict,
+    )
+    catalog: str | None = doc("Extra GPU catalog YAML merged over the built-in one.", None)
+
+
+@dataclass(**_FROZEN)
+class ProxyConfig:
+    server: ServerConfig = section("Listener settings.", ServerConfig)
+    backends: tuple[BackendConfig, ...] = doc("Inference servers behind the proxy.", ())
+    timeouts: TimeoutConfig = section("Upstream timeouts.", TimeoutConfig)
+    health: HealthConfig = section("Health checks, ejection and scraping.", HealthConfig)
+    request_log: RequestLogConfig = section("Request log.", RequestLogConfig)
+    metrics: MetricsConfig = section("Prometheus metrics.", MetricsConfig)
+    estimator: EstimatorSection = section("Online estimator.", EstimatorSection)
+
+
+# --- generic loading -----------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key, source)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(source, key, f"expected a mapping, got {value!r}")
+        return from_mapping(tp, value, source=source, prefix=key)  # type: ignore[arg-type]
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(source, key, f"expected a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_convert(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(source, key, f"expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    raise ConfigError(source, key, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def from_mapping(cls: type[Any], data: Mapping[str, Any], *, source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        if raw_key not in names:
+            raise ConfigError(source, key, f"unknown key (known: {', '.join(sorted(names))})")
+        kwargs[raw_key] = _convert(hints[raw_key], value, key, source)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        where = f"{prefix}.{missing[0]}" if prefix and missing else (missing or [prefix])[0]
+        raise ConfigError(source, where, "required key is missing") from exc
+    _validate(obj, source, prefix)
+    return obj
+
+
+def _validate(obj: Any, source: str, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(source, key, f"must not be negative, got {value}")
+    if isinstance(obj, BackendConfig):
+        parts = urlsplit(obj.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(source, f"{prefix}.url", f"not an http(s) URL: {obj.url!r}")
+        if obj.dialect not in ("auto", "vllm", "sglang", "tgi", "llamacpp", "none"):
+            raise ConfigError(source, f"{prefix}.dialect", f"unknown dialect {obj.dialect!r}")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(raw) if raw else None
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ProxyConfig:
+    """YAML file (optional) < ``RIGHTSIZER_*`` env vars < ``overrides`` (from CLI flags)."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(source, "", f"cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, "", f"not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(source, "", "the top level must be a mapping")
+        data = dict(loaded or {})
+    env = _env_overrides(os.environ if environ is None else environ)
+    if env:
+        data = _merge(data, env)
+        source += " (+ RIGHTSIZER_* env)"
+    if overrides:
+        data = _merge(data, overrides)
+    return typing.cast(ProxyConfig, from_mapping(ProxyConfig, data, source=source))
+
+
+def reference_markdown(cls: type[Any] = ProxyConfig, prefix: str = "") -> list[str]:
+    """The config reference (README) generated from the dataclasses' docs."""
+    lines: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"| `{key}` | | {f.metadata.get('doc', '')} |")
+            lines.extend(reference_markdown(tp, key + "."))  # type: ignore[arg-type]
+            continue
+        if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            lines.append(f"| `{key}` | `[]` | {f.metadata.get('doc', '')} |")
+            lines.extend(reference_markdown(typing.get_args(tp)[0], key + "[]."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "required" if default is dataclasses.MISSING else f"`{default!r}`"
+        lines.append(f"| `{key}` | {shown} | {f.metadata.get('doc', '')} |")
+    return lines
