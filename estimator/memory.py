@@ -1,0 +1,406 @@
+"""GPU memory of a vLLM deployment: weights, runtime overheads, KV cache, OOM risk.
+
+Weights (``weight_bytes``)::
+
+    bytes = quantized_params * bytes_per_param(quant) + embeddings_and_lm_head * 2
+
+with ``bytes_per_param`` from :data:`estimator.catalog.QUANTIZATIONS`: bf16/fp16 2; fp8 1;
+int8 1 + 4/H (one fp32 scale per output channel, H = input width ~ hidden size); int4
+GPTQ/AWQ 0.5 + 2.5/128 = 0.5195 (per group of 128 input rows and per output column an fp16
+scale and a packed 4-bit zero point). Embeddings and lm_head stay 16-bit for every quantized
+format (vLLM does not quantize them). Under tensor parallelism ``tp`` every sharded weight is
+split by ``tp`` (embeddings and lm_head too: vLLM shards the vocabulary); norms, MoE routers
+and MLA's down-projections stay whole on every GPU, and when ``tp`` exceeds the KV heads each
+GPU keeps one whole KV head.
+
+Per GPU, vLLM gives the KV cache what is left of ``gpu_memory_utilization * memory`` after::
+
+    weights + activation peak + CUDA graphs + non-torch memory
+
+- activation peak: the profile run over ``max_num_batched_tokens`` tokens (default 8192,
+  vLLM V1's OpenAI-server chunked-prefill budget on large GPUs; 2048 on < 70 GiB GPUs would
+  leave slightly more KV) keeps, per token, 2 bytes * (4*H residual/norm copies + q/k/v/o
+  widths / tp + 3 * MLP width / tp [+ k*H for MoE]); plus the sampler's dummy run,
+  ``max_num_seqs * vocab * 4 bytes * 2`` (fp32 logits and probabilities).
+- CUDA graphs: 256 MiB + the activations of the largest captured batch
+  (``min(max_num_seqs, 512)`` tokens).
+- non-torch: 512 MiB (CUDA context, cuBLAS workspaces), + 512 MiB with tp > 1 (NCCL and
+  custom all-reduce buffers).
+
+These overheads are estimates (within about half a GiB for 7-70B models); the KV figure is
+what they leave. KV capacity::
+
+    kv_bytes_per_token_per_gpu = kv_bytes_per_token * ceil(kv_heads / tp) / kv_heads
+                                 (MLA: the whole latent on every GPU)
+    num_blocks = kv_bytes_per_gpu // (block_size * kv_bytes_per_token_per_gpu)
+    kv_capacity_tokens = num_blocks * block_size   (tokens for the whole deployment)
+
+Every GPU holds a slice of every token, so the deployment's capacity is one GPU's. Windowed
+(sliding) layers are counted at full cost in ``kv_capacity_tokens`` (a lower bound);
+:func:`max_concurrent_seqs` caps them at the window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from estimator.catalog import QUANTIZATIONS, GpuSpec, Quantization, get_quantization
+from estimator.modelarch import ModelArch
+
+__all__ = [
+    "QUANTIZATIONS",
+    "MemoryPlan",
+    "Quantization",
+    "cpu_plan",
+    "max_concurrent_seqs",
+    "plan_memory",
+    "weight_bytes",
+]
+
+MIB = 1 << 20
+GIB = 1 << 30
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+_GRAPH_FIXED_BYTES = 256 * MIB
+_MAX_GRAPH_BATCH = 512
+_NON_TORCH_BYTES = 512 * MIB
+_NCCL_BYTES = 512 * MIB
+_TYPICAL_CONTEXT = 2048  # default "typical" sequence length for the preemption check
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryPlan:
+    """How one deployment (``tp`` GPUs serving one model replica) uses memory, per GPU."""
+
+    gpu: str  # catalog key
+    tp: int
+    quant: str
+    kv_dtype: str
+    gpu_memory_utilization: float
+    block_size: int
+    max_num_seqs: int
+    max_model_len: int
+    max_num_batched_tokens: int
+    typical_context_tokens: int
+    memory_bytes: int  # one GPU's memory
+    budget_bytes_per_gpu: int  # gpu_memory_utilization * memory_bytes
+    weight_bytes_per_gpu: int
+    activation_bytes_per_gpu: int
+    cuda_graph_bytes_per_gpu: int
+    non_torch_bytes_per_gpu: int
+    kv_bytes_per_gpu: int  # what is left for the KV cache (0 when nothing is)
+    kv_bytes_per_token_per_gpu: float
+    kv_capacity_tokens: int  # the whole deployment
+    num_blocks: int
+    sliding_window: int | None = None
+    sliding_kv_fraction: float = 0.0  # share of KV bytes in windowed layers
+    seqs_at_typical_context: int  # sequences of typical_context_tokens that fit at once
+    fits: bool  # vLLM would start: weights fit and KV holds one max_model_len sequence
+    headroom_bytes: int  # KV bytes per GPU beyond one max_model_len sequence (< 0: no fit)
+    oom_risk: str  # "none", "low", "high" or "certain"
+    reasons: tuple[str, ...] = ()
+
+
+def weight_bytes(arch: ModelArch, quant: str = "bf16", *, tp: int = 1) -> int:
+    """Bytes of weights on one GPU of a ``tp``-way tensor-parallel deployment (tp=1: total)."""
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    q = get_quantization(quant)
+    per_param = q.bytes_per_param(arch.hidden_size)
+    outer = arch.embedding_params + (0 if arch.tie_word_embeddings else arch.lm_head_params)
+    outer_bytes = outer * (2.0 if q.embeddings_16bit else per_param)
+    body = arch.total_params - outer
+    replicated = min(arch.replicated_params, body)
+    per_gpu = (body - replicated) * per_param / tp + replicated * per_param + outer_bytes / tp
+    per_gpu += _kv_proj_replication(arch, tp) * per_param
+    return math.ceil(per_gpu)
+
+
+def _kv_proj_replication(arch: ModelArch, tp: int) -> float:
+    """Extra k/v projection parameters per GPU when tp exceeds the KV heads (one whole head
+    per GPU instead of a fraction)."""
+    if arch.is_mla or tp <= arch.num_kv_heads:
+        return 0.0
+    per_head = 2 * arch.hidden_size * arch.head_dim * arch.num_layers
+    return per_head * (1.0 - arch.num_kv_heads / tp)
+
+
+def kv_bytes_per_token_per_gpu(arch: ModelArch, kv_dtype: str = "auto", *, tp: int = 1) -> float:
+    """KV bytes one token takes on each GPU: KV heads split by tp (at least one per GPU);
+    MLA's latent is whole on every GPU."""
+    full = arch.kv_bytes_per_token(kv_dtype)
+    if arch.is_mla:
+        return full
+    heads = arch.num_kv_heads
+    return full * math.ceil(heads / tp) / heads
+
+
+def _activation_per_token(arch: ModelArch, tp: int) -> float:
+    """Bytes of live activations per batched token during the forward pass, per GPU."""
+    h, d = arch.num_heads, arch.head_dim
+    if arch.is_mla:
+        latent = (arch.kv_lora_rank or 0) + (arch.qk_rope_head_dim or 0)
+        v = arch.v_head_dim or 0
+        attn = h * d + latent + h * (d - (arch.qk_rope_head_dim or 0) + v) + h * v
+    else:
+        attn = (2 * h + 2 * arch.num_kv_heads) * d
+    dense_width = arch.intermediate_size if arch.num_moe_layers < arch.num_layers else 0
+    moe_width = arch.experts_per_token * arch.moe_intermediate_size
+    moe_width += arch.shared_expert_intermediate_size
+    mlp = 3 * max(dense_width, moe_width) + arch.experts_per_token * arch.hidden_size
+    return 2.0 * (4 * arch.hidden_size + (attn + mlp) / tp)
+
+
+def _runtime_bytes(
+    arch: ModelArch, *, tp: int, batched_tokens: int, max_num_seqs: int
+) -> tuple[int, int, int]:
+    """(activation peak, CUDA graphs, non-torch) bytes per GPU."""
+    per_token = _activation_per_token(arch, tp)
+    sampler = max_num_seqs * arch.vocab_size * 4 * 2
+    activation = math.ceil(batched_tokens * per_token + sampler)
+    graphs = math.ceil(_GRAPH_FIXED_BYTES + min(max_num_seqs, _MAX_GRAPH_BATCH) * per_token)
+    non_torch = _NON_TORCH_BYTES + (_NCCL_BYTES if tp > 1 else 0)
+    return activation, graphs, non_torch
+
+
+def _sliding_fraction(arch: ModelArch) -> float:
+    if not arch.sliding_window or arch.num_layers == 0:
+        return 0.0
+    return arch.num_sliding_layers / arch.num_layers
+
+
+def _effective_blocks(
+    ctx: npt.NDArray[np.int64], *, block_size: int, window: int | None, fraction: float
+) -> npt.NDArray[np.float64]:
+    """KV blocks per sequence, windowed layers capped at the window, in full-layer blocks."""
+    full = np.ceil(ctx / block_size)
+    if window is None or fraction == 0.0:
+        return full
+    capped = np.ceil(np.minimum(ctx, window) / block_size)
+    return full * (1.0 - fraction) + capped * fraction
+
+
+def _seqs_fitting(
+    ctx: npt.NDArray[np.int64],
+    *,
+    num_blocks: int,
+    block_size: int,
+    max_num_seqs: int,
+    window: int | None,
+    fraction: float,
+) -> int:
+    blocks = _effective_blocks(ctx, block_size=block_size, window=window, fraction=fraction)
+    mean = float(blocks.mean())
+    if mean <= 0.0:
+        return max_num_seqs
+    return int(min(math.floor(num_blocks / mean + 1e-9), max_num_seqs))
+
+
+def max_concurrent_seqs(plan: MemoryPlan, context_tokens: npt.ArrayLike | Sequence[int]) -> int:
+    """How many sequences drawn from the ``context_tokens`` mix fit in the KV cache at once.
+
+    Each sequence takes whole blocks (``ceil(context / block_size)``, windowed layers capped at
+    the window); the count is ``num_blocks / mean blocks per sequence``, capped at
+    ``max_num_seqs``.
+    """
+    ctx = np.asarray(context_tokens, dtype=np.int64).ravel()
+    if ctx.size == 0:
+        raise ValueError("context_tokens is empty")
+    if (ctx < 0).any():
+        raise ValueError("context_tokens must be >= 0")
+    return _seqs_fitting(
+        ctx,
+        num_blocks=plan.num_blocks,
+        block_size=plan.block_size,
+        max_num_seqs=plan.max_num_seqs,
+        window=plan.sliding_window,
+        fraction=plan.sliding_kv_fraction,
+    )
+
+
+def _check_args(arch: ModelArch, tp: int, util: float, block_size: int, max_num_seqs: int) -> None:
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    if not 0.0 < util <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util}")
+    if block_size < 1 or max_num_seqs < 1:
+        raise ValueError(f"block_size and max_num_seqs must be >= 1 ({block_size}, {max_num_seqs})")
+
+
+def plan_memory(
+    arch: ModelArch,
+    gpu: GpuSpec,
+    *,
+    tp: int = 1,
+    quant: str = "bf16",
+    kv_dtype: str = "auto",
+    gpu_memory_utilization: float = 0.9,
+    max_num_seqs: int = 256,
+    max_model_len: int | None = None,
+    max_num_batched_tokens: int | None = None,
+    block_size: int = 16,
+    typical_context_tokens: int | None = None,
+) -> MemoryPlan:
+    """Plan one deployment's memory as vLLM would size it (see the module docstring).
+
+    ``max_model_len`` defaults to the model's ``max_position_embeddings``;
+    ``max_num_batched_tokens`` to 8192; ``typical_context_tokens`` (for the preemption
+    check) to ``min(max_model_len, 2048)``.
+    """
+    _check_args(arch, tp, gpu_memory_utilization, block_size, max_num_seqs)
+    max_len = max_model_len or arch.max_position_embeddings
+    batched = max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+    typical = typical_context_tokens or min(max_len, _TYPICAL_CONTEXT)
+    budget = int(gpu_memory_utilization * gpu.memory_bytes)
+    weights = weight_bytes(arch, quant, tp=tp)
+    activation, graphs, non_torch = _runtime_bytes(
+        arch, tp=tp, batched_tokens=batched, max_num_seqs=max_num_seqs
+    )
+    kv_bytes = max(budget - weights - activation - graphs - non_torch, 0)
+    per_token = kv_bytes_per_token_per_gpu(arch, kv_dtype, tp=tp)
+    return _finish_plan(
+        arch,
+        MemoryPlan(
+            gpu=gpu.key,
+            tp=tp,
+            quant=quant,
+            kv_dtype=kv_dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_len,
+            max_num_batched_tokens=batched,
+            typical_context_tokens=typical,
+            memory_bytes=gpu.memory_bytes,
+            budget_bytes_per_gpu=budget,
+            weight_bytes_per_gpu=weights,
+            activation_bytes_per_gpu=activation,
+            cuda_graph_bytes_per_gpu=graphs,
+            non_torch_bytes_per_gpu=non_torch,
+            kv_bytes_per_gpu=kv_bytes,
+            kv_bytes_per_token_per_gpu=per_token,
+            kv_capacity_tokens=0,
+            num_blocks=0,
+            seqs_at_typical_context=0,
+            fits=False,
+            headroom_bytes=0,
+            oom_risk="certain",
+        ),
+    )
+
+
+def _finish_plan(arch: ModelArch, plan: MemoryPlan) -> MemoryPlan:
+    """Fill in the KV capacity, fit, headroom and risk of a plan whose budget is known."""
+    per_block = plan.block_size * plan.kv_bytes_per_token_per_gpu
+    num_blocks = int(plan.kv_bytes_per_gpu // per_block) if per_block > 0 else 0
+    window, fraction = arch.sliding_window, _sliding_fraction(arch)
+    typical = np.array([plan.typical_context_tokens], dtype=np.int64)
+    seqs = _seqs_fitting(
+        typical,
+        num_blocks=num_blocks,
+        block_size=plan.block_size,
+        max_num_seqs=plan.max_num_seqs,
+        window=window,
+        fraction=fraction,
+    )
+    one_seq = math.ceil(plan.max_model_len / plan.block_size) * per_block
+    plan = replace(
+        plan,
+        num_blocks=num_blocks,
+        kv_capacity_tokens=num_blocks * plan.block_size,
+        sliding_window=window,
+        sliding_kv_fraction=fraction,
+        seqs_at_typical_context=seqs,
+        headroom_bytes=math.floor(plan.kv_bytes_per_gpu - one_seq),
+    )
+    risk, reasons = _assess(arch, plan)
+    return replace(plan, oom_risk=risk, reasons=reasons, fits=risk != "certain")
+
+
+def _assess(arch: ModelArch, p: MemoryPlan) -> tuple[str, tuple[str, ...]]:
+    """OOM risk level and the reasons behind it."""
+    certain: list[str] = []
+    other: list[str] = []
+    need = (
+        p.weight_bytes_per_gpu
+        + p.activation_bytes_per_gpu
+        + p.cuda_graph_bytes_per_gpu
+        + p.non_torch_bytes_per_gpu
+    )
+    if need > 0 and need >= p.budget_bytes_per_gpu:
+        certain.append(
+            f"weights ({p.weight_bytes_per_gpu / GIB:.2f} GiB/GPU) + runtime "
+            f"({(need - p.weight_bytes_per_gpu) / GIB:.2f} GiB) exceed the budget "
+            f"{p.budget_bytes_per_gpu / GIB:.2f} GiB ({p.gpu_memory_utilization:g} x memory)"
+        )
+    elif p.kv_capacity_tokens < p.max_model_len:
+        certain.append(
+            f"KV cache holds {p.kv_capacity_tokens} tokens, less than one max_model_len "
+            f"({p.max_model_len}) sequence: vLLM refuses to start"
+        )
+    if arch.num_heads % p.tp:
+        certain.append(f"{arch.num_heads} attention heads do not split over tp={p.tp}")
+    if p.gpu_memory_utilization > 0.95:
+        other.append(
+            f"gpu_memory_utilization {p.gpu_memory_utilization:g} > 0.95 leaves too little for "
+            "allocator fragmentation and other processes"
+        )
+    if not certain and p.seqs_at_typical_context < p.max_num_seqs:
+        other.append(
+            f"KV holds {p.seqs_at_typical_context} sequences of {p.typical_context_tokens} "
+            f"tokens, fewer than max_num_seqs={p.max_num_seqs}: preemption under full load"
+        )
+    if certain:
+        return "certain", tuple(certain + other)
+    if p.gpu_memory_utilization > 0.95:
+        return "high", tuple(other)
+    return ("low" if other else "none"), tuple(other)
+
+
+def cpu_plan(
+    arch: ModelArch,
+    *,
+    kv_cache_space_bytes: int,
+    block_size: int = 16,
+    kv_dtype: str = "auto",
+    max_num_seqs: int = 256,
+    max_model_len: int | None = None,
+) -> MemoryPlan:
+    """The KV cache of vLLM's CPU backend, sized by ``VLLM_CPU_KVCACHE_SPACE`` (GiB) rather than
+    by a memory fraction: ``num_blocks = space // (block_size * kv_bytes_per_token)``; this is
+    the ``num_gpu_blocks`` a vLLM CPU server reports in ``cache_config_info``."""
+    if kv_cache_space_bytes < 0:
+        raise ValueError(f"kv_cache_space_bytes must be >= 0, got {kv_cache_space_bytes}")
+    _check_args(arch, 1, 1.0, block_size, max_num_seqs)
+    max_len = max_model_len or arch.max_position_embeddings
+    plan = MemoryPlan(
+        gpu="cpu",
+        tp=1,
+        quant="auto",
+        kv_dtype=kv_dtype,
+        gpu_memory_utilization=1.0,
+        block_size=block_size,
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_len,
+        max_num_batched_tokens=max_len,
+        typical_context_tokens=min(max_len, _TYPICAL_CONTEXT),
+        memory_bytes=kv_cache_space_bytes,
+        budget_bytes_per_gpu=kv_cache_space_bytes,
+        weight_bytes_per_gpu=0,  # weights live outside the KV space on CPU
+        activation_bytes_per_gpu=0,
+        cuda_graph_bytes_per_gpu=0,
+        non_torch_bytes_per_gpu=0,
+        kv_bytes_per_gpu=kv_cache_space_bytes,
+        kv_bytes_per_token_per_gpu=arch.kv_bytes_per_token(kv_dtype),
+        kv_capacity_tokens=0,
+        num_blocks=0,
+        seqs_at_typical_context=0,
+        fits=False,
+        headroom_bytes=0,
+        oom_risk="certain",
+    )
+    return _finish_plan(arch, plan)
