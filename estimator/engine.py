@@ -1,0 +1,180 @@
+"""Step-time model of a continuous-batching engine (vLLM-like, chunked prefill).
+
+One engine *step* runs one forward pass over a batch made of ``prefill_tokens`` new prompt
+tokens (chunks of one or more prompts) plus one new token for each of ``decode_seqs`` running
+sequences whose summed context (tokens already in the KV cache) is ``context_tokens``.
+
+Formula (seconds; every coefficient >= 0, base units)::
+
+    step_time = overhead_s                                  # per step
+              + prefill_s_per_token * prefill_tokens        # prefill: compute-bound
+              + decode_s_per_seq    * decode_seqs           # per running sequence
+              + kv_s_per_token      * context_tokens        # attention reads the KV cache
+
+* ``overhead_s``: fixed cost of a step: CPU-side scheduling and sampling set-up, kernel
+  launches, TP all-reduce latency, and streaming the weights once from HBM (a decode step is
+  memory-bound: the whole weight set is read whatever the batch).
+* ``prefill_s_per_token``: FLOPs of one prompt token / (peak FLOPs x MFU), plus its share of
+  the TP all-reduce bytes.
+* ``decode_s_per_seq``: the matmul FLOPs of one decoded token plus per-sequence CPU work
+  (sampling, detokenisation) and all-reduce bytes.
+* ``kv_s_per_token``: KV bytes of one context token / (HBM bandwidth x efficiency).
+
+Why additive and not ``max(compute, memory)``: it is linear in its four coefficients, so the
+online calibrator fits it by (robust, weighted, non-negative) least squares, and the simulator
+can advance many identical decode steps in closed form. The price is a conservative bias near
+the roofline ridge, where compute and weight streaming overlap in reality: there the sum
+exceeds the max by at most 2x; calibration on real observations absorbs most of it. The
+quadratic attention cost of long prompts is folded into ``prefill_s_per_token`` (taken at a
+reference prompt length).
+
+``step_time`` is called by the emulated engine on every step: plain float arithmetic, no numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # import cycles stay impossible; the prior only reads attributes
+    from estimator.catalog import GpuSpec
+    from estimator.modelarch import ModelArch
+
+COEFFICIENT_NAMES: tuple[str, ...] = (
+    "overhead_s",
+    "prefill_s_per_token",
+    "decode_s_per_seq",
+    "kv_s_per_token",
+)
+DEFAULT_CHUNK_TOKENS = 8192
+_ACTIVATION_BYTES = 2  # all-reduce payload is bf16 activations
+_PREFILL_REFERENCE_TOKENS = 1024
+_PCIE_FALLBACK_BPS = 64e9  # PCIe 4.0 x16, both directions, when the catalog gives no link
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepModel:
+    """Coefficients of the step-time formula in the module docstring (seconds)."""
+
+    overhead_s: float
+    prefill_s_per_token: float
+    decode_s_per_seq: float
+    kv_s_per_token: float
+
+    def __post_init__(self) -> None:
+        for name in COEFFICIENT_NAMES:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"StepModel.{name} must be finite and >= 0, got {value!r}")
+
+    def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
+        """Seconds for one engine step (see the module docstring)."""
+        return (
+            self.overhead_s
+            + self.prefill_s_per_token * prefill_tokens
+            + self.decode_s_per_seq * decode_seqs
+            + self.kv_s_per_token * context_tokens
+        )
+
+    def ttft_alone(
+        self,
+        prompt_tokens: int,
+        cached_tokens: int = 0,
+        *,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> float:
+        """Time to first token of one request on an idle engine (chunked prefill)."""
+        uncached = max(1, prompt_tokens - cached_tokens)
+        steps = -(-uncached // max(1, chunk_tokens))
+        return steps * self.overhead_s + self.prefill_s_per_token * uncached
+
+    def itl_at(self, decode_seqs: int, mean_context: float) -> float:
+        """Inter-token latency of a pure-decode step with ``decode_seqs`` running sequences."""
+        return self.step_time(0, decode_seqs, int(decode_seqs * mean_context))
+
+    def coefficients(self) -> tuple[float, float, float, float]:
+        """``(overhead_s, prefill_s_per_token, decode_s_per_seq, kv_s_per_token)``."""
+        return (
+            self.overhead_s,
+            self.prefill_s_per_token,
+            self.decode_s_per_seq,
+            self.kv_s_per_token,
+        )
+
+    @classmethod
+    def from_coefficients(cls, values: Sequence[float]) -> StepModel:
+        if len(values) != len(COEFFICIENT_NAMES):
+            raise ValueError(f"expected {len(COEFFICIENT_NAMES)} coefficients, got {len(values)}")
+        return cls(
+            **{n: max(0.0, float(v)) for n, v in zip(COEFFICIENT_NAMES, values, strict=True)}
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Efficiency:
+    """Assumed fractions of the datasheet peaks an engine reaches (the prior's assumptions)."""
+
+    prefill_mfu: float = 0.5
+    """Model FLOPs utilisation of large prefill matmuls (0.4-0.6 typical for vLLM on H100)."""
+    decode_mfu: float = 0.5
+    """MFU of the decode matmuls once the batch is large enough to be compute-bound."""
+    bandwidth: float = 0.75
+    """Achieved fraction of HBM bandwidth when streaming weights and KV (0.7-0.8 typical)."""
+    interconnect: float = 0.7
+    """Achieved fraction of the GPU-to-GPU link bandwidth in ring all-reduce."""
+    step_overhead_s: float = 0.003
+    """CPU-side scheduling, input preparation and kernel launches per step (a few ms)."""
+    per_seq_overhead_s: float = 2e-5
+    """CPU work per running sequence per step (sampling, detokenisation, output)."""
+    allreduce_latency_s: float = 8e-6
+    """Fixed latency of one all-reduce (two per layer per step with tensor parallelism)."""
+
+
+def roofline_prior(
+    arch: ModelArch,
+    gpu: GpuSpec,
+    *,
+    tp: int = 1,
+    quant: str = "bf16",
+    kv_dtype: str = "auto",
+    efficiency: Efficiency = Efficiency(),
+) -> StepModel:
+    """A physical first guess of the step model from datasheet numbers (before any data).
+
+    Prefill is compute-bound: ``prefill_flops / (tp * peak_flops(quant) * prefill_mfu)``.
+    Decode is bandwidth-bound: the weights (``weight_bytes / tp``) are read once per step
+    (in ``overhead_s``) and every context token's KV bytes (``/ tp``) once per step, at
+    ``mem_bandwidth_bps * bandwidth``. With ``tp > 1`` each token costs two ring all-reduces
+    per layer of ``hidden * 2`` bytes, ``2 (tp - 1) / tp`` of them on the wire per GPU, at
+    half the (bidirectional) ``interconnect_bps`` times the ``interconnect`` efficiency.
+    """
+    from estimator.memory import weight_bytes  # memory imports catalog; keep engine light
+
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    peak = gpu.peak_flops(quant) * tp
+    bandwidth = gpu.mem_bandwidth_bps * efficiency.bandwidth
+    ref = _PREFILL_REFERENCE_TOKENS
+    prefill_flops_per_token = arch.prefill_flops(ref, 0) / ref
+    decode_flops_per_token = arch.decode_flops_per_token(0)
+    allreduce_s_per_token = 0.0
+    allreduce_fixed_s = 0.0
+    if tp > 1:
+        hidden = arch.num_heads * arch.head_dim
+        wire_bytes = 2 * arch.num_layers * hidden * _ACTIVATION_BYTES * 2 * (tp - 1) / tp
+        # interconnect_bps is bidirectional; a ring sends and receives at once on each GPU
+        link = (gpu.interconnect_bps or _PCIE_FALLBACK_BPS) / 2 * efficiency.interconnect
+        allreduce_s_per_token = wire_bytes / link
+        allreduce_fixed_s = 2 * arch.num_layers * efficiency.allreduce_latency_s
+    weights_s = weight_bytes(arch, quant) / tp / bandwidth
+    return StepModel(
+        overhead_s=efficiency.step_overhead_s + weights_s + allreduce_fixed_s,
+        prefill_s_per_token=prefill_flops_per_token / (peak * efficiency.prefill_mfu)
+        + allreduce_s_per_token,
+        decode_s_per_seq=decode_flops_per_token / (peak * efficiency.decode_mfu)
+        + efficiency.per_seq_overhead_s
+        + allreduce_s_per_token,
+        kv_s_per_token=arch.kv_bytes_per_token(kv_dtype) / tp / bandwidth,
+    )
