@@ -245,7 +245,7 @@ def test_backend_killed_mid_stream_ends_with_error_event(tmp_path: Path) -> None
         stream = client(p).completions.create(model="emu", prompt="x", max_tokens=200, stream=True)
         got = 0
         with pytest.raises(openai.APIError) as info:
-            for ch in stream:
+            for _chunk in stream:
                 got += 1
                 if got == 3:
                     a.kill()
