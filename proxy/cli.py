@@ -33,9 +33,18 @@ def _install_uvloop() -> str:
     return "uvloop"
 
 
-async def run_site(app: web.Application, host: str, port: int, *, grace_s: float = 10.0) -> None:
-    """Serve until SIGINT/SIGTERM, then drain in-flight requests for up to ``grace_s``."""
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace_s)
+async def run_site(
+    app: web.Application, host: str, port: int, *, grace_s: float = 10.0, access_log: bool = False
+) -> None:
+    """Serve until SIGINT/SIGTERM, then drain in-flight requests for up to ``grace_s``.
+
+    ``handler_cancellation``: a client that disconnects cancels its handler at once, which
+    closes the upstream request (the engine must not keep generating for nobody).
+    """
+    runner = web.AppRunner(
+        app, handler_cancellation=True, shutdown_timeout=grace_s,
+        access_log=logging.getLogger("aiohttp.access") if access_log else None,
+    )  # fmt: skip
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     await site.start()

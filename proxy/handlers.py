@@ -18,6 +18,7 @@ from .config import ProxyConfig
 from .errors import (
     BodyTooLarge,
     InvalidRequest,
+    MethodNotAllowed,
     ModelNotFound,
     NoHealthyBackend,
     ProxyError,
@@ -32,8 +33,9 @@ from .routing import LeastLoaded
 from .telemetry import Metrics
 from .validate import parse_body, parse_priority, parse_tenant, upstream_body
 
-REQUEST_ID = "rightsizer.request_id"
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 _FORWARD_HEADERS = ("authorization", "x-request-id", "openai-organization", "openai-project")
+_INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 DEFAULT_OUTPUT_ESTIMATE = 256  # tokens assumed for in-flight accounting when max_tokens is unset
 
 
@@ -141,6 +143,10 @@ def _candidates(pool: BackendPool, model: str) -> list[Any]:
 
 async def other_v1(request: web.Request) -> web.StreamResponse:
     """Other /v1 paths (embeddings, tokenize, ...): forwarded, measured as plain requests."""
+    if request.path in _INFERENCE_PATHS:
+        raise MethodNotAllowed(
+            f"Method {request.method} is not allowed on {request.path}; use POST."
+        )
     st = request.app[STATE]
     ex = Exchange(request[REQUEST_ID], endpoint=request.path.rsplit("/", 1)[-1] or "other")
     try:

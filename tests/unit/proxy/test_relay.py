@@ -1,0 +1,126 @@
+"""The streaming relay against an in-process upstream that fragments its SSE bytes in awkward
+ways (events split mid-way, many events per write): the client must get the same events,
+minus only the usage chunk the proxy asked for, and the record must count exactly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from estimator.records import RequestRecord
+from proxy.app import Deps, build_app
+from proxy.config import load_config
+from proxy.demo import start_site
+
+
+def chunk(i: int) -> bytes:
+    obj = {"id": "c", "object": "chat.completion.chunk", "model": "m",
+           "choices": [{"index": 0, "delta": {"content": f"t{i}"}, "finish_reason": None}]}  # fmt: skip
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+ROLE = b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+FINISH = b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":20,"total_tokens":31,"prompt_tokens_details":{"cached_tokens":4}}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+def stream_bytes(with_usage: bool) -> bytes:
+    return (
+        ROLE
+        + b"".join(chunk(i) for i in range(20))
+        + FINISH
+        + (USAGE if with_usage else b"")
+        + DONE
+    )
+
+
+def fragments(data: bytes, sizes: list[int]) -> list[bytes]:
+    out, i, k = [], 0, 0
+    while i < len(data):
+        n = sizes[k % len(sizes)]
+        out.append(data[i : i + n])
+        i, k = i + n, k + 1
+    return out
+
+
+def upstream_app(sizes: list[int], honour_usage: bool = True) -> web.Application:
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        with_usage = honour_usage and bool((body.get("stream_options") or {}).get("include_usage"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for piece in fragments(stream_bytes(with_usage), sizes):
+            await resp.write(piece)
+            await asyncio.sleep(0.001)
+        return resp
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m"}]})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    return app
+
+
+async def run(
+    sizes: list[int], client_usage: bool, honour_usage: bool = True
+) -> tuple[bytes, RequestRecord]:
+    up_runner, up_url = await start_site(upstream_app(sizes, honour_usage))
+    records: list[RequestRecord] = []
+    cfg = load_config(environ={}, overrides={"backends": [{"url": up_url}],
+                                             "health": {"scrape_interval_s": 0}})  # fmt: skip
+    deps = Deps(registry=CollectorRegistry(), subscribers=[("t", records.append)])
+    runner, url = await start_site(build_app(cfg, deps))
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "stream": True}
+    if client_usage:
+        body["stream_options"] = {"include_usage": True}
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(url + "/v1/chat/completions", json=body) as r,
+        ):
+            assert r.status == 200
+            got = await r.read()
+    finally:
+        await runner.cleanup()
+        await up_runner.cleanup()
+    return got, records[0]
+
+
+SIZES = {"whole-events": [10_000], "tiny": [7], "odd": [1, 50, 333, 2], "split-separator": [161, 1]}
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES.keys())
+async def test_usage_stripped_when_client_did_not_ask(sizes: list[int]) -> None:
+    got, rec = await run(sizes, client_usage=False)
+    assert got == stream_bytes(with_usage=False)
+    assert (rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens) == (11, 20, 4)
+    assert rec.finish_reason == "stop" and not rec.tokens_estimated
+    assert rec.itl.count == 20  # 20 content events after the first; the finish chunk counts too
+    assert rec.ttft_s is not None and rec.e2e_s is not None and rec.ttft_s <= rec.e2e_s
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES.keys())
+async def test_usage_passed_through_when_client_asked(sizes: list[int]) -> None:
+    got, rec = await run(sizes, client_usage=True)
+    assert got == stream_bytes(with_usage=True)
+    assert rec.completion_tokens == 20
+
+
+async def test_backend_ignoring_include_usage_falls_back_to_counting() -> None:
+    got, rec = await run([10_000], client_usage=False, honour_usage=False)
+    assert got == stream_bytes(with_usage=False)
+    assert rec.tokens_estimated is True
+    assert rec.completion_tokens == 21  # 20 content chunks + the finish chunk, counted
+    assert rec.prompt_tokens == 10  # 40 characters / 4
