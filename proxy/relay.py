@@ -136,9 +136,20 @@ class Upstream:
         self, backend: Backend, path: str, body: bytes, headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
         hdrs = {**headers, **backend.auth_headers()}
-        return await self.session.post(
-            backend.url + path, data=body, headers=hdrs, timeout=self.client_timeout
-        )
+        url = backend.url + path
+        try:
+            return await self.session.post(
+                url, data=body, headers=hdrs, timeout=self.client_timeout
+            )
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise
+            # A pooled keep-alive connection the server had just closed (llama-server closes
+            # after 100 requests per connection): nothing was processed; once more, fresh.
+            self.metrics.retries.labels(backend.name, "stale_connection").inc()
+            return await self.session.post(
+                url, data=body, headers=hdrs, timeout=self.client_timeout
+            )
 
 
 def _response_headers(resp: aiohttp.ClientResponse, request_id: str) -> dict[str, str]:
