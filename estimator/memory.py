@@ -56,6 +56,7 @@ __all__ = [
     "QUANTIZATIONS",
     "MemoryPlan",
     "Quantization",
+    "checkpoint_quant",
     "cpu_plan",
     "max_concurrent_seqs",
     "plan_memory",
@@ -103,6 +104,15 @@ class MemoryPlan:
     headroom_bytes: int  # KV bytes per GPU beyond one max_model_len sequence (< 0: no fit)
     oom_risk: str  # "none", "low", "high" or "certain"
     reasons: tuple[str, ...] = ()
+
+
+_CHECKPOINT_QUANT = {"fp8": "fp8", "gptq": "int4", "awq": "int4", "gptq_marlin": "int4"}
+
+
+def checkpoint_quant(arch: ModelArch) -> str:
+    """The weight format a checkpoint ships in, from ``quantization_config.quant_method``
+    (fp8 -> ``fp8``, GPTQ/AWQ -> ``int4``); ``auto`` (16-bit) when none or not recognised."""
+    return _CHECKPOINT_QUANT.get((arch.quantization or "").lower(), "auto")
 
 
 def weight_bytes(arch: ModelArch, quant: str = "bf16", *, tp: int = 1) -> int:
@@ -246,6 +256,8 @@ def plan_memory(
     typical_context_tokens: int | None = None,
 ) -> MemoryPlan:
     """Plan one deployment's memory as vLLM would size it (see the module docstring).
+
+    Longer than ~50 lines only by the flat constructor call at its end.
 
     ``max_model_len`` defaults to the model's ``max_position_embeddings``;
     ``max_num_batched_tokens`` to 8192; ``typical_context_tokens`` (for the preemption

@@ -28,11 +28,15 @@ only (as vLLM does); decode computes them for every token.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+# Longer than the house's ~400 lines: the per-family knowledge (HF defaults, sliding-window
+# layouts, MoE layouts) sits beside the parameter counts it feeds, and nowhere else.
 
 _KV_DTYPE_BYTES: Mapping[str, int] = {
     "auto": 2,  # vLLM: the model's 16-bit dtype; fp32 configs are cast to 16-bit by default
@@ -223,12 +227,16 @@ def checkpoint_params(folder: Path, arch: ModelArch) -> int | None:
 
     Counts tensor elements from the file headers when every shard is present; otherwise
     divides the index's ``metadata.total_size`` (bytes) by the checkpoint's bytes per value.
+    An unreadable index or header is an :class:`ArchError` naming the file.
     """
     files = {f.name: f for f in folder.glob("*.safetensors")}
     index_file = folder / "model.safetensors.index.json"
     if index_file.is_file():
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-        shards = set(index.get("weight_map", {}).values())
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+            shards = set(index.get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            raise ArchError(str(index_file), "<file>", f"unreadable index: {exc}") from exc
         if shards and shards <= set(files):
             return sum(safetensors_elements(files[s]) for s in sorted(shards))
         total_size = index.get("metadata", {}).get("total_size")
@@ -243,20 +251,19 @@ def checkpoint_params(folder: Path, arch: ModelArch) -> int | None:
 
 def safetensors_elements(file: Path) -> int:
     """Number of tensor elements in a safetensors file, read from its header only."""
-    with file.open("rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        if length > 100_000_000:
-            raise ArchError(str(file), "<header>", f"implausible header length {length}")
-        header = json.loads(fh.read(length))
-    total = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        count = 1
-        for dim in info["shape"]:
-            count *= int(dim)
-        total += count
-    return total
+    try:
+        with file.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100_000_000:
+                raise ValueError(f"implausible header length {length}")
+            header = json.loads(fh.read(length))
+        return sum(
+            math.prod(int(d) for d in info["shape"])
+            for key, info in header.items()
+            if key != "__metadata__"
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
+        raise ArchError(str(file), "<header>", f"unreadable safetensors header: {exc}") from exc
 
 
 # --- reading config.json ------------------------------------------------------------------

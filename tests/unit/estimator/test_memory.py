@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from estimator.catalog import GIB, GpuSpec, load_gpu_catalog
 from estimator.memory import (
     MemoryPlan,
+    checkpoint_quant,
     cpu_plan,
     kv_bytes_per_token_per_gpu,
     max_concurrent_seqs,
@@ -82,7 +83,7 @@ def test_tp_splits_weights_up_to_replicated_parts(name: str, tp: int, quant: str
 
 def test_plan_budget_identity_and_block_count() -> None:
     p = plan_memory(arch("llama-3.1-8b"), gpu("h100-sxm"), max_model_len=8192)
-    assert p.budget_bytes_per_gpu == int(0.9 * 80 * GIB)
+    assert p.budget_bytes_per_gpu == int(0.9 * gpu("h100-sxm").memory_bytes)
     spent = (
         p.weight_bytes_per_gpu
         + p.activation_bytes_per_gpu
@@ -295,3 +296,12 @@ def test_longer_contexts_never_fit_more_sequences(
     longer = [c + grow for c in contexts]
     assert max_concurrent_seqs(plan, longer) <= max_concurrent_seqs(plan, contexts)
     assert 0 <= max_concurrent_seqs(plan, contexts) <= plan.max_num_seqs
+
+
+@pytest.mark.parametrize(
+    ("name", "quant"),
+    [("deepseek-v3", "fp8"), ("llama-3.1-8b", "auto")],
+    ids=["fp8-checkpoint", "16-bit"],
+)
+def test_checkpoint_quant(name: str, quant: str) -> None:
+    assert checkpoint_quant(arch(name)) == quant

@@ -408,3 +408,35 @@ def test_arch_is_hashable_and_replaceable() -> None:
     a = arch("llama-3.1-8b")
     assert replace(a, num_kv_heads=16).kv_bytes_per_token() == 2 * a.kv_bytes_per_token()
     assert hash(a) == hash(arch("llama-3.1-8b"))
+
+
+LAYOUTS = [
+    # id, extra config fields, sliding window, windowed layers
+    ("layer-types", {"sliding_window": 512, "layer_types": ["sliding_attention", "full_attention"]},
+     512, 1),
+    ("qwen2-swa-on", {"model_type": "qwen2", "sliding_window": 1024, "use_sliding_window": True,
+                      "max_window_layers": 1}, 1024, 1),
+    ("qwen2-swa-off", {"model_type": "qwen2", "sliding_window": 1024}, None, 0),
+    ("mistral-null", {"model_type": "mistral", "sliding_window": None}, None, 0),
+    ("mistral-default", {"model_type": "mistral"}, 4096, 2),  # MistralConfig's default
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "window", "windowed"), [x[1:] for x in LAYOUTS], ids=[x[0] for x in LAYOUTS]
+)
+def test_sliding_layouts(
+    tmp_path: Path, extra: dict[str, object], window: int | None, windowed: int
+) -> None:
+    a = load_model_arch(write_config(tmp_path, {**LLAMA_LIKE, **extra}))
+    assert (a.sliding_window, a.num_sliding_layers) == (window, windowed)
+
+
+def test_unreadable_checkpoint_files_are_named(tmp_path: Path) -> None:
+    write_config(tmp_path, {**LLAMA_LIKE, "model_type": "llama"})
+    (tmp_path / "model.safetensors").write_bytes(b"\x05")
+    with pytest.raises(ArchError, match=r"model\.safetensors: <header>: unreadable"):
+        load_model_arch(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("{", encoding="utf-8")
+    with pytest.raises(ArchError, match=r"index\.json: <file>: unreadable index"):
+        load_model_arch(tmp_path)
