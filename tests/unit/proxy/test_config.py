@@ -69,3 +69,9 @@ def test_reference_covers_every_field() -> None:
     text = "\n".join(reference_markdown())
     for key in ("server.port", "timeouts.read_s", "backends[].url", "request_log.log_prompts"):
         assert f"`{key}`" in text
+
+
+def test_readme_config_reference_is_current() -> None:
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    missing = [line for line in reference_markdown() if line not in readme]
+    assert not missing, "regenerate the README's config reference:\n" + "\n".join(missing)
