@@ -245,9 +245,10 @@ class TrafficStats:
         return np.arange(start, self.count) % self.capacity
 
     def lengths(self) -> tuple[LengthSummary, LengthSummary, LengthSummary]:
-        """(prompt, output, prompt + output) summaries over the records in the ring."""
+        """(prompt, output, prompt + output) summaries over the ring's records with a prompt."""
         s = self._valid()
-        p, o = self.prompt[s].astype(np.float64), self.output[s].astype(np.float64)
+        has = self.prompt[s] > 0
+        p, o = self.prompt[s][has].astype(np.float64), self.output[s][has].astype(np.float64)
         return LengthSummary.of(p), LengthSummary.of(o), LengthSummary.of(p + o)
 
     def cached_ratio(self) -> float:
@@ -269,21 +270,23 @@ class TrafficStats:
         return int(np.unique(self.tenant[self._valid()]).size)
 
     def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(prompt, output) pairs drawn with replacement from the records in the ring."""
-        have = min(self.count, self.capacity)
-        if have == 0:
+        """(prompt, output) pairs drawn with replacement from the ring's records that have a
+        prompt (shed and failed requests carry no token counts); empty arrays when none."""
+        have = np.flatnonzero(self.prompt[self._valid()] > 0)
+        if have.size == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        idx = rng.integers(0, have, size=n)
+        idx = have[rng.integers(0, have.size, size=n)]
         return self.prompt[idx].astype(np.int64), self.output[idx].astype(np.int64)
 
     def profile(self, now: float) -> TrafficProfile:
         """Freeze the current statistics into an offline ``TrafficProfile``."""
         s = self._valid()
+        has = self.prompt[s] > 0  # shed and failed requests carry no token counts
         tr = self.trend(now)
         return TrafficProfile(
             rate_rps=self.rate(300.0, now),
-            prompt=LengthDist.empirical(self.prompt[s]),
-            output=LengthDist.empirical(self.output[s]),
+            prompt=LengthDist.empirical(self.prompt[s][has]),
+            output=LengthDist.empirical(self.output[s][has]),
             cached_ratio=self.cached_ratio(),
             trend_rps_per_hour=tr.effective_slope,
         )
