@@ -13,19 +13,24 @@ split by ``tp`` (embeddings and lm_head too: vLLM shards the vocabulary); norms,
 and MLA's down-projections stay whole on every GPU, and when ``tp`` exceeds the KV heads each
 GPU keeps one whole KV head.
 
-Per GPU, vLLM gives the KV cache what is left of ``gpu_memory_utilization * memory`` after::
+Per GPU, vLLM (V1's profiler) gives the KV cache what is left of
+``gpu_memory_utilization * memory`` (memory as the driver reports it) after::
 
     weights + activation peak + CUDA graphs + non-torch memory
 
-- activation peak: the profile run over ``max_num_batched_tokens`` tokens (default 8192,
-  vLLM V1's OpenAI-server chunked-prefill budget on large GPUs; 2048 on < 70 GiB GPUs would
-  leave slightly more KV) keeps, per token, 2 bytes * (4*H residual/norm copies + q/k/v/o
-  widths / tp + 3 * MLP width / tp [+ k*H for MoE]); plus the sampler's dummy run,
-  ``max_num_seqs * vocab * 4 bytes * 2`` (fp32 logits and probabilities).
+- activation peak: the larger of the profile run's forward pass over
+  ``max_num_batched_tokens`` tokens, per token 2 bytes * (3*H residual/norm/output copies +
+  the wider of the attention (q, k, v, o) and MLP (gate+up, activation) widths / tp [+ k*H
+  for MoE]), and the sampler's dummy run, ``max_num_seqs * vocab * 16 bytes`` (fp32 logits,
+  fp32 probabilities and int64 sort indices for top-k/top-p).
 - CUDA graphs: 256 MiB + the activations of the largest captured batch
-  (``min(max_num_seqs, 512)`` tokens).
-- non-torch: 512 MiB (CUDA context, cuBLAS workspaces), + 512 MiB with tp > 1 (NCCL and
-  custom all-reduce buffers).
+  (``min(max_num_seqs, 512)`` tokens); vLLM profiles and subtracts this by default.
+- non-torch: 128 MiB (cuBLAS workspaces and the like), + 512 MiB with tp > 1 (NCCL and
+  custom all-reduce buffers). The CUDA context lives in the ``1 - utilization`` slack.
+
+``max_num_batched_tokens`` and ``max_num_seqs`` default to what vLLM's OpenAI server picks
+for the GPU (:func:`vllm_default_limits`): 16384 / 1024 on GPUs with >= 160 GiB, 8192 / 1024
+on >= 70 GiB GPUs other than the A100, 2048 / 256 elsewhere.
 
 These overheads are estimates (within about half a GiB for 7-70B models); the KV figure is
 what they leave. KV capacity::
@@ -37,7 +42,9 @@ what they leave. KV capacity::
 
 Every GPU holds a slice of every token, so the deployment's capacity is one GPU's. Windowed
 (sliding) layers are counted at full cost in ``kv_capacity_tokens`` (a lower bound);
-:func:`max_concurrent_seqs` caps them at the window.
+:func:`max_concurrent_seqs` caps them at the window. (For models mixing windowed and full
+layers vLLM's block is one layer group's page, so its ``num_gpu_blocks`` is this
+``num_blocks`` times the number of groups; the bytes agree.)
 """
 
 from __future__ import annotations
@@ -58,18 +65,20 @@ __all__ = [
     "Quantization",
     "checkpoint_quant",
     "cpu_plan",
+    "kv_bytes_per_token_per_gpu",
     "max_concurrent_seqs",
     "plan_memory",
+    "vllm_default_limits",
     "weight_bytes",
 ]
 
 MIB = 1 << 20
 GIB = 1 << 30
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 _GRAPH_FIXED_BYTES = 256 * MIB
 _MAX_GRAPH_BATCH = 512
-_NON_TORCH_BYTES = 512 * MIB
+_NON_TORCH_BYTES = 128 * MIB
 _NCCL_BYTES = 512 * MIB
+_SAMPLER_BYTES_PER_LOGIT = 16  # fp32 logits + fp32 probabilities + int64 sort indices
 _TYPICAL_CONTEXT = 2048  # default "typical" sequence length for the preemption check
 
 
@@ -149,8 +158,18 @@ def kv_bytes_per_token_per_gpu(arch: ModelArch, kv_dtype: str = "auto", *, tp: i
     return full * math.ceil(heads / tp) / heads
 
 
+def vllm_default_limits(gpu: GpuSpec) -> tuple[int, int]:
+    """``(max_num_batched_tokens, max_num_seqs)`` that vLLM's OpenAI server picks for ``gpu``
+    (``EngineArgs.get_batch_defaults``)."""
+    if gpu.memory_bytes >= 160 * GIB:
+        return 16384, 1024
+    if gpu.memory_bytes >= 70 * GIB and "a100" not in gpu.name.lower():
+        return 8192, 1024
+    return 2048, 256
+
+
 def _activation_per_token(arch: ModelArch, tp: int) -> float:
-    """Bytes of live activations per batched token during the forward pass, per GPU."""
+    """Bytes of live activations per batched token at the forward pass's peak, per GPU."""
     h, d = arch.num_heads, arch.head_dim
     if arch.is_mla:
         latent = (arch.kv_lora_rank or 0) + (arch.qk_rope_head_dim or 0)
@@ -161,8 +180,9 @@ def _activation_per_token(arch: ModelArch, tp: int) -> float:
     dense_width = arch.intermediate_size if arch.num_moe_layers < arch.num_layers else 0
     moe_width = arch.experts_per_token * arch.moe_intermediate_size
     moe_width += arch.shared_expert_intermediate_size
-    mlp = 3 * max(dense_width, moe_width) + arch.experts_per_token * arch.hidden_size
-    return 2.0 * (4 * arch.hidden_size + (attn + mlp) / tp)
+    mlp = 3 * max(dense_width, moe_width)
+    moe_out = arch.experts_per_token * arch.hidden_size * (1 if arch.is_moe else 0)
+    return 2.0 * (3 * arch.hidden_size + max(attn, mlp) / tp + moe_out)
 
 
 def _runtime_bytes(
@@ -170,8 +190,8 @@ def _runtime_bytes(
 ) -> tuple[int, int, int]:
     """(activation peak, CUDA graphs, non-torch) bytes per GPU."""
     per_token = _activation_per_token(arch, tp)
-    sampler = max_num_seqs * arch.vocab_size * 4 * 2
-    activation = math.ceil(batched_tokens * per_token + sampler)
+    sampler = max_num_seqs * arch.vocab_size * _SAMPLER_BYTES_PER_LOGIT
+    activation = math.ceil(max(batched_tokens * per_token, sampler))
     graphs = math.ceil(_GRAPH_FIXED_BYTES + min(max_num_seqs, _MAX_GRAPH_BATCH) * per_token)
     non_torch = _NON_TORCH_BYTES + (_NCCL_BYTES if tp > 1 else 0)
     return activation, graphs, non_torch
@@ -249,7 +269,7 @@ def plan_memory(
     quant: str = "bf16",
     kv_dtype: str = "auto",
     gpu_memory_utilization: float = 0.9,
-    max_num_seqs: int = 256,
+    max_num_seqs: int | None = None,
     max_model_len: int | None = None,
     max_num_batched_tokens: int | None = None,
     block_size: int = 16,
@@ -260,12 +280,15 @@ def plan_memory(
     Longer than ~50 lines only by the flat constructor call at its end.
 
     ``max_model_len`` defaults to the model's ``max_position_embeddings``;
-    ``max_num_batched_tokens`` to 8192; ``typical_context_tokens`` (for the preemption
-    check) to ``min(max_model_len, 2048)``.
+    ``max_num_batched_tokens`` and ``max_num_seqs`` to vLLM's defaults for the GPU
+    (:func:`vllm_default_limits`); ``typical_context_tokens`` (for the preemption check) to
+    ``min(max_model_len, 2048)``.
     """
+    default_batched, default_seqs = vllm_default_limits(gpu)
+    max_num_seqs = max_num_seqs or default_seqs
     _check_args(arch, tp, gpu_memory_utilization, block_size, max_num_seqs)
     max_len = max_model_len or arch.max_position_embeddings
-    batched = max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+    batched = max_num_batched_tokens or default_batched
     typical = typical_context_tokens or min(max_len, _TYPICAL_CONTEXT)
     budget = int(gpu_memory_utilization * gpu.memory_bytes)
     weights = weight_bytes(arch, quant, tp=tp)
@@ -377,14 +400,17 @@ def cpu_plan(
     arch: ModelArch,
     *,
     kv_cache_space_bytes: int,
-    block_size: int = 16,
+    block_size: int = 128,
     kv_dtype: str = "auto",
-    max_num_seqs: int = 256,
+    max_num_seqs: int = 128,
     max_model_len: int | None = None,
 ) -> MemoryPlan:
     """The KV cache of vLLM's CPU backend, sized by ``VLLM_CPU_KVCACHE_SPACE`` (GiB) rather than
     by a memory fraction: ``num_blocks = space // (block_size * kv_bytes_per_token)``; this is
-    the ``num_gpu_blocks`` a vLLM CPU server reports in ``cache_config_info``."""
+    the ``num_gpu_blocks`` a vLLM CPU server reports in ``cache_config_info``.
+
+    Defaults are the CPU backend's own: block_size 128, max_num_seqs 128 (OpenAI server).
+    """
     if kv_cache_space_bytes < 0:
         raise ValueError(f"kv_cache_space_bytes must be >= 0, got {kv_cache_space_bytes}")
     _check_args(arch, 1, 1.0, block_size, max_num_seqs)
@@ -398,7 +424,7 @@ def cpu_plan(
         block_size=block_size,
         max_num_seqs=max_num_seqs,
         max_model_len=max_len,
-        max_num_batched_tokens=max_len,
+        max_num_batched_tokens=2048,  # the CPU backend's OpenAI-server default
         typical_context_tokens=min(max_len, _TYPICAL_CONTEXT),
         memory_bytes=kv_cache_space_bytes,
         budget_bytes_per_gpu=kv_cache_space_bytes,

@@ -21,6 +21,7 @@ from estimator.memory import (
     kv_bytes_per_token_per_gpu,
     max_concurrent_seqs,
     plan_memory,
+    vllm_default_limits,
     weight_bytes,
 )
 from estimator.modelarch import ModelArch, load_model_arch, parse_config
@@ -115,7 +116,8 @@ PLANS = [
      "0.97 > 0.95"),
     ("heads-vs-tp", "qwen2.5-7b", "h100-sxm", {"tp": 8, "max_model_len": 8192}, False, "certain",
      "28 attention heads"),
-    ("dsv3-h200-tp8", "deepseek-v3", "h200", {"tp": 8, "quant": "fp8"}, True, "none", None),
+    ("dsv3-h200-tp8", "deepseek-v3", "h200", {"tp": 8, "quant": "fp8"}, True, "low",
+     "max_num_seqs=1024"),  # vLLM's default on a 141 GiB GPU
     ("dsv3-h100-tp8", "deepseek-v3", "h100-sxm", {"tp": 8, "quant": "fp8"}, False, "certain",
      "exceed the budget"),
 ]  # fmt: skip
@@ -136,6 +138,24 @@ def test_plans(
     else:
         assert any(reason in r for r in p.reasons), p.reasons
     assert (p.headroom_bytes >= 0) == (fits or "heads" in (reason or ""))
+
+
+DEFAULTS = [
+    # gpu, vLLM's (max_num_batched_tokens, max_num_seqs) for its OpenAI server
+    ("l4", (2048, 256)),
+    ("a100-80gb", (2048, 256)),  # large, but excluded by name (vLLM PR #17885)
+    ("h100-sxm", (8192, 1024)),
+    ("h200", (8192, 1024)),
+    ("b200", (16384, 1024)),
+    ("mi300x", (16384, 1024)),
+]
+
+
+@pytest.mark.parametrize(("key", "limits"), DEFAULTS, ids=[d[0] for d in DEFAULTS])
+def test_vllm_default_limits(key: str, limits: tuple[int, int]) -> None:
+    assert vllm_default_limits(gpu(key)) == limits
+    plan = plan_memory(arch("llama-3.1-8b"), gpu(key), max_model_len=4096)
+    assert (plan.max_num_batched_tokens, plan.max_num_seqs) == limits
 
 
 def test_kv_per_gpu_splits_heads_and_replicates_past_kv_heads() -> None:
@@ -165,7 +185,10 @@ CONCURRENCY = [
 
 
 def fixed_plan(num_blocks: int, **overrides: object) -> MemoryPlan:
-    base = cpu_plan(arch("llama-3.1-8b"), kv_cache_space_bytes=num_blocks * 16 * 131072)
+    space = num_blocks * 16 * 131072
+    base = cpu_plan(
+        arch("llama-3.1-8b"), kv_cache_space_bytes=space, block_size=16, max_num_seqs=256
+    )
     return replace(base, **overrides)  # type: ignore[arg-type]
 
 
@@ -180,7 +203,8 @@ def test_max_concurrent_seqs(contexts: list[int], expected: int) -> None:
 
 def test_max_concurrent_seqs_caps_windowed_layers() -> None:
     mistral = arch("mistral-7b-v0.1")  # every layer has a 4096 window
-    plan = cpu_plan(mistral, kv_cache_space_bytes=4096 * 16 * 131072, max_model_len=32768)
+    space = 4096 * 16 * 131072
+    plan = cpu_plan(mistral, kv_cache_space_bytes=space, block_size=16, max_model_len=32768)
     assert plan.num_blocks == 4096
     assert max_concurrent_seqs(plan, [32768]) == 16  # 256 blocks each, not 2048
 
