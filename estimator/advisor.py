@@ -10,11 +10,13 @@ For each configuration:
    observed/prior measured on the running GPU (``Transfer``): when live calibration says the
    engine is 1.3x slower at decode than its prior predicts, every alternative's decode is
    assumed 1.3x slower than its own prior too (software overheads and achieved efficiency
-   carry over between GPUs better than absolute times do). Prefill and decode are scaled
-   separately: prefill by ``ttft_alone(mean prompt)`` ratio, decode (overhead, per sequence,
-   KV) by the ``itl_at(8, mean context)`` ratio, each clipped to [0.1, 10];
+   carry over between GPUs better than absolute times do). Decode (overhead, per sequence,
+   KV) is scaled by the ``itl_at(8, mean context)`` ratio; prefill per token by the ratio that
+   makes the scaled prior reproduce the calibrated ``ttft_alone(mean prompt)`` on the running
+   GPU; each clipped to [0.1, 10];
 3. screening without simulation: an idle engine already missing the SLO (``ttft_alone`` or
-   ``itl_at(1)`` over target) cannot meet it; the rest are ordered by an analytic cost estimate
+   ``itl_at(1)`` over target) cannot meet it (listed as not meeting the SLO, with the reason);
+   the rest are ordered by an analytic cost estimate
    (``saturation_rate`` at 60%) and at most ``max_simulated`` of them are simulated, the
    current configuration always among them; only the smallest two TPs that fit are kept
    per (GPU, format);
@@ -37,7 +39,7 @@ import numpy as np
 
 from estimator.capacity import CapacityResult, Slo, max_rate_at_slo, saturation_rate
 from estimator.catalog import GpuSpec
-from estimator.cost import cost_figures, deployment_usd_per_hour, token_times
+from estimator.cost import HOURS_PER_MONTH, cost_figures, deployment_usd_per_hour, token_times
 from estimator.engine import StepModel, roofline_prior
 from estimator.memory import MemoryPlan, plan_memory
 from estimator.modelarch import ModelArch
@@ -94,9 +96,15 @@ def transfer_from(
     lo, hi = _RATIO_CLIP
     prompt = max(1, round(workload.mean_prompt))
     ctx = workload.mean_prompt + workload.mean_output / 2
-    pre = calibrated.ttft_alone(prompt) / max(prior.ttft_alone(prompt), 1e-12)
     dec = calibrated.itl_at(_DECODE_PROBE_BATCH, ctx) / max(
         prior.itl_at(_DECODE_PROBE_BATCH, ctx), 1e-12
+    )
+    dec = min(max(dec, lo), hi)
+    # the prefill ratio makes the moved prior reproduce the calibrated ttft_alone(prompt) on
+    # this GPU, given that its per-step overhead already moved with the decode ratio
+    overhead = prior.ttft_alone(prompt) - prior.prefill_s_per_token * prompt
+    pre = (calibrated.ttft_alone(prompt) - dec * overhead) / max(
+        prior.prefill_s_per_token * prompt, 1e-12
     )
     return Transfer(prefill=min(max(pre, lo), hi), decode=min(max(dec, lo), hi),
                     calibrated=True, rel_error=rel_error, has_prior=True)  # fmt: skip
@@ -117,6 +125,7 @@ class SearchSettings:
     quants: tuple[str, ...] = QUANTS
     max_simulated: int = 12
     n_requests: int = 1000  # per capacity probe
+    max_listed: int = 24  # alternatives returned at most (those meeting the SLO come first)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -306,12 +315,17 @@ def search(
     results: list[Alternative] = []
     feasible: list[Candidate] = []
     for c in found:
-        if not c.plan.fits or (c.setup != current and idle_misses_slo(c, workload, settings.slo)):
-            continue
-        feasible.append(c)
+        why = idle_misses_slo(c, workload, settings.slo) if c.setup != current else None
+        if why is not None:
+            results.append(unmet(c, why, settings, transfer))
+        elif c.plan.fits or c.setup == current:
+            feasible.append(c)
     feasible.sort(key=lambda c: (c.setup != current, screening_cost(c, workload, settings)))
     sig = _signature(workload, settings, transfer)
     for c in feasible[: max(1, settings.max_simulated)]:
+        if not c.plan.fits:  # the current configuration, even when it cannot start
+            results.append(unmet(c, "does not fit in GPU memory", settings, transfer, current=True))
+            continue
         key = (*c.setup.key(), *sig)
         cap = cache.get(key) if cache is not None else None
         if cap is None:
@@ -321,7 +335,25 @@ def search(
                 cache[key] = cap
         results.append(evaluate(c, workload, settings, transfer, capacity=cap,
                                 current=c.setup == current))  # fmt: skip
-    return rank(results)
+    ranked = rank(results)
+    return ranked[: settings.max_listed]
+
+
+def unmet(
+    c: Candidate, why: str, settings: SearchSettings, transfer: Transfer, *, current: bool = False
+) -> Alternative:
+    """A configuration ruled out without simulation (it cannot meet the SLO at any rate)."""
+    usd = deployment_usd_per_hour(c.gpu.price_per_hour, c.setup.gpus_per_replica, 1)
+    return Alternative(
+        gpu=c.setup.gpu, gpu_name=c.gpu.name, gpus_per_replica=c.setup.gpus_per_replica,
+        quant=c.setup.quant, kv_dtype=c.setup.kv_dtype, replicas=1, capacity_rps_per_replica=0.0,
+        capacity_rps=0.0, meets_slo=False, limiting=None,
+        kv_capacity_tokens=c.plan.kv_capacity_tokens,
+        max_concurrent_seqs=c.plan.seqs_at_typical_context, oom_risk=c.plan.oom_risk,
+        usd_per_hour=usd, usd_per_month=usd * HOURS_PER_MONTH, usd_per_1m_tokens=None,
+        usd_per_1m_input_tokens=None, usd_per_1m_output_tokens=None, current=current,
+        assumptions=_assumptions(c, settings, transfer), reasons=(why, *c.plan.reasons),
+    )  # fmt: skip
 
 
 def _signature(workload: Workload, s: SearchSettings, t: Transfer) -> tuple[object, ...]:
@@ -363,8 +395,12 @@ def round_len(tokens: float) -> int:
     return int(0.75 * k) if x <= 0.75 * k else int(k)
 
 
+def _replicas(rate: float, per_replica: float) -> int:
+    return max(1, math.ceil(rate / max(per_replica, 1e-9) - 1e-9))
+
+
 def advise_replicas(per_replica: float, obs: Observed, spare: int, band: float) -> Recommendation:
-    needed = max(1, math.ceil(obs.peak_rps / per_replica - 1e-9)) + spare
+    needed = _replicas(obs.peak_rps, per_replica) + spare
     sev = "warning" if needed > obs.replicas else "info"
     return Recommendation(
         kind="replicas", severity=sev, value=needed,
@@ -373,9 +409,9 @@ def advise_replicas(per_replica: float, obs: Observed, spare: int, band: float) 
         numbers={"peak_rps": obs.peak_rps, "capacity_rps_per_replica": per_replica,
                  "replicas_now": obs.replicas, "spare_replicas": spare},
         assumptions=("ideal load balancing", "forecast peak over the configured horizon"),
-        uncertainty=Uncertainty(low=max(1.0, obs.peak_rps / (per_replica * (1 + band))) + spare,
-                                high=obs.peak_rps / max(per_replica * (1 - band), 1e-9) + spare,
-                                rel_error=band, source="capacity band"),
+        uncertainty=Uncertainty(low=_replicas(obs.peak_rps, per_replica * (1 + band)) + spare,
+                                high=_replicas(obs.peak_rps, per_replica * (1 - band)) + spare,
+                                rel_error=band, source="replicas at the capacity band's ends"),
     )  # fmt: skip
 
 

@@ -132,8 +132,6 @@ def run_estimate(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     try:
         inputs = _inputs(args)
         est, curve = estimate(args, *inputs)
-        if args.plot:
-            plot.check_path(args.plot)
     except UsageError as e:
         print(f"rightsizer estimate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -164,12 +162,10 @@ def _inputs(
         gpu = get_gpu(catalog, args.gpu)
     except ValueError as e:
         raise UsageError(f"--gpu: {e}") from None
-    for flag, value in (("--quant", args.quant), ("--kv-dtype", None)):
-        if value is not None:
-            try:
-                get_quantization(value)
-            except ValueError as e:
-                raise UsageError(f"{flag}: {e}") from None
+    try:
+        get_quantization(args.quant)
+    except ValueError as e:
+        raise UsageError(f"--quant: {e}") from None
     if args.kv_dtype not in ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bf16", "fp16"):
         raise UsageError(f"--kv-dtype: unknown {args.kv_dtype!r}; use auto or fp8")
     keys = tuple(k.strip() for k in args.alternatives.split(",") if k.strip())
@@ -186,6 +182,11 @@ def _inputs(
         profile = args.traffic
     if not 0.0 < args.gpu_memory_utilization <= 1.0:
         raise UsageError("--gpu-memory-utilization: must be in (0, 1]")
+    if args.plot:
+        try:
+            plot.check_path(args.plot)
+        except ValueError as e:
+            raise UsageError(f"--plot: {e}") from None
     return arch, gpu, profile, catalog
 
 

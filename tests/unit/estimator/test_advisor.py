@@ -1,0 +1,201 @@
+"""Right-sizing: alternatives search, transfer of calibration, advice."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from estimator import advisor
+from estimator.capacity import Slo, max_rate_at_slo
+from estimator.catalog import load_gpu_catalog
+from estimator.engine import roofline_prior
+from estimator.memory import plan_memory
+from estimator.modelarch import ModelArch, load_model_arch
+from estimator.report import to_dict
+from estimator.simulate import EngineLimits, Workload
+
+CONFIGS = Path(__file__).parent / "configs"
+CATALOG = load_gpu_catalog()
+GPUS = ("t4", "l4", "a100-80gb", "h100-sxm")
+
+
+@pytest.fixture(scope="module")
+def llama8b() -> ModelArch:
+    return load_model_arch(CONFIGS / "llama-3.1-8b.json")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> ModelArch:
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
+           "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+           "intermediate_size": 1024, "vocab_size": 8192, "max_position_embeddings": 4096,
+           "torch_dtype": "bfloat16", "tie_word_embeddings": True}  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny") / "config.json"
+    path.write_text(json.dumps(cfg))
+    return load_model_arch(path)
+
+
+def settings(peak: float, **kw: object) -> advisor.SearchSettings:
+    base: dict[str, object] = dict(slo=Slo(ttft_p95_s=1.0, itl_p95_s=0.05), peak_rps=peak,
+                                   max_model_len=8192, gpus=GPUS, quants=("bf16",),
+                                   max_simulated=8, n_requests=600)  # fmt: skip
+    base.update(kw)
+    return advisor.SearchSettings(**base)  # type: ignore[arg-type]
+
+
+WORKLOAD = Workload.fixed(512, 128)
+
+
+def test_tiny_model_at_low_rate_picks_a_cheap_gpu(tiny: ModelArch) -> None:
+    alts = advisor.search(tiny, CATALOG, WORKLOAD, settings(0.5), advisor.Transfer())
+    best = alts[0]
+    assert best.meets_slo and best.gpu == "t4" and best.gpus_per_replica == 1
+    assert best.replicas == 2  # one for the load, one spare
+    assert [a.usd_per_hour for a in alts if a.meets_slo] == sorted(
+        a.usd_per_hour for a in alts if a.meets_slo
+    )
+
+
+def test_high_rate_picks_a_big_gpu(llama8b: ModelArch) -> None:
+    alts = advisor.search(llama8b, CATALOG, WORKLOAD, settings(40.0), advisor.Transfer())
+    best = alts[0]
+    assert best.meets_slo and best.gpu in ("a100-80gb", "h100-sxm")
+    assert best.capacity_rps >= 40.0
+    small = [a for a in alts if a.gpu in ("t4", "l4") and a.meets_slo]
+    assert all(a.usd_per_hour > best.usd_per_hour for a in small)
+
+
+def test_every_alternative_carries_numbers_assumptions_and_a_band(llama8b: ModelArch) -> None:
+    alts = advisor.search(llama8b, CATALOG, WORKLOAD, settings(2.0), advisor.Transfer())
+    for a in alts:
+        assert a.assumptions and a.reasons
+        if a.meets_slo:
+            u = a.uncertainty
+            assert u is not None and u.low < a.capacity_rps_per_replica < u.high
+            assert u.rel_error == advisor.PRIOR_REL_ERROR
+            assert a.usd_per_1m_tokens is not None and a.usd_per_1m_tokens > 0
+    json.dumps([to_dict(a) for a in alts], allow_nan=False)
+
+
+def test_impossible_slo_means_no_option(llama8b: ModelArch) -> None:
+    s = settings(1.0, slo=Slo(ttft_p95_s=0.001, itl_p95_s=0.0001))
+    current = advisor.Setup(gpu="a100-80gb")
+    alts = advisor.search(llama8b, CATALOG, WORKLOAD, s, advisor.Transfer(), current=current)
+    assert alts and not any(a.meets_slo for a in alts)
+    assert any(a.current for a in alts)
+    recs = advisor.advise_alternatives(alts)
+    assert [r.kind for r in recs] == ["no_option_meets_slo"] and recs[0].severity == "critical"
+
+
+def test_weights_that_do_not_fit_are_skipped() -> None:
+    arch = load_model_arch(CONFIGS / "llama-2-70b.json")
+    found = advisor.candidates(arch, CATALOG, settings(1.0, gpus=("t4", "h100-sxm")),
+                               advisor.Transfer())  # fmt: skip
+    assert found and all(c.plan.fits for c in found)
+    assert all(c.setup.gpus_per_replica >= 2 for c in found if c.setup.gpu == "h100-sxm")
+    assert all(c.setup.gpus_per_replica == 8 for c in found if c.setup.gpu == "t4")
+
+
+def test_capacity_cache_is_reused(tiny: ModelArch) -> None:
+    cache: advisor.CapacityCache = {}
+    first = advisor.search(tiny, CATALOG, WORKLOAD, settings(0.5), advisor.Transfer(), cache=cache)
+    size = len(cache)
+    again = advisor.search(tiny, CATALOG, WORKLOAD, settings(0.5), advisor.Transfer(), cache=cache)
+    assert size > 0 and len(cache) == size and first == again
+
+
+def test_calibration_transfers_to_other_gpus(llama8b: ModelArch) -> None:
+    prior = roofline_prior(llama8b, CATALOG["a100-80gb"])
+    slow = replace(prior, overhead_s=prior.overhead_s * 1.5, decode_s_per_seq=prior.decode_s_per_seq * 1.5,
+                   kv_s_per_token=prior.kv_s_per_token * 1.5)  # fmt: skip
+    t = advisor.transfer_from(slow, prior, WORKLOAD, rel_error=0.1)
+    assert t.decode == pytest.approx(1.5, rel=1e-6) and t.prefill == pytest.approx(1.0, rel=1e-6)
+    other = roofline_prior(llama8b, CATALOG["h100-sxm"])
+    moved = t.apply(other)
+    assert moved.itl_at(8, 600) == pytest.approx(1.5 * other.itl_at(8, 600), rel=1e-6)
+    same = t.apply(prior)  # on the calibrated GPU the moved prior reproduces the observations
+    assert same.ttft_alone(512) == pytest.approx(slow.ttft_alone(512), rel=1e-6)
+    assert same.itl_at(8, 576) == pytest.approx(slow.itl_at(8, 576), rel=1e-6)
+    assert t.band() == 0.1 and advisor.Transfer().band() == advisor.PRIOR_REL_ERROR
+
+
+@pytest.mark.parametrize(("tokens", "want"),
+                         [(10, 256), (300, 384), (3000, 3072), (4096, 4096), (5000, 6144),
+                          (7000, 8192), (100_000, 131072)],
+                         ids=["floor", "384", "3k", "4k", "6k", "8k", "128k"])  # fmt: skip
+def test_round_len(tokens: float, want: int) -> None:
+    assert advisor.round_len(tokens) == want
+
+
+def observed(**kw: object) -> advisor.Observed:
+    base: dict[str, object] = dict(rate_rps=1.0, rate_1h_rps=1.0, peak_rps=1.0,
+                                   total_tokens_p999=3000.0, replicas=1, max_num_seqs=256,
+                                   max_model_len=131072)  # fmt: skip
+    base.update(kw)
+    return advisor.Observed(**base)  # type: ignore[arg-type]
+
+
+def test_engine_setting_advice(llama8b: ModelArch) -> None:
+    gpu = CATALOG["a100-80gb"]
+    plan = plan_memory(llama8b, gpu, max_model_len=8192)
+    step = roofline_prior(llama8b, gpu)
+    limits = EngineLimits(max_num_seqs=256, kv_capacity_tokens=plan.kv_capacity_tokens)
+    cap = max_rate_at_slo(step, limits, WORKLOAD, Slo(ttft_p95_s=1.0, itl_p95_s=0.05),
+                          n_requests=600)  # fmt: skip
+    seqs = advisor.advise_max_num_seqs(cap, plan, observed())
+    assert isinstance(seqs.value, int) and seqs.value % 8 == 0
+    assert cap.at_capacity.peak_running <= seqs.value <= max(8, plan.seqs_at_typical_context)
+    mml = advisor.advise_max_model_len(observed(), llama8b)
+    assert mml is not None and mml.value == 3072 and mml.numbers["model_max"] == 131072
+    rep = advisor.advise_replicas(cap.per_replica_rps, observed(peak_rps=10.0), 1, 0.2)
+    assert rep.value == math.ceil(10.0 / cap.per_replica_rps) + 1
+    assert rep.uncertainty is not None
+    assert rep.uncertainty.low <= rep.value <= rep.uncertainty.high
+    assert rep.uncertainty.low < rep.uncertainty.high
+
+
+def test_kv_bound_capacity_suggests_fp8_kv() -> None:
+    arch = load_model_arch(CONFIGS / "llama-2-7b.json")  # no GQA: a big KV cache per token
+    gpu = CATALOG["l4"]
+    plan = plan_memory(arch, gpu, max_model_len=4096)
+    step = roofline_prior(arch, gpu)
+    limits = EngineLimits(max_num_seqs=256, kv_capacity_tokens=plan.kv_capacity_tokens)
+    w = Workload.fixed(2000, 400)
+    cap = max_rate_at_slo(step, limits, w, Slo(ttft_p95_s=5.0, itl_p95_s=0.5), n_requests=600)
+    assert cap.limiting == "kv" or cap.at_capacity.kv_bound
+    rec = advisor.advise_kv_dtype(cap, None, observed())
+    assert rec is not None and rec.value == "fp8"
+    assert advisor.advise_kv_dtype(cap, None, observed(kv_dtype="fp8")) is None
+
+
+@pytest.mark.parametrize(("rate_1h", "warn"), [(0.1, True), (0.5, False), (5.0, False)],
+                         ids=["idle", "busy", "over"])  # fmt: skip
+def test_underutilized_warning(rate_1h: float, warn: bool) -> None:
+    rec = advisor.advise_underused(2.0, observed(rate_1h_rps=rate_1h), 0.2)
+    assert (rec is not None) == warn
+    if rec is not None:
+        assert rec.severity == "warning" and rec.numbers["capacity_rps"] == 2.0
+
+
+def test_oom_risk_warning() -> None:
+    arch = load_model_arch(CONFIGS / "llama-3.1-8b.json")
+    plan = plan_memory(arch, CATALOG["l4"])  # the full 128k context on a 24 GB card
+    rec = advisor.advise_oom(plan)
+    assert plan.oom_risk in ("high", "certain")
+    assert rec is not None and rec.kind == "oom_risk" and rec.severity in ("warning", "critical")
+    assert advisor.advise_oom(plan_memory(arch, CATALOG["h100-sxm"], max_model_len=8192)) is None
+
+
+def test_a_cheaper_option_is_recommended(tiny: ModelArch) -> None:
+    current = advisor.Setup(gpu="h100-sxm")
+    alts = advisor.search(tiny, CATALOG, WORKLOAD, settings(0.5), advisor.Transfer(),
+                          current=current)  # fmt: skip
+    recs = advisor.advise_alternatives(alts)
+    assert [r.kind for r in recs] == ["gpu"]
+    assert recs[0].numbers["usd_per_hour"] < recs[0].numbers["usd_per_hour_now"]  # type: ignore[operator]
+    assert np.isfinite(alts[0].usd_per_hour)
