@@ -17,13 +17,15 @@ from prometheus_client import CollectorRegistry
 from estimator.records import BackendSnapshot, RequestRecord
 
 from . import handlers as h
+from .admission import Scheduler
 from .backends import BackendPool
 from .config import ProxyConfig
 from .errors import MethodNotAllowed, ProxyError, error_body, error_response
 from .recorder import Recorder, RequestLog
 from .relay import Upstream
-from .routing import LeastLoaded
+from .routing import make_router
 from .telemetry import GaugeRow, Metrics
+from .tenants import TenantLedger
 
 log = logging.getLogger("rightsizer.app")
 
@@ -68,17 +70,19 @@ async def error_middleware(
             )
         message = exc.reason if exc.status != 404 else f"Unknown path {request.path}."
         return web.json_response(
-            error_body(message, "invalid_request_error"), status=exc.status,
+            error_body(message, "invalid_request_error"),
+            status=exc.status,
             headers={"x-request-id": rid},
-        )  # fmt: skip
+        )
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("unhandled error in request %s", rid)
         return web.json_response(
             error_body("Internal error in the proxy; see its log.", "internal_error"),
-            status=500, headers={"x-request-id": rid},
-        )  # fmt: skip
+            status=500,
+            headers={"x-request-id": rid},
+        )
 
 
 def build_app(config: ProxyConfig, deps: Deps | None = None) -> web.Application:
@@ -131,11 +135,22 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     config, pool, deps = app[_CONFIG], app[_POOL], app[_DEPS]
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-    upstream = Upstream(session, pool, config.timeouts, app[_METRICS])
+    metrics = app[_METRICS]
+    upstream = Upstream(session, pool, config.timeouts, metrics)
+    tenants = TenantLedger(config.tenants, config.auth, metrics)
+    router = make_router(config.routing, load=lambda b: b.total_inflight / max(1, b.limit))
+    scheduler = Scheduler(config.scheduling, pool, router, tenants, metrics)
     app[h.STATE] = h.ProxyState(
-        config=config, pool=pool, upstream=upstream, recorder=app[_RECORDER],
-        metrics=app[_METRICS], router=LeastLoaded(), report=deps.report_dict,
-    )  # fmt: skip
+        config=config,
+        pool=pool,
+        upstream=upstream,
+        recorder=app[_RECORDER],
+        metrics=metrics,
+        router=router,
+        scheduler=scheduler,
+        tenants=tenants,
+        report=deps.report_dict,
+    )
     await pool.start(session)
     refresher = None
     if deps.estimator is not None:

@@ -34,6 +34,7 @@ class Backend:
         "_models_discovered",
         "config",
         "consecutive_failures",
+        "default_limit",
         "dialect",
         "ejected_until",
         "healthy",
@@ -41,6 +42,7 @@ class Backend:
         "inflight_tokens",
         "models",
         "name",
+        "remote_inflight",
         "snapshot",
         "url",
     )
@@ -54,13 +56,29 @@ class Backend:
         self.healthy = False  # until the first check passes
         self.consecutive_failures = 0
         self.ejected_until = 0.0
-        self.inflight = 0
+        self.inflight = 0  # this replica's requests upstream
         self.inflight_tokens = 0
+        self.remote_inflight = 0  # other replicas' (shared state), 0 when running alone
+        self.default_limit = 64
         self.dialect: str | None = None if config.dialect == "auto" else config.dialect
         self.snapshot: BackendSnapshot | None = None
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
+
+    @property
+    def limit(self) -> int:
+        """Requests in flight at most: config, else the engine's max_num_seqs, else default."""
+        if self.config.max_inflight is not None:
+            return self.config.max_inflight
+        snap = self.snapshot
+        if snap is not None and snap.max_num_seqs:
+            return snap.max_num_seqs
+        return self.default_limit
+
+    @property
+    def total_inflight(self) -> int:
+        return self.inflight + self.remote_inflight
 
     def auth_headers(self) -> dict[str, str]:
         key = self.config.api_key
@@ -76,6 +94,7 @@ class BackendPool:
         on_snapshot: Callable[[BackendSnapshot], None] | None = None,
     ) -> None:
         self.backends = [Backend(c) for c in configs]
+        self.on_change: Callable[[], None] | None = None  # health/snapshot changed
         self.health = health
         self.metrics = metrics
         self.on_snapshot = on_snapshot
@@ -109,8 +128,11 @@ class BackendPool:
             backend.ejected_until = time.monotonic() + self.health.eject_s
             log.warning(
                 "backend %s ejected for %.0fs after %d consecutive failures (last: %s)",
-                backend.name, self.health.eject_s, backend.consecutive_failures, kind,
-            )  # fmt: skip
+                backend.name,
+                self.health.eject_s,
+                backend.consecutive_failures,
+                kind,
+            )
 
     def report_success(self, backend: Backend) -> None:
         backend.consecutive_failures = 0
@@ -165,11 +187,15 @@ class BackendPool:
         b.healthy = ok
         if ok and time.monotonic() >= b.ejected_until:
             b.consecutive_failures = 0
+        if ok != was and self.on_change is not None:
+            self.on_change()
         if ok != was:
             log.log(
                 logging.INFO if ok else logging.WARNING,
-                "backend %s is %s", b.name, "up" if ok else "down",
-            )  # fmt: skip
+                "backend %s is %s",
+                b.name,
+                "up" if ok else "down",
+            )
 
     async def _discover(self, b: Backend) -> None:
         if b.config.models:
@@ -202,12 +228,19 @@ class BackendPool:
         self.metrics.scrapes.labels(b.name, "ok").inc()
         b.dialect = dialect
         snap = BackendSnapshot(
-            backend=b.name, time_s=time.monotonic(), epoch=time.time(), up=b.healthy,
-            dialect=dialect, models=tuple(sorted(b.models)), **fields,
-        )  # fmt: skip
+            backend=b.name,
+            time_s=time.monotonic(),
+            epoch=time.time(),
+            up=b.healthy,
+            dialect=dialect,
+            models=tuple(sorted(b.models)),
+            **fields,
+        )
         b.snapshot = snap
         if self.on_snapshot is not None:
             self.on_snapshot(snap)
+        if self.on_change is not None:
+            self.on_change()
 
     # --- metrics (read at scrape time) ---
 
@@ -215,18 +248,23 @@ class BackendPool:
         now = time.monotonic()
         lb = ("backend",)
         yield GaugeRow(
-            "rightsizer_backend_up", "1 when the backend passes health checks and is not ejected.",
-            lb, [((b.name,), float(b.available(now))) for b in self.backends],
-        )  # fmt: skip
+            "rightsizer_backend_up",
+            "1 when the backend passes health checks and is not ejected.",
+            lb,
+            [((b.name,), float(b.available(now))) for b in self.backends],
+        )
         yield GaugeRow(
-            "rightsizer_backend_inflight_requests", "Requests the proxy has in flight upstream.",
-            lb, [((b.name,), float(b.inflight)) for b in self.backends],
-        )  # fmt: skip
+            "rightsizer_backend_inflight_requests",
+            "Requests the proxy has in flight upstream.",
+            lb,
+            [((b.name,), float(b.inflight)) for b in self.backends],
+        )
         yield GaugeRow(
             "rightsizer_backend_inflight_tokens",
             "Estimated tokens (prompt + max output) the proxy has in flight upstream.",
-            lb, [((b.name,), float(b.inflight_tokens)) for b in self.backends],
-        )  # fmt: skip
+            lb,
+            [((b.name,), float(b.inflight_tokens)) for b in self.backends],
+        )
         fields = (
             ("running", "rightsizer_engine_running_requests", "Engine-reported running requests."),
             ("waiting", "rightsizer_engine_waiting_requests", "Engine-reported queued requests."),

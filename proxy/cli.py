@@ -42,9 +42,11 @@ async def run_site(
     closes the upstream request (the engine must not keep generating for nobody).
     """
     runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=grace_s,
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=grace_s,
         access_log=logging.getLogger("aiohttp.access") if access_log else None,
-    )  # fmt: skip
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     await site.start()
@@ -128,8 +130,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rightsizer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="rightsizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = p.add_subparsers(dest="command", required=True)
 

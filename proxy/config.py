@@ -58,6 +58,11 @@ class BackendConfig:
     )
     api_key: str | None = doc("Bearer token sent upstream (never logged).", None)
     dialect: str = doc("Metrics dialect: auto, vllm, sglang, tgi, llamacpp or none.", "auto")
+    max_inflight: int | None = doc(
+        "Requests in flight on this backend at most (None: the engine's max_num_seqs, else "
+        "scheduling.default_max_inflight).",
+        None,
+    )
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -123,6 +128,93 @@ class EstimatorSection:
     catalog: str | None = doc("Extra GPU catalog YAML merged over the built-in one.", None)
 
 
+PRIORITY_CLASSES = ("critical", "high", "normal", "low", "sheddable")
+
+
+@dataclass(**_FROZEN)
+class TenantConfig:
+    name: str = doc("Tenant name (a metrics label, capped by metrics.max_tenants).")
+    api_key_sha256: tuple[str, ...] = doc(
+        "SHA-256 hex digests of this tenant's API keys (keys themselves are never stored).", ()
+    )
+    priority: str = doc("Default priority class when the request has no x-priority.", "normal")
+    weight: float = doc("Fair-share weight inside a priority class (virtual token counter).", 1.0)
+    max_concurrency: int | None = doc("Most requests in flight at once (None: no limit).", None)
+    tokens_per_minute: int | None = doc(
+        "Most prompt + completion tokens per minute (None: no limit).", None
+    )
+
+
+@dataclass(**_FROZEN)
+class AuthConfig:
+    required: bool = doc("Refuse requests whose API key matches no tenant (401).", False)
+
+
+@dataclass(**_FROZEN)
+class SchedulingConfig:
+    enabled: bool = doc("Hold requests in the proxy's queue instead of flooding the engines.", True)
+    default_max_inflight: int = doc(
+        "Requests in flight per backend when neither the backend config nor the engine "
+        "(max_num_seqs) gives a limit.",
+        64,
+    )
+    engine_waiting_high: float = doc(
+        "Engine-reported waiting requests above which a backend gets no new request.", 4.0
+    )
+    kv_usage_high: float = doc("Engine KV-cache usage above which a backend is saturated.", 0.97)
+    max_queue: int = doc(
+        "Requests waiting in the proxy at most; beyond it lower classes shed.", 2048
+    )
+    aging_s: float = doc("Each aging_s of waiting raises a request one priority class.", 10.0)
+    deadline_s: Mapping[str, float] = doc(
+        "Default deadline per class (header x-request-deadline-ms overrides).",
+        dataclasses.MISSING,
+        default_factory=lambda: {
+            "critical": 120.0,
+            "high": 60.0,
+            "normal": 30.0,
+            "low": 15.0,
+            "sheddable": 5.0,
+        },
+    )
+    shed_sheddable_above: float = doc(
+        "Utilization (in flight / limit over the model's backends) above which sheddable "
+        "requests that would have to queue are dropped.",
+        0.9,
+    )
+
+
+@dataclass(**_FROZEN)
+class RoutingConfig:
+    policy: str = doc("round_robin, least_loaded, prefix or session.", "prefix")
+    scorers: Mapping[str, float] = doc(
+        "Override the policy's scorers: name -> weight (prefix, load, session, round_robin).",
+        dataclasses.MISSING,
+        default_factory=dict,
+    )
+    block_chars: int = doc("Characters per prefix block (about 4 characters per token).", 256)
+    prefix_ttl_s: float = doc("Routed prefix blocks are forgotten after this long.", 600.0)
+    max_blocks_per_backend: int = doc(
+        "Prefix-index entries per backend at most (lowered to the engine's KV capacity).", 100_000
+    )
+    imbalance_abs: float = doc("Load guard: in-flight difference that may override affinity.", 8.0)
+    imbalance_rel: float = doc("Load guard: relative excess over the least-loaded backend.", 0.5)
+    session_header: str = doc("Header naming a session for session affinity.", "x-session-id")
+
+
+@dataclass(**_FROZEN)
+class SharedStateConfig:
+    redis_url: str | None = doc(
+        "Share state across proxy replicas through Redis; None: local.", None
+    )
+    sync_interval_s: float = doc(
+        "How often the local view is pushed to and pulled from Redis.", 0.1
+    )
+    op_timeout_s: float = doc("Timeout of one Redis round trip.", 0.25)
+    key_prefix: str = doc("Prefix of every Redis key.", "rightsizer")
+    records_stream_maxlen: int = doc("Approximate length cap of the records stream.", 100_000)
+
+
 @dataclass(**_FROZEN)
 class ProxyConfig:
     server: ServerConfig = section("Listener settings.", ServerConfig)
@@ -132,6 +224,13 @@ class ProxyConfig:
     request_log: RequestLogConfig = section("Request log.", RequestLogConfig)
     metrics: MetricsConfig = section("Prometheus metrics.", MetricsConfig)
     estimator: EstimatorSection = section("Online estimator.", EstimatorSection)
+    scheduling: SchedulingConfig = section(
+        "Priority queueing, fairness and shedding.", SchedulingConfig
+    )
+    routing: RoutingConfig = section("Backend choice.", RoutingConfig)
+    tenants: tuple[TenantConfig, ...] = doc("Tenants, their API keys and limits.", ())
+    auth: AuthConfig = section("API-key authentication.", AuthConfig)
+    shared: SharedStateConfig = section("State shared across proxy replicas.", SharedStateConfig)
 
 
 # --- generic loading -----------------------------------------------------------------------
@@ -163,7 +262,8 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin in (Mapping, dict):
         if not isinstance(value, Mapping):
             raise ConfigError(source, key, f"expected a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        (_, val_tp) = typing.get_args(tp)
+        return {str(k): _convert(val_tp, v, f"{key}.{k}", source) for k, v in value.items()}
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -207,6 +307,24 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
         key = f"{prefix}.{f.name}" if prefix else f.name
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
             raise ConfigError(source, key, f"must not be negative, got {value}")
+    if isinstance(obj, TenantConfig) and obj.priority not in PRIORITY_CLASSES:
+        raise ConfigError(source, f"{prefix}.priority", f"unknown class {obj.priority!r}")
+    if isinstance(obj, RoutingConfig):
+        from .routing import POLICIES, SCORERS
+
+        if obj.policy not in POLICIES:
+            raise ConfigError(
+                source,
+                f"{prefix}.policy",
+                f"unknown policy {obj.policy!r} (known: {', '.join(POLICIES)})",
+            )
+        for name in obj.scorers:
+            if name not in SCORERS:
+                raise ConfigError(source, f"{prefix}.scorers.{name}", "unknown scorer")
+    if isinstance(obj, SchedulingConfig):
+        for name in obj.deadline_s:
+            if name not in PRIORITY_CLASSES:
+                raise ConfigError(source, f"{prefix}.deadline_s.{name}", "unknown class")
     if isinstance(obj, BackendConfig):
         parts = urlsplit(obj.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -285,3 +403,19 @@ def reference_markdown(cls: type[Any] = ProxyConfig, prefix: str = "") -> list[s
         shown = "required" if default is dataclasses.MISSING else f"`{default!r}`"
         lines.append(f"| `{key}` | {shown} | {f.metadata.get('doc', '')} |")
     return lines
+
+
+def _write_reference(readme: Path) -> None:
+    """Replace the README's config reference (between its markers) with the generated one."""
+    text = readme.read_text()
+    start = text.index("<!-- config-reference:start")
+    start = text.index("\n", start) + 1
+    end = text.index("<!-- config-reference:end -->")
+    table = ["| key | default | meaning |", "|---|---|---|", *reference_markdown()]
+    readme.write_text(text[:start] + "\n".join(table) + "\n" + text[end:])
+
+
+if __name__ == "__main__":
+    import sys
+
+    _write_reference(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))

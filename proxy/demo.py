@@ -54,16 +54,26 @@ def _request(i: int, rng: random.Random, model: str) -> tuple[str, dict[str, Any
     max_tokens = rng.choice([16, 32, 64, 128])
     headers = {"x-tenant": tenant, "x-priority": priority}
     if i % 3:
-        body = {"model": model, "messages": [{"role": "system", "content": "You are terse."},
-                {"role": "user", "content": words}], "max_tokens": max_tokens,
-                "stream": i % 3 == 1}  # fmt: skip
+        body = {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": words},
+            ],
+            "max_tokens": max_tokens,
+            "stream": i % 3 == 1,
+        }
         return "/v1/chat/completions", body, headers
-    return "/v1/completions", {"model": model, "prompt": words, "max_tokens": max_tokens,
-                               "stream": i % 2 == 0}, headers  # fmt: skip
+    return (
+        "/v1/completions",
+        {"model": model, "prompt": words, "max_tokens": max_tokens, "stream": i % 2 == 0},
+        headers,
+    )
 
 
-async def _one(session: aiohttp.ClientSession, url: str, i: int, rng: random.Random,
-               model: str, t: Traffic) -> None:  # fmt: skip
+async def _one(
+    session: aiohttp.ClientSession, url: str, i: int, rng: random.Random, model: str, t: Traffic
+) -> None:
     path, body, headers = _request(i, rng, model)
     t.sent += 1
     try:
@@ -76,9 +86,16 @@ async def _one(session: aiohttp.ClientSession, url: str, i: int, rng: random.Ran
     t.done += 1
 
 
-async def drive(url: str, model: str, *, duration_s: float, max_requests: int,
-                rate: Callable[[float], float], t: Traffic,
-                on_tick: Callable[[float], None] | None = None) -> None:  # fmt: skip
+async def drive(
+    url: str,
+    model: str,
+    *,
+    duration_s: float,
+    max_requests: int,
+    rate: Callable[[float], float],
+    t: Traffic,
+    on_tick: Callable[[float], None] | None = None,
+) -> None:
     """Open-loop Poisson arrivals at ``rate(elapsed)`` requests/s."""
     rng = random.Random(7)
     tasks: set[asyncio.Task[None]] = set()
@@ -110,16 +127,35 @@ def summary_rows(records: list[RequestRecord]) -> list[list[str]]:
         ok = [r for r in recs if r.outcome is Outcome.OK]
         ttft = [r.ttft_s for r in ok if r.streamed and r.ttft_s is not None]
         itl = [r.itl.p50 for r in ok if r.itl.p50 is not None]
-        rows.append([
-            name, str(len(recs)), str(len(ok)), _pct(ttft, 50), _pct(ttft, 95), _pct(ttft, 99),
-            _pct(itl, 50), _pct(itl, 95), str(sum(r.prompt_tokens or 0 for r in ok)),
-            str(sum(r.completion_tokens or 0 for r in ok)),
-        ])  # fmt: skip
+        rows.append(
+            [
+                name,
+                str(len(recs)),
+                str(len(ok)),
+                _pct(ttft, 50),
+                _pct(ttft, 95),
+                _pct(ttft, 99),
+                _pct(itl, 50),
+                _pct(itl, 95),
+                str(sum(r.prompt_tokens or 0 for r in ok)),
+                str(sum(r.completion_tokens or 0 for r in ok)),
+            ]
+        )
     return rows
 
 
-SUMMARY_HEADER = ["backend", "requests", "ok", "TTFT p50 ms", "p95", "p99", "ITL p50 ms",
-                  "p95", "prompt tok", "output tok"]  # fmt: skip
+SUMMARY_HEADER = [
+    "backend",
+    "requests",
+    "ok",
+    "TTFT p50 ms",
+    "p95",
+    "p99",
+    "ITL p50 ms",
+    "p95",
+    "prompt tok",
+    "output tok",
+]
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -152,10 +188,12 @@ async def run_demo(*, duration_s: float = 20.0, requests: int = 400) -> int:
         runners.append(runner)
         urls.append(url)
     t = Traffic()
-    config = load_config(overrides={
-        "backends": [{"url": u} for u in urls],
-        "health": {"interval_s": 1.0, "scrape_interval_s": 1.0},
-    })  # fmt: skip
+    config = load_config(
+        overrides={
+            "backends": [{"url": u} for u in urls],
+            "health": {"interval_s": 1.0, "scrape_interval_s": 1.0},
+        }
+    )
     deps = Deps(subscribers=[("demo", t.records.append)])
     proxy_runner, proxy_url = await start_site(build_app(config, deps))
     runners.insert(0, proxy_runner)
@@ -187,6 +225,13 @@ async def _drive_with_progress(url: str, duration_s: float, requests: int, t: Tr
             label = f"traffic {rate(elapsed):4.1f} req/s, done {t.done}/{t.sent}"
             progress.update(task, completed=elapsed, description=label)
 
-        await drive(url, "demo-model", duration_s=duration_s, max_requests=requests, rate=rate, t=t,
-                    on_tick=tick)  # fmt: skip
+        await drive(
+            url,
+            "demo-model",
+            duration_s=duration_s,
+            max_requests=requests,
+            rate=rate,
+            t=t,
+            on_tick=tick,
+        )
         progress.update(task, completed=duration_s)

@@ -268,8 +268,15 @@ class EmulatorServer:
         return web.Response(text="")
 
     async def models(self, request: web.Request) -> web.Response:
-        data = [{"id": self.cfg.model, "object": "model", "created": 0, "owned_by": "emulator",
-                 "max_model_len": self.cfg.max_model_len}]  # fmt: skip
+        data = [
+            {
+                "id": self.cfg.model,
+                "object": "model",
+                "created": 0,
+                "owned_by": "emulator",
+                "max_model_len": self.cfg.max_model_len,
+            }
+        ]
         return web.json_response({"object": "list", "data": data})
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -315,10 +322,11 @@ class EmulatorServer:
 
     def _usage(self, seq: Seq) -> dict[str, Any]:
         return {
-            "prompt_tokens": seq.prompt, "completion_tokens": seq.generated,
+            "prompt_tokens": seq.prompt,
+            "completion_tokens": seq.generated,
             "total_tokens": seq.prompt + seq.generated,
             "prompt_tokens_details": {"cached_tokens": seq.cached},
-        }  # fmt: skip
+        }
 
     async def _whole(self, body: dict[str, Any], seq: Seq, rid: str, chat: bool) -> web.Response:
         while await seq.out.get() is not None:
@@ -330,9 +338,14 @@ class EmulatorServer:
             if chat
             else {"index": 0, "text": text, "finish_reason": finish}
         )
-        obj = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-               "created": int(time.time()), "model": self.cfg.model, "choices": [choice],
-               "usage": self._usage(seq)}  # fmt: skip
+        obj = {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.cfg.model,
+            "choices": [choice],
+            "usage": self._usage(seq),
+        }
         return web.Response(body=orjson.dumps(obj), content_type="application/json")
 
     async def _stream(
@@ -340,8 +353,12 @@ class EmulatorServer:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": self.cfg.model}  # fmt: skip
+        base = {
+            "id": rid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.cfg.model,
+        }
         if chat:
             first = {
                 **base,

@@ -4,8 +4,12 @@ exactly once when the request ends."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from estimator.records import ItlSummary, Outcome, RequestRecord
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 
 class Exchange:
@@ -24,6 +28,7 @@ class Exchange:
         "finish_reason",
         "first_token_s",
         "gaps",
+        "held",
         "inflight_requests",
         "inflight_tokens",
         "max_tokens",
@@ -65,6 +70,7 @@ class Exchange:
         self.inflight_requests: int | None = None
         self.inflight_tokens: int | None = None
         self.attempts = 0
+        self.held: Backend | None = None  # the backend whose in-flight slot this request holds
 
     def fail(self, outcome: Outcome, status: int) -> None:
         self.outcome, self.status = outcome, status
@@ -73,14 +79,28 @@ class Exchange:
         if self.end_s is None:
             self.end_s = time.perf_counter()
         return RequestRecord(
-            request_id=self.request_id, model=self.model or "unknown", backend=self.backend,
-            tenant=self.tenant, priority=self.priority, endpoint=self.endpoint,
-            streamed=self.streamed, status=self.status, outcome=self.outcome,
-            finish_reason=self.finish_reason, arrival_s=self.arrival_s,
-            dispatch_s=self.dispatch_s, first_token_s=self.first_token_s, end_s=self.end_s,
-            arrival_epoch=self.arrival_epoch, prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens, cached_tokens=self.cached_tokens,
-            tokens_estimated=self.tokens_estimated, max_tokens=self.max_tokens,
-            itl=ItlSummary.from_gaps(self.gaps), inflight_requests=self.inflight_requests,
-            inflight_tokens=self.inflight_tokens, attempts=self.attempts,
-        )  # fmt: skip
+            request_id=self.request_id,
+            model=self.model or "unknown",
+            backend=self.backend,
+            tenant=self.tenant,
+            priority=self.priority,
+            endpoint=self.endpoint,
+            streamed=self.streamed,
+            status=self.status,
+            outcome=self.outcome,
+            finish_reason=self.finish_reason,
+            arrival_s=self.arrival_s,
+            dispatch_s=self.dispatch_s,
+            first_token_s=self.first_token_s,
+            end_s=self.end_s,
+            arrival_epoch=self.arrival_epoch,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
+            tokens_estimated=self.tokens_estimated,
+            max_tokens=self.max_tokens,
+            itl=ItlSummary.from_gaps(self.gaps),
+            inflight_requests=self.inflight_requests,
+            inflight_tokens=self.inflight_tokens,
+            attempts=self.attempts,
+        )

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from estimator.records import Outcome
 
+from .admission import Scheduler
 from .backends import BackendPool
 from .config import ProxyConfig
 from .errors import (
@@ -27,11 +28,13 @@ from .errors import (
     UpstreamTimeout,
 )
 from .exchange import Exchange
+from .prefix import block_hashes, canonical_text
 from .recorder import Recorder
 from .relay import Upstream, forward_other, relay_plain, relay_stream
-from .routing import LeastLoaded
+from .routing import RouteCtx, Router
 from .telemetry import Metrics
-from .validate import parse_body, parse_priority, parse_tenant, upstream_body
+from .tenants import TenantLedger
+from .validate import parse_body, parse_deadline_ms, parse_priority, upstream_body
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 _FORWARD_HEADERS = ("authorization", "x-request-id", "openai-organization", "openai-project")
@@ -46,7 +49,9 @@ class ProxyState:
     upstream: Upstream
     recorder: Recorder
     metrics: Metrics
-    router: LeastLoaded
+    router: Router
+    scheduler: Scheduler
+    tenants: TenantLedger
     report: Any = None  # callable returning the estimator's latest report (dict) or None
 
 
@@ -98,26 +103,20 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
         parsed = parse_body(raw, endpoint)
         body = parsed.body
         ex.model, ex.streamed, ex.max_tokens = parsed.model, parsed.stream, parsed.max_tokens
-        ex.tenant = parse_tenant(request.headers.get("x-tenant"), body)
-        ex.priority = parse_priority(request.headers.get("x-priority"))
+        ex.tenant, default_class = st.tenants.identify(request.headers, body)
+        ex.priority = parse_priority(request.headers.get("x-priority"), default_class or "normal")
+        deadline_s = parse_deadline_ms(request.headers.get("x-request-deadline-ms"))
         ex.est_prompt_tokens = parsed.est_prompt_tokens
         ex.est_tokens = ex.est_prompt_tokens + (parsed.max_tokens or DEFAULT_OUTPUT_ESTIMATE)
-        ordered = st.router.order(_candidates(st.pool, parsed.model))
-        data, strip = upstream_body(parsed)
-        backend, resp = await st.upstream.dispatch(
-            ex, ordered, request.path, data, _upstream_headers(request, ex.request_id)
-        )
+        candidates = _candidates(st.pool, parsed.model)
+        ctx = _route_ctx(st, request, body, endpoint)
+        decision = await st.scheduler.admit(ex, candidates, ctx, deadline_s)
         try:
-            if parsed.stream and resp.status == 200 and resp.content_type == "text/event-stream":
-                total = st.config.timeouts.total_s
-                return await relay_stream(
-                    request, ex, resp, strip_usage=strip,
-                    read_timeout_s=st.config.timeouts.read_s,
-                    deadline=None if total is None else ex.arrival_s + total,
-                )  # fmt: skip
-            return await relay_plain(request, ex, resp)
+            return await _relay(
+                request, st, ex, parsed.stream, decision.ordered, upstream_body(parsed)
+            )
         finally:
-            st.upstream.release(ex, backend)
+            st.scheduler.release(ex)
     except ProxyError as err:
         ex.fail(_outcome(err), err.status)
         raise
@@ -129,6 +128,41 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
         st.recorder.submit(ex, body)
 
 
+def _route_ctx(
+    st: ProxyState, request: web.Request, body: dict[str, Any], endpoint: str
+) -> RouteCtx:
+    r = st.router
+    hashes = block_hashes(canonical_text(body, endpoint), r.block_chars) if r.uses_prefix else ()
+    session = request.headers.get(st.config.routing.session_header)
+    return RouteCtx(hashes=hashes, session=session, now=time.monotonic())
+
+
+async def _relay(
+    request: web.Request,
+    st: ProxyState,
+    ex: Exchange,
+    stream: bool,
+    ordered: list[Any],
+    data_strip: tuple[bytes, bool],
+) -> web.StreamResponse:
+    data, strip = data_strip
+    headers = _upstream_headers(request, ex.request_id)
+    _, resp = await st.upstream.dispatch(
+        ex, ordered, request.path, data, headers, st.scheduler.move
+    )
+    if stream and resp.status == 200 and resp.content_type == "text/event-stream":
+        total = st.config.timeouts.total_s
+        return await relay_stream(
+            request,
+            ex,
+            resp,
+            strip_usage=strip,
+            read_timeout_s=st.config.timeouts.read_s,
+            deadline=None if total is None else ex.arrival_s + total,
+        )
+    return await relay_plain(request, ex, resp)
+
+
 def _candidates(pool: BackendPool, model: str) -> list[Any]:
     candidates = pool.candidates(model)
     if candidates:
@@ -136,9 +170,10 @@ def _candidates(pool: BackendPool, model: str) -> list[Any]:
     if model not in pool.known_models():
         raise ModelNotFound(model, pool.models())
     raise NoHealthyBackend(
-        f"Every backend serving model '{model}' is down or ejected.", reason="no_backend",
+        f"Every backend serving model '{model}' is down or ejected.",
+        reason="no_backend",
         retry_after_s=pool.health.interval_s,
-    )  # fmt: skip
+    )
 
 
 async def other_v1(request: web.Request) -> web.StreamResponse:

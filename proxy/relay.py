@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -52,9 +52,12 @@ class Upstream:
     """One shared ``ClientSession`` and the dispatch policy around it."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, pool: BackendPool, timeouts: TimeoutConfig,
+        self,
+        session: aiohttp.ClientSession,
+        pool: BackendPool,
+        timeouts: TimeoutConfig,
         metrics: Metrics,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.session = session
         self.pool = pool
         self.timeouts = timeouts
@@ -64,73 +67,56 @@ class Upstream:
         )
 
     async def dispatch(
-        self, ex: Exchange, ordered: Sequence[Backend], path: str, body: bytes,
+        self,
+        ex: Exchange,
+        ordered: Sequence[Backend],
+        path: str,
+        body: bytes,
         headers: dict[str, str],
-    ) -> tuple[Backend, aiohttp.ClientResponse]:  # fmt: skip
-        """Send to the first backend; on a connect error or 502/503, once more to the next.
-
-        The returned backend carries this request in its in-flight counters: the caller
-        must ``release`` it when the request ends.
-        """
+        move: Callable[[Exchange, Backend], None],
+    ) -> tuple[Backend, aiohttp.ClientResponse]:
+        """Send to ``ordered[0]`` (whose slot ``ex`` holds); on a connect error or a 502/503,
+        once more to the next backend, ``move``-ing the held slot there."""
         if not ordered:
             raise NoHealthyBackend(
                 f"No healthy backend serves model '{ex.model}'.", reason="no_backend"
             )
         tries = list(ordered[:2])
+        ex.dispatch_s = time.perf_counter()
         for i, backend in enumerate(tries):
+            if i:
+                move(ex, backend)
+            ex.attempts += 1
+            ex.backend = backend.name
             last_try = i == len(tries) - 1
-            self._acquire(ex, backend)
             try:
                 resp = await self._send(backend, path, body, headers)
             except aiohttp.ClientConnectorError:
                 err: ProxyError = UpstreamError(f"Could not connect to backend {backend.name}.")
                 kind = "connect"
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                err, kind = (
-                    UpstreamError(f"Backend {backend.name} closed the connection."),
-                    "disconnect",
-                )
+                err = UpstreamError(f"Backend {backend.name} closed the connection.")
+                kind = "disconnect"
             except TimeoutError:
-                self.release(ex, backend)
                 self.pool.report_failure(backend, "timeout")
                 raise UpstreamTimeout(
                     f"Backend {backend.name} did not answer within {self.timeouts.read_s:g}s."
                 ) from None
-            except BaseException:
-                self.release(ex, backend)
-                raise
             else:
                 if resp.status not in RETRYABLE_STATUS or last_try:
-                    (self.pool.report_success if resp.status < 500 else self._fail_status)(backend)
+                    if resp.status < 500:
+                        self.pool.report_success(backend)
+                    else:
+                        self.pool.report_failure(backend, f"http_{resp.status}")
                     return backend, resp
                 resp.release()
-                err, kind = (
-                    UpstreamError(f"Backend {backend.name} answered {resp.status}."),
-                    f"http_{resp.status}",
-                )
-            self.release(ex, backend)
+                err = UpstreamError(f"Backend {backend.name} answered {resp.status}.")
+                kind = f"http_{resp.status}"
             self.pool.report_failure(backend, kind)
             if last_try:
                 raise err
             self.metrics.retries.labels(backend.name, kind).inc()
         raise AssertionError("unreachable")
-
-    def _fail_status(self, backend: Backend) -> None:
-        self.pool.report_failure(backend, "http_5xx")
-
-    @staticmethod
-    def _acquire(ex: Exchange, backend: Backend) -> None:
-        ex.attempts += 1
-        ex.backend = backend.name
-        ex.inflight_requests, ex.inflight_tokens = backend.inflight, backend.inflight_tokens
-        ex.dispatch_s = time.perf_counter()
-        backend.inflight += 1
-        backend.inflight_tokens += ex.est_tokens
-
-    @staticmethod
-    def release(ex: Exchange, backend: Backend) -> None:
-        backend.inflight -= 1
-        backend.inflight_tokens -= ex.est_tokens
 
     async def _send(
         self, backend: Backend, path: str, body: bytes, headers: dict[str, str]
@@ -181,9 +167,11 @@ def _is_content(obj: Any) -> bool:
             return True
         delta = ch.get("delta")
         if isinstance(delta, dict) and (
-            delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content")
+            delta.get("content")
+            or delta.get("tool_calls")
+            or delta.get("reasoning_content")
             or delta.get("reasoning")
-        ):  # fmt: skip
+        ):
             return True
     return False
 
@@ -293,9 +281,14 @@ def _add_gaps(ex: Exchange, st: StreamState, k: int, now: float) -> None:
 
 
 async def relay_stream(
-    request: web.Request, ex: Exchange, resp: aiohttp.ClientResponse, *, strip_usage: bool,
-    read_timeout_s: float, deadline: float | None = None,
-) -> web.StreamResponse:  # fmt: skip
+    request: web.Request,
+    ex: Exchange,
+    resp: aiohttp.ClientResponse,
+    *,
+    strip_usage: bool,
+    read_timeout_s: float,
+    deadline: float | None = None,
+) -> web.StreamResponse:
     """Streamed: forward bytes as they come, timing every content event (see module doc)."""
     out = web.StreamResponse(status=resp.status, headers=_response_headers(resp, ex.request_id))
     ex.status = resp.status
@@ -330,16 +323,30 @@ async def relay_stream(
         if not st.done:
             raise aiohttp.ClientPayloadError("stream ended before [DONE]")
     except _TotalTimeout:
-        await _fail_stream(out, ex, Outcome.TIMEOUT, UpstreamTimeout(
-            "The request exceeded the proxy's total time limit."))  # fmt: skip
+        await _fail_stream(
+            out,
+            ex,
+            Outcome.TIMEOUT,
+            UpstreamTimeout("The request exceeded the proxy's total time limit."),
+        )
     except TimeoutError:
-        await _fail_stream(out, ex, Outcome.TIMEOUT, UpstreamTimeout(
-            f"Backend {ex.backend} sent nothing for {read_timeout_s:g}s mid-stream."))  # fmt: skip
+        await _fail_stream(
+            out,
+            ex,
+            Outcome.TIMEOUT,
+            UpstreamTimeout(
+                f"Backend {ex.backend} sent nothing for {read_timeout_s:g}s mid-stream."
+            ),
+        )
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         if isinstance(exc, ConnectionResetError | aiohttp.ClientConnectionResetError):
             raise  # the client went away; handled by the caller
-        await _fail_stream(out, ex, Outcome.UPSTREAM_ERROR, UpstreamError(
-            f"Backend {ex.backend} failed mid-stream: the connection broke."))  # fmt: skip
+        await _fail_stream(
+            out,
+            ex,
+            Outcome.UPSTREAM_ERROR,
+            UpstreamError(f"Backend {ex.backend} failed mid-stream: the connection broke."),
+        )
     finally:
         resp.close()  # never leave the engine generating for nobody
         _finish_stream(ex, st)
@@ -370,12 +377,14 @@ def _finish_stream(ex: Exchange, st: StreamState) -> None:
 
 
 async def forward_other(
-    request: web.Request, ex: Exchange, upstream: Upstream, ordered: Sequence[Backend],
-    body: bytes, headers: dict[str, str],
-) -> web.StreamResponse:  # fmt: skip
+    request: web.Request,
+    ex: Exchange,
+    upstream: Upstream,
+    ordered: Sequence[Backend],
+    body: bytes,
+    headers: dict[str, str],
+    move: Callable[[Exchange, Backend], None],
+) -> web.StreamResponse:
     """Any other /v1 path: forwarded and measured as a plain request."""
-    backend, resp = await upstream.dispatch(ex, ordered, request.path_qs, body, headers)
-    try:
-        return await relay_plain(request, ex, resp)
-    finally:
-        upstream.release(ex, backend)
+    _, resp = await upstream.dispatch(ex, ordered, request.path_qs, body, headers, move)
+    return await relay_plain(request, ex, resp)

@@ -25,18 +25,66 @@ from prometheus_client.registry import Collector
 from estimator.records import Outcome, RequestRecord
 
 TTFT_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-    1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0,
-)  # fmt: skip
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    20.0,
+    60.0,
+)
 ITL_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05,
-    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS = (
-    1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072,
-)  # fmt: skip
+    1,
+    8,
+    16,
+    32,
+    64,
+    128,
+    256,
+    512,
+    1024,
+    2048,
+    4096,
+    8192,
+    16384,
+    32768,
+    65536,
+    131072,
+)
 
 
 class BulkHistogram(Collector):
@@ -126,69 +174,120 @@ class Metrics:
         self.tenant_label = TenantLabels(max_tenants)
         r = registry
         self.requests = Counter(
-            "rightsizer_requests", "Requests finished, by outcome.",
-            ["model", "backend", "tenant", "priority", "outcome"], registry=r,
-        )  # fmt: skip
+            "rightsizer_requests",
+            "Requests finished, by outcome.",
+            ["model", "backend", "tenant", "priority", "outcome"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "rightsizer_time_to_first_token_seconds",
             "Arrival at the proxy to the first content-bearing chunk (streamed requests).",
-            ["model", "backend"], buckets=TTFT_BUCKETS, registry=r,
-        )  # fmt: skip
+            ["model", "backend"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
         self.itl = BulkHistogram(
             "rightsizer_inter_token_latency_seconds",
             "Gaps between content-bearing chunks as the proxy received them.",
-            ["model", "backend"], ITL_BUCKETS,
-        )  # fmt: skip
+            ["model", "backend"],
+            ITL_BUCKETS,
+        )
         r.register(self.itl)
         self.e2e = Histogram(
-            "rightsizer_request_duration_seconds", "Arrival to the last byte sent to the client.",
-            ["model", "backend", "outcome"], buckets=E2E_BUCKETS, registry=r,
-        )  # fmt: skip
+            "rightsizer_request_duration_seconds",
+            "Arrival to the last byte sent to the client.",
+            ["model", "backend", "outcome"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
-            "rightsizer_queue_wait_seconds", "Arrival to dispatch upstream.",
-            ["model", "priority"], buckets=QUEUE_BUCKETS, registry=r,
-        )  # fmt: skip
+            "rightsizer_queue_wait_seconds",
+            "Arrival to dispatch upstream.",
+            ["model", "priority"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter(
-            "rightsizer_prompt_tokens", "Prompt tokens of finished requests.",
-            ["model", "backend", "tenant"], registry=r,
-        )  # fmt: skip
+            "rightsizer_prompt_tokens",
+            "Prompt tokens of finished requests.",
+            ["model", "backend", "tenant"],
+            registry=r,
+        )
         self.completion_tokens = Counter(
-            "rightsizer_completion_tokens", "Completion tokens of finished requests.",
-            ["model", "backend", "tenant"], registry=r,
-        )  # fmt: skip
+            "rightsizer_completion_tokens",
+            "Completion tokens of finished requests.",
+            ["model", "backend", "tenant"],
+            registry=r,
+        )
         self.cached_tokens = Counter(
-            "rightsizer_cached_prompt_tokens", "Prompt tokens the backend reported as cached.",
-            ["model", "backend"], registry=r,
-        )  # fmt: skip
+            "rightsizer_cached_prompt_tokens",
+            "Prompt tokens the backend reported as cached.",
+            ["model", "backend"],
+            registry=r,
+        )
         self.prompt_len = Histogram(
-            "rightsizer_request_prompt_tokens", "Prompt length per request.",
-            ["model"], buckets=TOKEN_BUCKETS, registry=r,
-        )  # fmt: skip
+            "rightsizer_request_prompt_tokens",
+            "Prompt length per request.",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
         self.completion_len = Histogram(
-            "rightsizer_request_completion_tokens", "Completion length per request.",
-            ["model"], buckets=TOKEN_BUCKETS, registry=r,
-        )  # fmt: skip
+            "rightsizer_request_completion_tokens",
+            "Completion length per request.",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
         self.estimated_tokens = Counter(
             "rightsizer_token_counts_estimated",
             "Requests whose token counts were estimated (the backend sent no usage).",
-            ["model", "backend"], registry=r,
-        )  # fmt: skip
+            ["model", "backend"],
+            registry=r,
+        )
         self.retries = Counter(
-            "rightsizer_upstream_retries", "Retries on another backend before the first byte.",
-            ["backend", "reason"], registry=r,
-        )  # fmt: skip
+            "rightsizer_upstream_retries",
+            "Retries on another backend before the first byte.",
+            ["backend", "reason"],
+            registry=r,
+        )
         self.backend_failures = Counter(
-            "rightsizer_backend_failures", "Upstream failures by backend and kind.",
-            ["backend", "kind"], registry=r,
-        )  # fmt: skip
+            "rightsizer_backend_failures",
+            "Upstream failures by backend and kind.",
+            ["backend", "kind"],
+            registry=r,
+        )
         self.records_dropped = Counter(
-            "rightsizer_records_dropped", "Request records dropped by a full sink.",
-            ["sink"], registry=r,
-        )  # fmt: skip
+            "rightsizer_records_dropped",
+            "Request records dropped by a full sink.",
+            ["sink"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "rightsizer_shed",
+            "Requests rejected by admission (429/503), never sent upstream.",
+            ["model", "priority", "reason"],
+            registry=r,
+        )
+        self.routing = Counter(
+            "rightsizer_routing_decisions",
+            "Routing decisions by chosen backend and reason.",
+            ["backend", "reason"],
+            registry=r,
+        )
+        self.prefix_match = Histogram(
+            "rightsizer_prefix_match_ratio",
+            "Share of the prompt's prefix blocks the chosen backend was believed to hold.",
+            ["model"],
+            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0),
+            registry=r,
+        )
         self.scrapes = Counter(
-            "rightsizer_backend_scrapes", "Scrapes of backends' /metrics by result.",
-            ["backend", "result"], registry=r,
-        )  # fmt: skip
+            "rightsizer_backend_scrapes",
+            "Scrapes of backends' /metrics by result.",
+            ["backend", "result"],
+            registry=r,
+        )
 
     def add_state(self, source: Callable[[], Iterable[GaugeRow]]) -> None:
         self.registry.register(StateCollector(source))

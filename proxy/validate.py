@@ -40,15 +40,17 @@ def _is_int(v: Any) -> bool:
 def _messages_chars(messages: Any) -> int:
     _require(
         isinstance(messages, list) and len(messages) > 0,
-        "'messages' must be a non-empty array of message objects.", "messages",
-    )  # fmt: skip
+        "'messages' must be a non-empty array of message objects.",
+        "messages",
+    )
     chars = 0
     for i, m in enumerate(messages):
         _require(isinstance(m, dict), f"'messages[{i}]' must be an object.", f"messages[{i}]")
         _require(
             isinstance(m.get("role"), str),
-            f"'messages[{i}].role' is required and must be a string.", f"messages[{i}].role",
-        )  # fmt: skip
+            f"'messages[{i}].role' is required and must be a string.",
+            f"messages[{i}].role",
+        )
         content = m.get("content")
         if isinstance(content, str):
             chars += len(content)
@@ -59,7 +61,7 @@ def _messages_chars(messages: Any) -> int:
                 content is None,
                 f"'messages[{i}].content' must be a string, an array of parts or null.",
                 f"messages[{i}].content",
-            )  # fmt: skip
+            )
     return chars
 
 
@@ -117,9 +119,13 @@ def parse_body(raw: bytes, endpoint: str) -> ParsedRequest:
     n = body.get("n")
     _require(n is None or (_is_int(n) and n >= 1), "'n' must be a positive integer.", "n")
     return ParsedRequest(
-        body=body, model=model, stream=bool(stream), include_usage=include_usage,  # type: ignore[arg-type]
-        max_tokens=max_tokens, prompt_chars=chars,
-    )  # fmt: skip
+        body=body,
+        model=model,
+        stream=bool(stream),
+        include_usage=include_usage,  # type: ignore[arg-type]
+        max_tokens=max_tokens,
+        prompt_chars=chars,
+    )
 
 
 def upstream_body(p: ParsedRequest) -> tuple[bytes, bool]:
@@ -160,10 +166,28 @@ def parse_tenant(header: str | None, body: dict[str, Any] | None) -> str:
     if header:
         _require(
             len(header) <= 128 and header.isprintable(),
-            "Header 'x-tenant' must be at most 128 printable characters.", "x-tenant",
-        )  # fmt: skip
+            "Header 'x-tenant' must be at most 128 printable characters.",
+            "x-tenant",
+        )
         return header
     user = body.get("user") if body else None
     if isinstance(user, str) and user:
         return user[:128]
     return "default"
+
+
+def parse_deadline_ms(raw: str | None) -> float | None:
+    """``x-request-deadline-ms``: how long the client will wait for a start, in seconds."""
+    if raw is None or raw == "":
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not 0 < ms <= 86_400_000:
+        raise InvalidRequest(
+            "Header 'x-request-deadline-ms' must be a positive number of milliseconds, "
+            f"got {raw[:40]!r}.",
+            param="x-request-deadline-ms",
+        )
+    return ms / 1000.0
