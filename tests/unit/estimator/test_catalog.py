@@ -84,7 +84,7 @@ def test_required_gpus_are_present_and_sane(catalog: dict[str, GpuSpec], key: st
 DATASHEET = [
     # key, memory GiB, bandwidth B/s, bf16 FLOP/s, fp8 FLOP/s
     ("h100-sxm", 79.18, 3.35e12, 989e12, 1979e12),  # driver-reported total
-    ("h200", 141, 4.8e12, 989e12, 1979e12),
+    ("h200", 139.8, 4.8e12, 989e12, 1979e12),
     ("a100-80gb", 80, 2.039e12, 312e12, None),
     ("l4", 24, 300e9, 121e12, 242e12),
     ("mi300x", 192, 5.3e12, 1307e12, 2615e12),
