@@ -379,6 +379,11 @@ def _assess(arch: ModelArch, p: MemoryPlan) -> tuple[str, tuple[str, ...]]:
         )
     if arch.num_heads % p.tp:
         certain.append(f"{arch.num_heads} attention heads do not split over tp={p.tp}")
+    if p.max_model_len > arch.max_position_embeddings:
+        certain.append(
+            f"max_model_len {p.max_model_len} exceeds the model's max_position_embeddings "
+            f"{arch.max_position_embeddings}: vLLM refuses it"
+        )
     if p.gpu_memory_utilization > 0.95:
         other.append(
             f"gpu_memory_utilization {p.gpu_memory_utilization:g} > 0.95 leaves too little for "

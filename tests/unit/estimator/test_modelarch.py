@@ -374,7 +374,7 @@ def test_sharded_checkpoint_with_index_counts_headers(tmp_path: Path) -> None:
         "model-00001-of-00002.safetensors": tensors[:7],
         "model-00002-of-00002.safetensors": tensors[7:],
     }
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for shard, part in shards.items():
         write_safetensors(tmp_path / shard, dict(part))
         weight_map |= {name: shard for name, _ in part}
