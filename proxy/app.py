@@ -24,6 +24,7 @@ from .errors import MethodNotAllowed, ProxyError, error_body, error_response
 from .recorder import Recorder, RequestLog
 from .relay import Upstream
 from .routing import make_router
+from .shared import SharedState
 from .telemetry import GaugeRow, Metrics
 from .tenants import TenantLedger
 
@@ -152,6 +153,12 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         report=deps.report_dict,
     )
     await pool.start(session)
+    shared = None
+    if config.shared.redis_url:
+        shared = SharedState(config.shared, pool, router, tenants, metrics)
+        router.listeners.append(shared.on_routed)
+        app[_RECORDER].subscribe("redis_stream", shared.on_record)
+        await shared.start()
     refresher = None
     if deps.estimator is not None:
         refresher = asyncio.create_task(_refresh_loop(deps.estimator, config))
@@ -162,6 +169,8 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
+        if shared is not None:
+            await shared.stop()
         await pool.stop()
         await session.close()
         app[_RECORDER].close()

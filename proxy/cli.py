@@ -72,6 +72,10 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         over["backends"] = [{"url": u} for u in args.backend]
     if args.request_log:
         over["request_log"] = {"path": args.request_log}
+    if args.redis_url:
+        over["shared"] = {"redis_url": args.redis_url}
+    if args.routing:
+        over["routing"] = {"policy": args.routing}
     if args.no_estimator:
         over["estimator"] = {"enabled": False}
     return over
@@ -146,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="listen port (default 8080)")
     s.add_argument("--request-log", help="write a JSON-lines request log here")
+    s.add_argument("--redis-url", help="share state with other replicas, e.g. redis://host:6379/0")
+    s.add_argument("--routing", help="round_robin, least_loaded, prefix (default) or session")
     s.add_argument("--no-estimator", action="store_true", help="don't run the online estimator")
     s.set_defaults(func=cmd_serve)
 

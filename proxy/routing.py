@@ -79,6 +79,7 @@ class Router:
         self.sessions: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.sessions_max = sessions_max
         self._rr = itertools.count()
+        self.listeners: list[Callable[[str, Sequence[bytes]], None]] = []  # e.g. shared state
 
     def index(self, backend: Backend) -> PrefixIndex:
         idx = self.indexes.get(backend.name)
@@ -140,6 +141,8 @@ class Router:
     def on_routed(self, backend: Backend, ctx: RouteCtx) -> None:
         if self.uses_prefix and ctx.hashes:
             self.index(backend).insert(ctx.hashes, ctx.now or time.monotonic())
+            for fn in self.listeners:
+                fn(backend.name, ctx.hashes)
         if ctx.session is not None:
             self.sessions[ctx.session] = backend.name
             self.sessions.move_to_end(ctx.session)

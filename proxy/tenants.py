@@ -41,7 +41,7 @@ class TenantLedger:
         self.metrics = metrics
         self.inflight: collections.Counter[str] = collections.Counter()
         self.vtc: dict[str, float] = {}
-        self.window_start = time.monotonic()
+        self.window = int(time.time() // WINDOW_S)  # wall-clock minute, shared by replicas
         self.window_tokens: collections.Counter[str] = collections.Counter()
         # other replicas' counts, filled by the shared-state sync
         self.remote_inflight: Mapping[str, int] = {}
@@ -66,17 +66,20 @@ class TenantLedger:
 
     # --- limits ---
 
-    def _roll(self, now: float) -> None:
-        if now - self.window_start >= WINDOW_S:
-            self.window_start = now - (now - self.window_start) % WINDOW_S
+    def _roll(self) -> float:
+        """Start a new minute window when the wall-clock minute changed; seconds left in it."""
+        wall = time.time()
+        window = int(wall // WINDOW_S)
+        if window != self.window:
+            self.window = window
             self.window_tokens.clear()
+        return WINDOW_S - wall % WINDOW_S
 
     def check(self, ex: Exchange, now: float) -> None:
         t = self.by_name.get(ex.tenant)
         if t is None:
             return
-        mono = time.monotonic()
-        self._roll(mono)
+        left_s = self._roll()
         if t.max_concurrency is not None:
             n = self.inflight[ex.tenant] + self.remote_inflight.get(ex.tenant, 0)
             if n >= t.max_concurrency:
@@ -90,13 +93,12 @@ class TenantLedger:
         if t.tokens_per_minute is not None:
             used = self.window_tokens[ex.tenant] + self.remote_window_tokens.get(ex.tenant, 0)
             if used + ex.est_tokens > t.tokens_per_minute:
-                wait = WINDOW_S - (mono - self.window_start)
                 raise self._shed(
                     ex,
                     "tenant_tpm",
                     f"Tenant '{ex.tenant}' used {used} of {t.tokens_per_minute} tokens "
                     "this minute.",
-                    wait,
+                    left_s,
                 )
 
     def _shed(self, ex: Exchange, reason: str, message: str, retry_after_s: float) -> Shed:
@@ -123,7 +125,7 @@ class TenantLedger:
     def dispatched(self, ex: Exchange) -> None:
         self.inflight[ex.tenant] += 1
         self.vtc[ex.tenant] = self.counter(ex.tenant) + ex.est_tokens / self.weight(ex.tenant)
-        self._roll(time.monotonic())
+        self._roll()
         self.window_tokens[ex.tenant] += ex.est_tokens
 
     def finished(self, ex: Exchange) -> None:

@@ -1,0 +1,255 @@
+"""State shared across proxy replicas through Redis, so several replicas route and shed like one.
+
+Nothing here is on the request path: requests read and update the local view (``Backend``
+in-flight counts, the router's prefix indexes, the tenant ledger); one background task syncs
+that view every ``sync_interval_s`` with two pipelined round trips:
+
+1. push: this replica's in-flight counts per backend and per tenant (a hash that expires when
+   the replica stops refreshing it, so a dead replica's counts vanish), its tenant token usage
+   for the current minute (``HINCRBY`` of the delta), the prefix blocks it routed since the last
+   sync and the RequestRecords it produced (two capped streams); then read the replica set
+   and the minute's token totals;
+2. pull: the other live replicas' counts and the prefix entries they appended.
+
+Keys (``{p}`` = ``shared.key_prefix``): ``{p}:replicas`` (set), ``{p}:state:{replica}`` (hash,
+expiring), ``{p}:tpm:{minute}`` (hash, expiring), ``{p}:prefix`` and ``{p}:records``
+(streams, approximately capped).
+
+If Redis is down or slow, every replica keeps serving on its local view (remote counts drop
+to zero, ``rightsizer_shared_state_up`` is 0, one warning is logged), keeps retrying, and
+pushes its full state again when Redis returns. No request waits on Redis or fails because
+of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from estimator.records import RequestRecord
+
+from .backends import BackendPool
+from .config import SharedStateConfig
+from .routing import Router
+from .telemetry import GaugeRow, Metrics
+from .tenants import TenantLedger
+
+log = logging.getLogger("rightsizer.shared")
+OUTBOX_MAX = 50_000
+
+
+class SharedState:
+    """The Redis-backed sync of one proxy replica."""
+
+    def __init__(
+        self,
+        cfg: SharedStateConfig,
+        pool: BackendPool,
+        router: Router,
+        tenants: TenantLedger,
+        metrics: Metrics,
+        replica_id: str | None = None,
+    ) -> None:
+        assert cfg.redis_url is not None
+        self.cfg, self.pool, self.router, self.tenants, self.metrics = (
+            cfg,
+            pool,
+            router,
+            tenants,
+            metrics,
+        )
+        self.replica = replica_id or f"{os.uname().nodename}-{os.getpid()}-{os.urandom(3).hex()}"
+        p = cfg.key_prefix
+        self.k_replicas, self.k_prefix, self.k_records = (
+            f"{p}:replicas",
+            f"{p}:prefix",
+            f"{p}:records",
+        )
+        self.redis = aioredis.Redis.from_url(
+            cfg.redis_url, socket_timeout=cfg.op_timeout_s, socket_connect_timeout=cfg.op_timeout_s
+        )
+        self.up = False
+        self._ever_up = False
+        self._prefix_out: collections.deque[tuple[str, bytes]] = collections.deque(
+            maxlen=OUTBOX_MAX
+        )
+        self._records_out: collections.deque[bytes] = collections.deque(maxlen=OUTBOX_MAX)
+        self._tpm_pushed: collections.Counter[str] = collections.Counter()
+        self._tpm_window = -1
+        self._prefix_last_id = "0-0"  # a new replica warms its indexes from the stream
+        self._task: asyncio.Task[None] | None = None
+        metrics.add_state(self.gauges)
+
+    # --- hooks called on the request path (local, O(1)) ---
+
+    def on_routed(self, backend: str, hashes: Iterable[bytes]) -> None:
+        blob = b"".join(hashes)
+        if blob:
+            self._prefix_out.append((backend, blob))
+
+    def on_record(self, rec: RequestRecord) -> None:
+        if len(self._records_out) == OUTBOX_MAX:
+            self.metrics.records_dropped.labels("redis_stream").inc()
+        self._records_out.append(orjson.dumps(rec.to_dict()))
+
+    # --- lifetime ---
+
+    async def start(self) -> None:
+        await self.sync_once()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self._retire(), self.cfg.op_timeout_s * 2)
+        await self.redis.aclose()
+
+    async def _retire(self) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.srem(self.k_replicas, self.replica)
+            pipe.delete(self._k_state(self.replica))
+            await pipe.execute()
+
+    async def _loop(self) -> None:
+        backoff = self.cfg.sync_interval_s
+        while True:
+            await asyncio.sleep(backoff)
+            ok = await self.sync_once()
+            backoff = self.cfg.sync_interval_s if ok else min(1.0, backoff * 2)
+
+    async def sync_once(self) -> bool:
+        try:
+            await asyncio.wait_for(self._sync(), timeout=self.cfg.op_timeout_s * 4)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._down(exc)
+            return False
+        if not self.up:
+            log.warning(
+                "shared state: Redis is %s; state resynced", "back" if self._ever_up else "up"
+            )
+        self.up = self._ever_up = True
+        return True
+
+    def _down(self, exc: BaseException) -> None:
+        if self.up or not self._ever_up:
+            log.warning(
+                "shared state: Redis unavailable (%s); serving on local state", type(exc).__name__
+            )
+            self._ever_up = True  # log "back" on recovery, and this warning only once per outage
+        self.up = False
+        for b in self.pool.backends:
+            b.remote_inflight = 0
+        self.tenants.remote_inflight = {}
+        self.tenants.remote_window_tokens = {}
+        self._tpm_pushed.clear()  # push the whole minute again when Redis returns
+
+    # --- one sync ---
+
+    def _k_state(self, replica: str) -> str:
+        return f"{self.cfg.key_prefix}:state:{replica}"
+
+    async def _sync(self) -> None:
+        window = int(time.time() // 60)
+        k_tpm = f"{self.cfg.key_prefix}:tpm:{window}"
+        if window != self._tpm_window:
+            self._tpm_window, self._tpm_pushed = window, collections.Counter()
+        ttl_ms = max(2000, int(self.cfg.sync_interval_s * 20_000))
+        state = {f"b:{b.name}": b.inflight for b in self.pool.backends}
+        state.update({f"t:{t}": n for t, n in self.tenants.inflight.items()})
+        deltas = {
+            t: n - self._tpm_pushed[t]
+            for t, n in self.tenants.window_tokens.items()
+            if n != self._tpm_pushed[t]
+        }
+        prefix = [self._prefix_out.popleft() for _ in range(len(self._prefix_out))]
+        records = [self._records_out.popleft() for _ in range(len(self._records_out))]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sadd(self.k_replicas, self.replica)
+            pipe.delete(self._k_state(self.replica))
+            pipe.hset(self._k_state(self.replica), mapping={"alive": 1, **state})
+            pipe.pexpire(self._k_state(self.replica), ttl_ms)
+            for t, d in deltas.items():
+                pipe.hincrby(k_tpm, t, d)
+            pipe.expire(k_tpm, 180)
+            for backend, blob in prefix:
+                pipe.xadd(self.k_prefix, {"r": self.replica, "b": backend, "h": blob},
+                          maxlen=200_000, approximate=True)  # fmt: skip
+            for rec in records:
+                pipe.xadd(self.k_records, {"r": rec}, maxlen=self.cfg.records_stream_maxlen,
+                          approximate=True)  # fmt: skip
+            pipe.smembers(self.k_replicas)
+            pipe.hgetall(k_tpm)
+            res = await pipe.execute()
+        for t, d in deltas.items():
+            self._tpm_pushed[t] += d
+        others = sorted(m.decode() for m in res[-2] if m.decode() != self.replica)
+        await self._pull(others, res[-1])
+
+    async def _pull(self, others: list[str], tpm: dict[bytes, bytes]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for r in others:
+                pipe.hgetall(self._k_state(r))
+            pipe.xread({self.k_prefix: self._prefix_last_id}, count=20_000)
+            res = await pipe.execute()
+        remote: collections.Counter[str] = collections.Counter()
+        dead = []
+        for r, h in zip(others, res[:-1], strict=True):
+            if not h:
+                dead.append(r)
+            for k, v in h.items():
+                if k != b"alive":
+                    remote[k.decode()] += int(v)
+        for b in self.pool.backends:
+            b.remote_inflight = remote.get(f"b:{b.name}", 0)
+        self.tenants.remote_inflight = {k[2:]: v for k, v in remote.items() if k.startswith("t:")}
+        self.tenants.remote_window_tokens = {
+            k.decode(): int(v) - self._tpm_pushed.get(k.decode(), 0) for k, v in tpm.items()
+        }
+        self._apply_prefix(res[-1])
+        if dead:
+            await self.redis.srem(self.k_replicas, *dead)
+
+    def _apply_prefix(self, streams: Any) -> None:
+        now, wall_ms = time.monotonic(), time.time() * 1000
+        by_name = {b.name: b for b in self.pool.backends}
+        for _stream, entries in streams or ():
+            for entry_id, fields in entries:
+                self._prefix_last_id = entry_id.decode()
+                age_s = (wall_ms - int(self._prefix_last_id.split("-")[0])) / 1000
+                if (
+                    fields.get(b"r", b"").decode() == self.replica
+                    or age_s > self.router.prefix_ttl_s
+                ):
+                    continue
+                backend = by_name.get(fields.get(b"b", b"").decode())
+                blob = fields.get(b"h", b"")
+                if backend is not None and blob:
+                    hashes = [blob[i : i + 8] for i in range(0, len(blob), 8)]
+                    self.router.index(backend).insert(hashes, now - max(0.0, age_s))
+
+    def gauges(self) -> Iterable[GaugeRow]:
+        yield GaugeRow(
+            "rightsizer_shared_state_up",
+            "1 when the Redis shared state is reachable (0: serving on local state).",
+            (),
+            [((), 1.0 if self.up else 0.0)],
+        )
+        yield GaugeRow(
+            "rightsizer_shared_state_remote_inflight",
+            "Requests other proxy replicas have in flight on each backend.",
+            ("backend",),
+            [((b.name,), float(b.remote_inflight)) for b in self.pool.backends],
+        )
