@@ -27,6 +27,10 @@ Ranking: configurations meeting the SLO first, then $/hour, then the weight form
 least quality risk (bf16, fp8, int8, int4), then $/1M tokens. Uncertainty on
 capacity: +- the calibration's p90 relative error when calibrated, else +-
 ``PRIOR_REL_ERROR`` (an uncalibrated roofline prior).
+
+The second half (``advise_*``) turns a capacity result and observed traffic into
+``Recommendation``s; the service and the CLI share it. Together about 500 lines, past the
+house's 400: search and advice read the same candidates and bands.
 """
 
 from __future__ import annotations

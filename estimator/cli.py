@@ -275,7 +275,7 @@ def _cost(gpu: GpuSpec, args: argparse.Namespace, replicas: int, profile: Traffi
                         mean_prompt_tokens=workload.mean_prompt,
                         mean_output_tokens=workload.mean_output, times=times,
                         cached_ratio=profile.cached_ratio,
-                        capacity_rps=per * replicas if per > 0 else None)  # fmt: skip
+                        capacity_rps=per * replicas)  # fmt: skip
 
 
 def _advice(

@@ -40,7 +40,7 @@ from estimator.report import (
     TrafficReport,
 )
 from estimator.simulate import EngineLimits, SimResult, Workload, simulate
-from estimator.traffic import TrafficStats
+from estimator.traffic import ArrivalCounter, TrafficStats
 
 if TYPE_CHECKING:
     from estimator.service import EstimatorConfig
@@ -110,14 +110,14 @@ class BackendState:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.traffic = TrafficStats(4096)
+        self.arrivals = ArrivalCounter()
         self.latency = LatencyRing(4096)
         self.models: set[str] = set()
         self.last: BackendSnapshot | None = None
         self.prev: BackendSnapshot | None = None
 
     def observe(self, r: RequestRecord) -> None:
-        self.traffic.observe(r)
+        self.arrivals.add(r.arrival_epoch)
         self.latency.observe(r)
         self.models.add(r.model)
 
@@ -145,7 +145,7 @@ def backend_report(b: BackendState, *, now: float, window_s: float) -> BackendRe
            if g.memory_used_bytes is not None and g.memory_total_bytes]  # fmt: skip
     return BackendReport(
         backend=b.name, models=tuple(sorted(b.models)), up=s.up if s is not None else None,
-        requests_observed=b.traffic.count, rate_rps=b.traffic.rate(300.0, now),
+        requests_observed=b.arrivals.count, rate_rps=b.arrivals.rate(300.0, now),
         observed_ttft_p95_s=ttft, observed_itl_p95_s=itl,
         running=s.running if s else None, waiting=s.waiting if s else None,
         kv_usage=s.kv_usage if s else None,
@@ -266,14 +266,17 @@ def _costs(
 def project(
     dep: DeploymentState, *, config: EstimatorConfig, arch: ModelArch | str, gpu: GpuSpec | None,
     catalog: Mapping[str, GpuSpec], snapshots: Sequence[BackendSnapshot], now: float,
+    backends: Sequence[str] = (),
 ) -> DeploymentReport:  # fmt: skip
-    """The deployment's projection as of ``now``; see the module docstring."""
+    """The deployment's projection as of ``now``; ``backends``: those serving it now (each a
+    replica; default: every backend it was seen on). See the module docstring."""
     cfg, t = config, dep.traffic
-    replicas = max(1, len(dep.backends))
+    names = tuple(backends) or tuple(sorted(dep.backends))
+    replicas = max(1, len(names))
     notes = [arch] if isinstance(arch, str) else []
     if gpu is None:
         notes.append("GPU type unknown: set gpu or backend_gpus for cost and the prior")
-    base = _Base(dep, cfg, gpu, replicas, now)
+    base = _Base(dep, cfg, gpu, names, now)
     if t.count < cfg.min_records:
         why = f"{t.count} requests observed, {cfg.min_records} needed"
         return base.empty("insufficient_data", [*notes, why])
@@ -348,12 +351,13 @@ class _Base:
     """The fields every deployment report has, and its two shapes (empty and full)."""
 
     def __init__(self, dep: DeploymentState, cfg: EstimatorConfig, gpu: GpuSpec | None,
-                 replicas: int, now: float) -> None:  # fmt: skip
-        self.dep, self.cfg, self.gpu, self.replicas = dep, cfg, gpu, replicas
+                 backends: tuple[str, ...], now: float) -> None:  # fmt: skip
+        self.dep, self.cfg, self.gpu, self.backends = dep, cfg, gpu, backends
+        self.replicas = max(1, len(backends))
         self.observed = dep.latency.p95(now, cfg.latency_window_s)
 
     def _common(self) -> dict[str, object]:
-        return dict(model=self.dep.model, backends=tuple(sorted(self.dep.backends)),
+        return dict(model=self.dep.model, backends=self.backends,
                     requests_observed=self.dep.traffic.count,
                     gpu=self.gpu.key if self.gpu else None,
                     gpus_per_replica=self.cfg.gpus_per_backend, replicas=self.replicas,

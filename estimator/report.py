@@ -155,22 +155,22 @@ class DeploymentReport:
         """Numeric figures to export as gauges, keyed by metric name (no prefix)."""
         t, c = self.traffic, self.cost
         return {
-            "estimator_rate_rps": t.rate_5m_rps if t else None,
-            "estimator_trend_rps_per_hour": t.trend_rps_per_hour if t else None,
-            "estimator_forecast_peak_rps": t.forecast_peak_rps if t else None,
-            "estimator_capacity_rps": self.capacity_rps,
+            "estimator_rate_requests_per_second": t.rate_5m_rps if t else None,
+            "estimator_trend_requests_per_second_per_hour": t.trend_rps_per_hour if t else None,
+            "estimator_forecast_peak_requests_per_second": t.forecast_peak_rps if t else None,
+            "estimator_capacity_requests_per_second": self.capacity_rps,
             "estimator_utilization_ratio": self.utilization,
-            "estimator_headroom_rps": self.headroom_rps,
+            "estimator_headroom_requests_per_second": self.headroom_rps,
             "estimator_projected_ttft_p95_seconds": self.projected_ttft_p95_s,
             "estimator_projected_itl_p95_seconds": self.projected_itl_p95_s,
-            "estimator_seconds_to_breach": self.seconds_to_breach,
+            "estimator_time_to_breach_seconds": self.seconds_to_breach,
             "estimator_recommended_replicas": _f(self.recommended_replicas),
             "estimator_replicas": float(self.replicas),
             "estimator_cost_usd_per_hour": c.usd_per_hour if c else None,
             "estimator_cost_usd_per_1m_input_tokens": c.usd_per_1m_input_tokens if c else None,
             "estimator_cost_usd_per_1m_output_tokens": c.usd_per_1m_output_tokens if c else None,
             "estimator_cost_usd_per_request": c.usd_per_request if c else None,
-            "estimator_fit_rel_error_p90": self.fit.rel_error_p90,
+            "estimator_fit_relative_error_p90": self.fit.rel_error_p90,
         }
 
 
@@ -200,7 +200,7 @@ class BackendReport:
 
     def gauges(self) -> dict[str, float | None]:
         return {
-            "estimator_backend_rate_rps": self.rate_rps,
+            "estimator_backend_rate_requests_per_second": self.rate_rps,
             "estimator_backend_kv_capacity_tokens": _f(self.kv_capacity_tokens),
             "estimator_backend_prefix_cache_hit_ratio": self.prefix_cache_hit_ratio,
             "estimator_backend_preemptions_per_second": self.preemptions_per_s,

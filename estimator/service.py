@@ -20,12 +20,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from estimator.calibrate import OnlineCalibrator
 from estimator.capacity import Slo
-from estimator.catalog import GpuSpec, load_gpu_catalog
+from estimator.catalog import GpuSpec, get_quantization, load_gpu_catalog
 from estimator.engine import StepModel, roofline_prior
 from estimator.modelarch import ModelArch, load_model_arch
 from estimator.projection import BackendState, DeploymentState, backend_report, project
@@ -49,7 +49,7 @@ class EstimatorConfig:
     gpus_per_backend: int = 1
     """GPUs per backend (tensor parallel size); cost is price x this x backends."""
     quant: str = "bf16"
-    """Weight format the backends run (bf16, fp8, int8, int4)."""
+    """Weight format the backends run (bf16, fp8, int8, int4; int4-awq and int4-gptq too)."""
     kv_dtype: str = "auto"
     """KV-cache dtype the backends run (auto or fp8)."""
     model_configs: Mapping[str, str] = field(default_factory=dict)
@@ -92,6 +92,9 @@ class EstimatorConfig:
     """Models tracked at most; records of further models are dropped and counted."""
     max_backends: int = 256
     """Backends tracked at most."""
+    active_window_s: float = 600.0
+    """A backend counts as a replica of a model while it served one of its requests within
+    this window, or while its last scrape says it is up and lists the model."""
 
     @property
     def slo(self) -> Slo:
@@ -101,6 +104,31 @@ class EstimatorConfig:
         if backend is not None and backend in self.backend_gpus:
             return self.backend_gpus[backend]
         return self.gpu
+
+
+_QUANT_ALIASES = {"int4-awq": "int4", "int4-gptq": "int4", "awq": "int4", "gptq": "int4"}
+
+
+def check_config(config: EstimatorConfig, catalog: Mapping[str, GpuSpec]) -> str:
+    """Validate GPU keys and the weight format; returns the format's canonical name.
+
+    Raises ``ValueError`` naming the field (``estimator.gpu``, ``estimator.backend_gpus.b1``,
+    ``estimator.quant``, ``estimator.kv_dtype``)."""
+    keys = [("estimator.gpu", config.gpu)]
+    keys += [(f"estimator.backend_gpus.{b}", g) for b, g in config.backend_gpus.items()]
+    for where, key in keys:
+        if key is not None and key not in catalog:
+            raise ValueError(f"{where}: unknown GPU {key!r}; known: {', '.join(sorted(catalog))}")
+    quant = _QUANT_ALIASES.get(config.quant.lower(), config.quant.lower())
+    try:
+        get_quantization(quant)
+    except ValueError as e:
+        raise ValueError(f"estimator.quant: {e}") from None
+    if config.kv_dtype not in ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bf16", "fp16"):
+        raise ValueError(f"estimator.kv_dtype: unknown {config.kv_dtype!r}; use auto or fp8")
+    if config.gpus_per_backend < 1:
+        raise ValueError("estimator.gpus_per_backend: must be >= 1")
+    return quant
 
 
 class Estimator:
@@ -113,6 +141,7 @@ class Estimator:
         self.catalog = dict(catalog) if catalog is not None else load_gpu_catalog(
             extra=self.config.catalog_path
         )  # fmt: skip
+        self.config = replace(self.config, quant=check_config(self.config, self.catalog))
         self._pending: deque[RequestRecord] = deque(maxlen=self.config.pending_records)
         self._snapshots: deque[BackendSnapshot] = deque(maxlen=4 * self.config.max_backends)
         self._submitted = 0  # written by the event loop only
@@ -223,8 +252,11 @@ class Estimator:
         gpu = self._gpu(cfg.gpu_for(backend))
         prior: StepModel | None = None
         if isinstance(arch, ModelArch) and gpu is not None:
-            prior = roofline_prior(arch, gpu, tp=cfg.gpus_per_backend, quant=cfg.quant,
-                                   kv_dtype=cfg.kv_dtype)  # fmt: skip
+            try:
+                prior = roofline_prior(arch, gpu, tp=cfg.gpus_per_backend, quant=cfg.quant,
+                                       kv_dtype=cfg.kv_dtype)  # fmt: skip
+            except ValueError as e:  # e.g. a TP degree the architecture cannot split into
+                self._archs[model] = f"no roofline prior for {model}: {e}"
         return DeploymentState(
             model=model,
             records=cfg.records_per_model,
@@ -250,7 +282,7 @@ class Estimator:
 
     def _project(self, model: str, now: float) -> DeploymentReport:
         dep = self._models[model]
-        names = tuple(sorted(dep.backends))
+        names = self._active(model, dep.backends, now) or tuple(sorted(dep.backends))
         snaps = [self._backends[n].last for n in names if n in self._backends]
         gpu_key = self.config.gpu_for(names[0] if names else None)
         return project(
@@ -260,8 +292,23 @@ class Estimator:
             gpu=self._gpu(gpu_key),
             catalog=self.catalog,
             snapshots=[s for s in snaps if s is not None],
+            backends=names,
             now=now,
         )
+
+    def _active(self, model: str, names: Iterable[str], now: float) -> tuple[str, ...]:
+        """Backends serving ``model`` now: a recent request, or an up scrape listing it."""
+        out = []
+        for name in sorted(names):
+            b = self._backends.get(name)
+            if b is None:
+                continue
+            last, snap = b.arrivals.last_epoch, b.last
+            recent = last is not None and last >= now - self.config.active_window_s
+            up = snap is not None and snap.up and model in snap.models
+            if recent or up:
+                out.append(name)
+        return tuple(out)
 
     def _backend_report(self, name: str, now: float) -> BackendReport:
         return backend_report(self._backends[name], now=now, window_s=self.config.latency_window_s)

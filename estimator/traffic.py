@@ -23,6 +23,9 @@ added on top); otherwise the trend line, clipped at zero.
 
 Records for requests still in flight arrive later, so the last seconds read slightly low;
 the windows end at ``now`` regardless (documented bias, at most one request duration).
+
+Longer than the house's 400 lines: the offline ``TrafficProfile`` (CLI text, request logs)
+shares ``LengthDist`` and ``TrafficStats`` with the online statistics and lives beside them.
 """
 
 from __future__ import annotations
@@ -79,6 +82,40 @@ class _BucketRing:
         ids = np.asarray(self.ids)[slots]
         counts = np.asarray(self.counts, dtype=np.float64)[slots]
         return np.where(ids == keys, counts, 0.0)
+
+
+class ArrivalCounter:
+    """Arrivals per second over the last hour only: the cheap rate a backend needs."""
+
+    __slots__ = ("_sec", "count", "first_epoch", "last_epoch")
+
+    def __init__(self) -> None:
+        self._sec = _BucketRing(1.0, _SEC_SLOTS)
+        self.count = 0
+        self.first_epoch: float | None = None
+        self.last_epoch: float | None = None
+
+    def add(self, epoch: float) -> None:
+        self._sec.add(epoch)
+        self.count += 1
+        if self.first_epoch is None or epoch < self.first_epoch:
+            self.first_epoch = epoch
+        if self.last_epoch is None or epoch > self.last_epoch:
+            self.last_epoch = epoch
+
+    def rate(self, window_s: float, now: float) -> float:
+        """Arrivals per second over the last ``window_s`` complete seconds (at most one hour)."""
+        return _rate(self._sec, self.first_epoch, window_s, now)
+
+
+def _rate(ring: _BucketRing, first: float | None, window_s: float, now: float) -> float:
+    if first is None:
+        return 0.0
+    w = min(window_s, float(_SEC_SLOTS - 1))
+    last = int(now // 1.0) - 1
+    counts = ring.series(last - int(w) + 1, last)
+    span = min(w, max(1.0, now - first))  # young history: don't dilute
+    return float(counts.sum()) / span
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,13 +219,7 @@ class TrafficStats:
 
     def rate(self, window_s: float, now: float) -> float:
         """Arrivals per second over the last ``window_s`` complete seconds (at most one hour)."""
-        if self.first_epoch is None:
-            return 0.0
-        w = min(window_s, float(_SEC_SLOTS - 1))
-        last = int(now // 1.0) - 1
-        counts = self._sec.series(last - int(w) + 1, last)
-        span = min(w, max(1.0, now - self.first_epoch))  # young history: don't dilute
-        return float(counts.sum()) / span
+        return _rate(self._sec, self.first_epoch, window_s, now)
 
     def rates(self, now: float) -> dict[float, float]:
         return {w: self.rate(w, now) for w in WINDOWS_S}

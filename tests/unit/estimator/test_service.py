@@ -127,7 +127,7 @@ def test_full_projection_with_model_config(served: list[RequestRecord]) -> None:
     text = json.dumps(report.to_dict(), allow_nan=False)
     assert '"alternatives"' in text
     gauges = d.gauges()
-    assert gauges["estimator_capacity_rps"] == d.capacity_rps
+    assert gauges["estimator_capacity_requests_per_second"] == d.capacity_rps
     assert all(v is None or isinstance(v, float) for v in gauges.values())
 
 
@@ -225,3 +225,18 @@ def test_pending_overflow_is_counted() -> None:
         est.observe(RequestRecord(request_id=str(i), model="m", arrival_epoch=T0 + i))
     report = est.refresh(now=T0 + 300)
     assert report.records_dropped == 150 and report.deployments[0].requests_observed == 100
+
+
+@pytest.mark.parametrize(
+    ("kw", "where"),
+    [({"gpu": "nope"}, "estimator.gpu"), ({"backend_gpus": {"b1": "x"}}, "estimator.backend_gpus.b1"),
+     ({"quant": "int3"}, "estimator.quant"), ({"kv_dtype": "int2"}, "estimator.kv_dtype")],
+    ids=["gpu", "backend_gpu", "quant", "kv_dtype"],
+)  # fmt: skip
+def test_bad_config_names_the_field(kw: dict[str, object], where: str) -> None:
+    with pytest.raises(ValueError, match=where):
+        Estimator(config(**kw), catalog=CATALOG)
+
+
+def test_quant_aliases_are_accepted() -> None:
+    assert Estimator(config(quant="int4-awq"), catalog=CATALOG).config.quant == "int4"
