@@ -279,7 +279,7 @@ def plan_memory(
 
     Longer than ~50 lines only by the flat constructor call at its end.
 
-    ``max_model_len`` defaults to the model's ``max_position_embeddings``;
+    ``max_model_len`` defaults to, and is capped at, the model's ``max_position_embeddings``;
     ``max_num_batched_tokens`` and ``max_num_seqs`` to vLLM's defaults for the GPU
     (:func:`vllm_default_limits`); ``typical_context_tokens`` (for the preemption check) to
     ``min(max_model_len, 2048)``.
@@ -287,7 +287,9 @@ def plan_memory(
     default_batched, default_seqs = vllm_default_limits(gpu)
     max_num_seqs = max_num_seqs or default_seqs
     _check_args(arch, tp, gpu_memory_utilization, block_size, max_num_seqs)
-    max_len = max_model_len or arch.max_position_embeddings
+    # vLLM refuses a longer max_model_len (unless VLLM_ALLOW_LONG_MAX_MODEL_LEN): plan the
+    # longest it would accept, visible in the plan's max_model_len.
+    max_len = min(max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
     batched = max_num_batched_tokens or default_batched
     typical = typical_context_tokens or min(max_len, _TYPICAL_CONTEXT)
     budget = int(gpu_memory_utilization * gpu.memory_bytes)
@@ -379,11 +381,6 @@ def _assess(arch: ModelArch, p: MemoryPlan) -> tuple[str, tuple[str, ...]]:
         )
     if arch.num_heads % p.tp:
         certain.append(f"{arch.num_heads} attention heads do not split over tp={p.tp}")
-    if p.max_model_len > arch.max_position_embeddings:
-        certain.append(
-            f"max_model_len {p.max_model_len} exceeds the model's max_position_embeddings "
-            f"{arch.max_position_embeddings}: vLLM refuses it"
-        )
     if p.gpu_memory_utilization > 0.95:
         other.append(
             f"gpu_memory_utilization {p.gpu_memory_utilization:g} > 0.95 leaves too little for "
