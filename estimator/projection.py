@@ -47,6 +47,13 @@ if TYPE_CHECKING:
 
 _UNBOUNDED_KV = 1 << 26
 _WORKLOAD_SAMPLE = 2048
+_SIM_CACHE = 64
+_BIN = math.log(1.02)
+
+
+def _bins(*values: float) -> tuple[int, ...]:
+    """Each value's 2%-wide logarithmic bin (zero and negatives share one bin)."""
+    return tuple(round(math.log(v) / _BIN) if v > 0 else -(10**9) for v in values)
 
 
 class LatencyRing:
@@ -94,8 +101,16 @@ class DeploymentState:
         self.prior = prior
         self.backends: set[str] = set()
         self.cache: advisor.CapacityCache = {}
+        # simulations of the running configuration, keyed by their inputs in 2% bins, so a
+        # refresh that sees the same traffic and fit does not simulate again
+        self.sims: dict[tuple[object, ...], CapacityResult | SimResult] = {}
         self.alternatives: tuple[Alternative, ...] = ()
         self.alternatives_at: float | None = None
+
+    def remember(self, key: tuple[object, ...], result: CapacityResult | SimResult) -> None:
+        if len(self.sims) >= _SIM_CACHE:
+            self.sims.clear()
+        self.sims[key] = result
 
     def observe(self, r: RequestRecord) -> None:
         self.traffic.observe(r)
@@ -299,7 +314,13 @@ def project(
                            max_num_seqs=seqs or cfg.max_num_seqs,
                            max_model_len=cfg.max_model_len)  # fmt: skip
     limits, lim_notes = engine_limits(snapshots, plan, cfg, t.cached_ratio())
-    cap = max_rate_at_slo(step, limits, workload, cfg.slo, n_requests=cfg.sim_requests)
+    p90 = float(np.percentile(workload.prompt_tokens, 90))
+    key = ("capacity", *_bins(*step.coefficients(), workload.mean_prompt, workload.mean_output,
+                              p90), limits, cfg.slo)  # fmt: skip
+    cap = dep.sims.get(key)
+    if not isinstance(cap, CapacityResult):
+        cap = max_rate_at_slo(step, limits, workload, cfg.slo, n_requests=cfg.sim_requests)
+        dep.remember(key, cap)
     ctx = _Ctx(dep=dep, cfg=cfg, model=model, gpu=gpu, catalog=catalog, workload=workload,
                limits=limits, plan=plan, cap=cap, transfer=transfer, traffic=traffic,
                replicas=replicas, now=now, snapshots=snapshots)  # fmt: skip
@@ -391,8 +412,16 @@ class _Base:
         rate = c.traffic.rate_5m_rps
         at_rate: SimResult | None = None
         if rate > 0:
-            at_rate = simulate(step, c.limits, c.workload, rate / c.replicas,
-                               n_requests=cfg.sim_requests, quantile=cfg.slo.quantile)  # fmt: skip
+            w = c.workload
+            key = ("at_rate", *_bins(*step.coefficients(), w.mean_prompt, w.mean_output,
+                                     rate / c.replicas), c.limits)  # fmt: skip
+            hit = c.dep.sims.get(key)
+            at_rate = hit if isinstance(hit, SimResult) else None
+            if at_rate is None:
+                at_rate = simulate(step, c.limits, w, rate / c.replicas,
+                                   n_requests=cfg.sim_requests,
+                                   quantile=cfg.slo.quantile)  # fmt: skip
+                c.dep.remember(key, at_rate)
         forecaster = c.dep.traffic.forecaster(c.now)
         breach = forecaster.time_to_rate(capacity, cfg.breach_horizon_s) if capacity > 0 else 0.0
         peak = max(c.traffic.forecast_peak_rps, rate)
