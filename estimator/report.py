@@ -4,7 +4,9 @@
 ``BackendReport`` per backend. Every figure is in base units (seconds, requests/s, tokens,
 ratio 0..1, USD); ``None`` means unknown, never -1. ``DeploymentReport.gauges()`` and
 ``BackendReport.gauges()`` list the numeric figures worth exporting as gauges (name without
-the ``rightsizer_`` prefix, value or None); the proxy's collector reads them at scrape time.
+the ``rightsizer_`` prefix, value or None); ``Report.gauge_families()`` groups them as
+``(name, doc, labelnames, samples)`` for a scrape-time collector (the fields of the proxy's
+``GaugeRow``).
 """
 
 from __future__ import annotations
@@ -229,6 +231,54 @@ class Report:
 
     def deployment(self, model: str) -> DeploymentReport | None:
         return next((d for d in self.deployments if d.model == model), None)
+
+    def gauge_families(self) -> list[GaugeFamily]:
+        """See :func:`gauge_families`."""
+        return gauge_families(self)
+
+
+GAUGE_DOCS: dict[str, str] = {
+    "estimator_rate_requests_per_second": "Arrival rate over the last 5 minutes.",
+    "estimator_trend_requests_per_second_per_hour": "Robust trend of the arrival rate (0 when "
+    "not significant).",
+    "estimator_forecast_peak_requests_per_second": "Forecast peak arrival rate over the horizon.",
+    "estimator_capacity_requests_per_second": "Highest rate meeting the SLO, all replicas.",
+    "estimator_utilization_ratio": "Current rate / capacity at the SLO.",
+    "estimator_headroom_requests_per_second": "Capacity at the SLO minus the current rate.",
+    "estimator_projected_ttft_p95_seconds": "Projected p95 TTFT at the current rate.",
+    "estimator_projected_itl_p95_seconds": "Projected p95 inter-token latency at the current rate.",
+    "estimator_time_to_breach_seconds": "Time until the forecast rate reaches capacity (absent: "
+    "never within the horizon).",
+    "estimator_recommended_replicas": "Replicas for the forecast peak within the SLO, N+1.",
+    "estimator_replicas": "Backends serving the model now.",
+    "estimator_cost_usd_per_hour": "Cost of the deployment per hour.",
+    "estimator_cost_usd_per_1m_input_tokens": "Cost per 1M prompt tokens at the current rate.",
+    "estimator_cost_usd_per_1m_output_tokens": "Cost per 1M output tokens at the current rate.",
+    "estimator_cost_usd_per_request": "Cost per request at the current rate.",
+    "estimator_fit_relative_error_p90": "p90 relative error of the step-time model's fit.",
+    "estimator_backend_rate_requests_per_second": "Arrival rate at the backend, last 5 minutes.",
+    "estimator_backend_kv_capacity_tokens": "KV-cache capacity the engine reports.",
+    "estimator_backend_prefix_cache_hit_ratio": "Prefix-cache hit ratio between the last scrapes.",
+    "estimator_backend_preemptions_per_second": "Preemptions per second between the last scrapes.",
+}
+
+GaugeFamily = tuple[str, str, tuple[str, ...], list[tuple[tuple[str, ...], float]]]
+
+
+def gauge_families(report: Report) -> list[GaugeFamily]:
+    """``(name, doc, labelnames, [(labelvalues, value)])`` per gauge: deployments labelled by
+    ``model``, backends by ``backend``; unknown values (None) give no sample, never -1."""
+    rows: dict[str, GaugeFamily] = {}
+    for labelname, items in (
+        ("model", [(d.model, d.gauges()) for d in report.deployments]),
+        ("backend", [(b.backend, b.gauges()) for b in report.backends]),
+    ):
+        for label, gauges in items:
+            for name, value in gauges.items():
+                row = rows.setdefault(name, (name, GAUGE_DOCS[name], (labelname,), []))
+                if value is not None and math.isfinite(value):
+                    row[3].append(((label,), float(value)))
+    return list(rows.values())
 
 
 def _f(v: int | None) -> float | None:

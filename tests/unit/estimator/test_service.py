@@ -126,6 +126,10 @@ def test_full_projection_with_model_config(served: list[RequestRecord]) -> None:
     assert all(r.numbers for r in d.recommendations)
     text = json.dumps(report.to_dict(), allow_nan=False)
     assert '"alternatives"' in text
+    families = {f[0]: f for f in report.gauge_families()}
+    _, doc, labels, samples = families["estimator_capacity_requests_per_second"]
+    assert doc and labels == ("model",) and samples == [(("m",), d.capacity_rps)]
+    assert families["estimator_backend_rate_requests_per_second"][2] == ("backend",)
     gauges = d.gauges()
     assert gauges["estimator_capacity_requests_per_second"] == d.capacity_rps
     assert all(v is None or isinstance(v, float) for v in gauges.values())
