@@ -278,6 +278,15 @@ def _costs(
     )
 
 
+def failed(
+    dep: DeploymentState, *, config: EstimatorConfig, gpu: GpuSpec | None,
+    backends: Sequence[str], now: float, reason: str,
+) -> DeploymentReport:  # fmt: skip
+    """The report of a deployment whose projection raised: says why, invents nothing."""
+    names = tuple(backends) or tuple(sorted(dep.backends))
+    return _Base(dep, config, gpu, names, now).empty("error", [f"projection failed: {reason}"])
+
+
 def project(
     dep: DeploymentState, *, config: EstimatorConfig, arch: ModelArch | str, gpu: GpuSpec | None,
     catalog: Mapping[str, GpuSpec], snapshots: Sequence[BackendSnapshot], now: float,

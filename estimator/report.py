@@ -128,7 +128,7 @@ class DeploymentReport:
 
     model: str
     backends: tuple[str, ...]
-    status: str  # "ok", "insufficient_data" or "no_model"
+    status: str  # "ok", "insufficient_data" or "error" (the projection failed; see notes)
     notes: tuple[str, ...]
     requests_observed: int
     gpu: str | None

@@ -10,12 +10,15 @@ keeps two refreshes from overlapping.
 
 Per deployment (model) the step model is, in order of preference: the calibrated fit when
 trusted; the roofline prior (needs a model config and a GPU key); otherwise the report says
-``insufficient_data`` and gives no capacity figures. The alternatives search (seconds of
-simulation) runs at most every ``advisor_interval_s`` and is reused in between.
+``insufficient_data`` and gives no capacity figures. A projection that raises (bad data) makes
+that deployment's report ``error`` with the reason, logged; the others are unaffected. The
+alternatives search (seconds of simulation) runs at most every ``advisor_interval_s`` and is
+reused in between.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -28,10 +31,12 @@ from estimator.capacity import Slo
 from estimator.catalog import GpuSpec, get_quantization, load_gpu_catalog
 from estimator.engine import StepModel, roofline_prior
 from estimator.modelarch import ModelArch, load_model_arch
-from estimator.projection import BackendState, DeploymentState, backend_report, project
+from estimator.projection import BackendState, DeploymentState, backend_report, failed, project
 from estimator.records import BackendSnapshot, RequestRecord
 from estimator.report import BackendReport, DeploymentReport, Report, SloReport
 from estimator.traffic import read_log
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -284,17 +289,21 @@ class Estimator:
         dep = self._models[model]
         names = self._active(model, dep.backends, now) or tuple(sorted(dep.backends))
         snaps = [self._backends[n].last for n in names if n in self._backends]
-        gpu_key = self.config.gpu_for(names[0] if names else None)
-        return project(
-            dep,
-            config=self.config,
-            arch=self._arch(model),
-            gpu=self._gpu(gpu_key),
-            catalog=self.catalog,
-            snapshots=[s for s in snaps if s is not None],
-            backends=names,
-            now=now,
-        )
+        gpu = self._gpu(self.config.gpu_for(names[0] if names else None))
+        try:
+            return project(
+                dep,
+                config=self.config,
+                arch=self._arch(model),
+                gpu=gpu,
+                catalog=self.catalog,
+                snapshots=[s for s in snaps if s is not None],
+                backends=names,
+                now=now,
+            )
+        except (ValueError, ArithmeticError) as e:  # one model's bad data must not hide the rest
+            log.warning("estimator: projection of %r failed: %s", model, e)
+            return failed(dep, config=self.config, gpu=gpu, backends=names, now=now, reason=str(e))
 
     def _active(self, model: str, names: Iterable[str], now: float) -> tuple[str, ...]:
         """Backends serving ``model`` now: a recent request, or an up scrape listing it."""

@@ -244,3 +244,26 @@ def test_bad_config_names_the_field(kw: dict[str, object], where: str) -> None:
 
 def test_quant_aliases_are_accepted() -> None:
     assert Estimator(config(quant="int4-awq"), catalog=CATALOG).config.quant == "int4"
+
+
+def test_a_failing_projection_is_isolated(
+    served: list[RequestRecord], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import estimator.service as service
+
+    real = service.project
+
+    def project(dep, **kw):  # type: ignore[no-untyped-def]
+        if dep.model == "bad":
+            raise ValueError("synthetic failure")
+        return real(dep, **kw)
+
+    monkeypatch.setattr(service, "project", project)
+    est = Estimator(config(gpu=None), catalog=CATALOG)
+    for r in served[:300]:
+        est.observe(r)
+        est.observe(replace(r, model="bad"))
+    report = est.refresh(now=T0 + 400)
+    bad, good = report.deployment("bad"), report.deployment("m")
+    assert bad is not None and bad.status == "error" and "synthetic failure" in bad.notes[0]
+    assert good is not None and good.status == "ok"
