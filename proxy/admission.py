@@ -131,10 +131,22 @@ class Scheduler:
     def utilization(self, b: Backend) -> float:
         return b.total_inflight / max(1, b.limit)
 
+    def has_headroom(self, b: Backend) -> bool:
+        """Room under the limit. With R replicas sharing a backend (shared state), a replica may
+        always fill its own partition (ceil(limit / R)) and may borrow only 1/R of the free
+        room it sees: replicas deciding on the same slightly stale view (one sync interval)
+        then can't all grab the same free slots at once."""
+        limit = self.effective_limit(b)
+        total = b.total_inflight
+        if total >= limit:
+            return False
+        r = self.pool.replicas
+        return r <= 1 or b.inflight < -(-limit // r) or (limit - total) / r >= 1
+
     def with_headroom(self, candidates: Iterable[Backend]) -> list[Backend]:
         if not self.cfg.enabled:
             return list(candidates)
-        return [b for b in candidates if b.total_inflight < self.effective_limit(b)]
+        return [b for b in candidates if self.has_headroom(b)]
 
     # --- admission ---
 

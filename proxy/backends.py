@@ -95,6 +95,7 @@ class BackendPool:
     ) -> None:
         self.backends = [Backend(c) for c in configs]
         self.on_change: Callable[[], None] | None = None  # health/snapshot changed
+        self.replicas = 1  # live proxy replicas sharing these backends (shared state sets it)
         self.health = health
         self.metrics = metrics
         self.on_snapshot = on_snapshot

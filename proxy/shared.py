@@ -86,6 +86,7 @@ class SharedState:
         self._records_out: collections.deque[bytes] = collections.deque(maxlen=OUTBOX_MAX)
         self._tpm_pushed: collections.Counter[str] = collections.Counter()
         self._tpm_window = -1
+        self._state_fields: set[str] = set()
         self._prefix_last_id = "0-0"  # a new replica warms its indexes from the stream
         self._task: asyncio.Task[None] | None = None
         metrics.add_state(self.gauges)
@@ -150,11 +151,13 @@ class SharedState:
             )
             self._ever_up = True  # log "back" on recovery, and this warning only once per outage
         self.up = False
+        self.pool.replicas = 1
         for b in self.pool.backends:
             b.remote_inflight = 0
         self.tenants.remote_inflight = {}
         self.tenants.remote_window_tokens = {}
         self._tpm_pushed.clear()  # push the whole minute again when Redis returns
+        self._state_fields.clear()
 
     # --- one sync ---
 
@@ -176,10 +179,15 @@ class SharedState:
         }
         prefix = [self._prefix_out.popleft() for _ in range(len(self._prefix_out))]
         records = [self._records_out.popleft() for _ in range(len(self._records_out))]
+        gone = self._state_fields - state.keys()  # e.g. a tenant with nothing in flight now
+        self._state_fields = set(state)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.sadd(self.k_replicas, self.replica)
-            pipe.delete(self._k_state(self.replica))
+            # overwrite in place (never delete-then-set: a reader in between would see this
+            # replica as gone and over-admit)
             pipe.hset(self._k_state(self.replica), mapping={"alive": 1, **state})
+            if gone:
+                pipe.hdel(self._k_state(self.replica), *gone)
             pipe.pexpire(self._k_state(self.replica), ttl_ms)
             for t, d in deltas.items():
                 pipe.hincrby(k_tpm, t, d)
@@ -212,6 +220,7 @@ class SharedState:
             for k, v in h.items():
                 if k != b"alive":
                     remote[k.decode()] += int(v)
+        self.pool.replicas = 1 + len(others) - len(dead)
         for b in self.pool.backends:
             b.remote_inflight = remote.get(f"b:{b.name}", 0)
         self.tenants.remote_inflight = {k[2:]: v for k, v in remote.items() if k.startswith("t:")}
@@ -219,6 +228,8 @@ class SharedState:
             k.decode(): int(v) - self._tpm_pushed.get(k.decode(), 0) for k, v in tpm.items()
         }
         self._apply_prefix(res[-1])
+        if self.pool.on_change is not None:
+            self.pool.on_change()  # others' slots may have freed: admit what now fits
         if dead:
             await self.redis.srem(self.k_replicas, *dead)
 
