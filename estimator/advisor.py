@@ -23,6 +23,10 @@ For each configuration:
 4. capacity at the SLO per replica (``estimator.capacity.max_rate_at_slo``), replicas for the
    forecast peak plus ``spare_replicas`` (N+1), cost at the peak rate.
 
+Callers pass the engine settings the alternatives assume; the service and the CLI use the
+running ``max_model_len`` when one is set, else ``suggested_max_model_len`` (p99.9 of prompt +
+output, rounded up), not the model's maximum, which would rule out most smaller GPUs.
+
 Ranking: configurations meeting the SLO first, then $/hour, then the weight format with the
 least quality risk (bf16, fp8, int8, int4), then $/1M tokens. Uncertainty on
 capacity: +- the calibration's p90 relative error when calibrated, else +-
@@ -438,12 +442,16 @@ def advise_max_num_seqs(
     )  # fmt: skip
 
 
+def suggested_max_model_len(total_tokens_p999: float, arch: ModelArch | None) -> int:
+    """p99.9 of prompt + output rounded up (``round_len``), at most the model's maximum."""
+    value = round_len(total_tokens_p999)
+    return min(value, arch.max_position_embeddings) if arch is not None else value
+
+
 def advise_max_model_len(obs: Observed, arch: ModelArch | None) -> Recommendation | None:
     if obs.total_tokens_p999 is None:
         return None
-    value = round_len(obs.total_tokens_p999)
-    if arch is not None:
-        value = min(value, arch.max_position_embeddings)
+    value = suggested_max_model_len(obs.total_tokens_p999, arch)
     return Recommendation(
         kind="max_model_len", severity="info", value=value,
         message=f"max_model_len={value}: 99.9% of requests need at most "

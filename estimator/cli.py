@@ -11,7 +11,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 import numpy as np
@@ -232,7 +232,9 @@ def estimate(
         top = max(per, profile.rate_rps / replicas, 0.05) * 1.3
         rates = [top * (k + 1) / _CURVE_POINTS for k in range(_CURVE_POINTS)]
         curve = latency_curve(cand.step, cand.limits, workload, rates, n_requests=800)
-    alts = advisor.search(arch, catalog, workload, settings, transfer, current=setup)
+    suggested = advisor.suggested_max_model_len(_total_p999(profile), arch)
+    alt_settings = replace(settings, max_model_len=args.max_model_len or suggested)
+    alts = advisor.search(arch, catalog, workload, alt_settings, transfer, current=setup)
     cost = _cost(gpu, args, replicas, profile, workload, cand, cap)
     recs = _advice(arch, cand, cap, profile, settings, alts, replicas, transfer)
     est = Estimate(

@@ -366,7 +366,7 @@ class _Ctx:
         cfg = self.cfg
         return advisor.SearchSettings(
             slo=cfg.slo, peak_rps=peak, spare_replicas=cfg.spare_replicas,
-            max_num_seqs=self.limits.max_num_seqs, max_model_len=self.max_model_len(),
+            max_num_seqs=self.limits.max_num_seqs, max_model_len=self.max_model_len_for_search(),
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             prefix_cache_hit_ratio=self.limits.prefix_cache_hit_ratio, gpus=cfg.advisor_gpus,
             max_simulated=cfg.advisor_max_simulated, n_requests=cfg.sim_requests,
@@ -375,6 +375,13 @@ class _Ctx:
     def max_model_len(self) -> int | None:
         exposed = next((s.max_model_len for s in self.snapshots if s.max_model_len), None)
         return exposed or self.cfg.max_model_len
+
+    def max_model_len_for_search(self) -> int | None:
+        """The running setting, else what the traffic needs (see ``estimator.advisor``)."""
+        p999 = self.dep.traffic.lengths()[2].p999
+        if self.max_model_len() or p999 is None:
+            return self.max_model_len()
+        return advisor.suggested_max_model_len(p999, self.model)
 
 
 class _Base:
