@@ -3,7 +3,7 @@
 Keep one ``OnlineCalibrator`` per backend. ``observe(record)`` is the hot path: it keeps only
 OK, streamed, dispatched records with token counts and load at dispatch, and writes eight
 floats into a preallocated ring (default 100k rows; about 1 µs). ``fit(now)`` runs off the
-hot path (about 10-30 ms on 100k records) and returns a ``Calibration``.
+hot path (about 20-40 ms on 100k records) and returns a ``Calibration``.
 
 Observation model (c = StepModel coefficients ``c0, c_p, c_d, c_kv``; ``R`` = in-flight
 requests at dispatch, this one excluded; ``M`` = ``max_num_seqs`` when known, else infinite):
@@ -20,20 +20,32 @@ requests at dispatch, this one excluded; ``M`` = ``max_num_seqs`` when known, el
 * first token, per record: ``y = first_token - dispatch`` (engine-side TTFT; the proxy's own
   queue is not engine physics) = queue effect + prefill::
 
-      y = a * (c0 + c_d * Dq + c_kv * Dq * ctx_bar) + c_p * uncached + q * max(0, R + 1 - M) + h
+      y = a * (c0 + c_d * Dq + c_kv * Dq * ctx_bar) + c_p * pt + q * max(0, R + 1 - M)
       a = 1.5 if R > 0 else 1.0,  Dq = min(R, M)
 
   ``a``: the step in progress at dispatch is half done on average, then the prefill step runs
-  with the running sequences; ``q`` (seconds per request queued beyond ``max_num_seqs``) and
-  ``h`` (HTTP, tokenisation and sampling latency) are nuisance terms, not part of the model.
+  with the running sequences; ``pt`` = uncached prompt tokens of the window's requests whose
+  first token fell in ``(dispatch, first_token]``, this one's own included: every prefill
+  token the engine ran while this request waited delayed it by ``c_p``; ``q`` (seconds per
+  request queued beyond ``max_num_seqs``) is a nuisance term, not part of the step model.
+  The network and HTTP latency between proxy and engine is assumed small next to a step (no
+  separate offset: it would leave ``c0`` and ``c_d`` nearly unidentifiable); on a LAN it is
+  well under a millisecond.
 
-Fit: minimise ``sum_i w_i * rho((y_i - x_i c) / y_i) + tau * sum_j ((c_j - p_j) / s_j)^2``
-over ``c >= 0``: relative residuals, Huber ``rho`` by IRLS, age weights ``w_i = 2^(-age /
-half_life_s)`` (exponential forgetting, so the fit follows change), and a ridge pull towards
-the prior ``p`` (e.g. ``roofline_prior``) of strength ``tau = prior_strength`` equivalent
-observations, scaled by ``s_j = max(p_j, c_j of the data alone)``: weak, and fading as data
-accumulates. Non-negativity is exact: each IRLS pass solves the 6-variable quadratic program
-by trying every active set (64 small solves).
+Identifiability: the data pin down ``c0``, ``c_p`` and the cost of one more running sequence
+``c_d + c_kv * ctx_bar`` well; the split between ``c_d`` and ``c_kv`` rests on how much the
+contexts of requests differ, and is weak when one of the two is small: there the prior
+(``roofline_prior``'s bandwidth-based ``c_kv``) carries it. Predictions at the observed
+operating points do not depend on the split.
+
+Fit: minimise ``sum_i w_i rho(r_i / sigma) + tau sum_j ((c_j - p_j) / s_j)^2`` over
+``c >= 0``, with relative residuals ``r_i = (y_i - x_i c) / y_i``, their robust scale
+``sigma`` (1.48 MAD), Huber ``rho`` (IRLS) refined by a few Tukey biweight passes, age weights
+``w_i = 2^(-age / half_life_s)`` (exponential forgetting, so the fit follows change), and a
+ridge pull towards the prior ``p`` (e.g. ``roofline_prior``) worth ``tau = prior_strength``
+records, scaled by ``s_j = max(p_j, c_j of the data alone)``: weak, and fading as data
+accumulates. Non-negativity is exact: each IRLS pass solves the 5-variable quadratic program
+(the unconstrained solution when feasible, else the best of the 31 active sets).
 
 Fit error: median and p90 of ``|predicted - observed| / observed`` over the window's rows
 (age-weighted), separately for TTFT and ITL. ``trusted`` needs ``min_records`` effective
@@ -54,7 +66,8 @@ from estimator.records import Outcome, RequestRecord
 # ring columns
 _T, _DISPATCH, _FIRST, _END, _UNCACHED, _PROMPT, _COMPLETION, _INFLIGHT = range(8)
 _NCOL = 8
-_NPARAM = 6  # c0, c_p, c_d, c_kv, q (queue), h (offset)
+_NPARAM = 5  # c0, c_p, c_d, c_kv, q (queue)
+_SCALE_SAMPLE = 20_000  # rows used for robust scale and error quantiles
 _SUBSETS = [
     np.array(s, dtype=np.intp)
     for k in range(_NPARAM, 0, -1)
@@ -79,6 +92,17 @@ class CalibratorConfig:
     huber_k: float = 1.345
     """Huber threshold in robust standard deviations of the relative residuals."""
     irls_iterations: int = 6
+    """Huber IRLS passes."""
+    tukey_iterations: int = 3
+    """Tukey biweight passes after Huber: records misfit by over ``tukey_c`` robust standard
+    deviations (e.g. from before a change of hardware or settings) get no weight."""
+    tukey_c: float = 4.685
+    min_rel_noise: float = 0.02
+    """Floor of the relative noise of one observation (timings jitter by a few percent): it
+    keeps a handful of records from overruling the prior."""
+    max_fit_records: int = 20_000
+    """Records the fit uses (an even stride through the window): plenty for five
+    coefficients, and it bounds the fit time whatever ``capacity`` is."""
     min_records: float = 50.0
     """Effective (age-weighted) records needed before the fit is trusted."""
     max_ttft_mare: float = 0.3
@@ -103,7 +127,6 @@ class Calibration:
     itl_mare: float | None
     itl_p90_re: float | None
     queue_s_per_request: float  # nuisance q
-    ttft_offset_s: float  # nuisance h
     trusted: bool
 
 
@@ -164,16 +187,17 @@ def fit_rows(
     max_num_seqs: int | None,
 ) -> Calibration:
     """The fit behind ``OnlineCalibrator.fit`` on ring rows with age weights ``w``."""
-    xt, yt, wt, xi, yi, wi = _design(rows, w, max_num_seqs)
-    x = np.vstack([xt, xi])
-    y = np.concatenate([yt, yi])
-    wy = np.concatenate([wt, wi])
-    p = np.array([*prior.coefficients(), 0.0, 0.0])
-    coef = _robust_fit(x, y, wy, p, tau, config)
-    step = StepModel.from_coefficients(coef[:4])
-    n_eff = float(w[np.isfinite(rows[:, _FIRST])].sum()) if rows.size else 0.0
-    t_mare, t_p90 = _rel_errors(xt @ coef, yt, wt)
-    i_mare, i_p90 = _rel_errors(xi @ coef, yi, wi)
+    keep = w > 1e-9  # forgotten rows cost time and add nothing
+    if not keep.all():
+        rows, w = rows[keep], w[keep]
+    stride = -(-rows.shape[0] // max(1, config.max_fit_records))
+    xt, yt, wt, xi, yi, wi = _design(rows, w, max_num_seqs, max(1, stride))
+    p = np.array([*prior.coefficients(), 0.0])
+    coef = _robust_fit(np.hstack([xt, xi]), np.concatenate([yt, yi]),
+                       np.concatenate([wt, wi]), p, tau, config)  # fmt: skip
+    n_eff = float(w.sum())
+    t_mare, t_p90 = _rel_errors(coef @ xt, yt, wt)
+    i_mare, i_p90 = _rel_errors(coef @ xi, yi, wi)
     trusted = (
         n_eff >= config.min_records
         and t_mare is not None
@@ -182,18 +206,22 @@ def fit_rows(
         and i_mare <= config.max_itl_mare
     )
     return Calibration(
-        step=step, prior=prior, n_records=int(rows.shape[0]), n_ttft=int(yt.size),
-        n_itl=int(yi.size), n_effective=n_eff, prior_share=tau / (tau + n_eff) if tau else 0.0,
-        ttft_mare=t_mare, ttft_p90_re=t_p90, itl_mare=i_mare, itl_p90_re=i_p90,
-        queue_s_per_request=float(coef[4]), ttft_offset_s=float(coef[5]), trusted=trusted,
+        step=StepModel.from_coefficients(coef[:4]), prior=prior, n_records=int(rows.shape[0]),
+        n_ttft=int(yt.size), n_itl=int(yi.size), n_effective=n_eff,
+        prior_share=tau / (tau + n_eff) if tau else 0.0, ttft_mare=t_mare, ttft_p90_re=t_p90,
+        itl_mare=i_mare, itl_p90_re=i_p90, queue_s_per_request=float(coef[4]), trusted=trusted,
     )  # fmt: skip
 
 
-def _design(rows: np.ndarray, w: np.ndarray, max_num_seqs: int | None) -> tuple[np.ndarray, ...]:
-    """TTFT and ITL design matrices, targets and weights (see the module docstring)."""
-    if rows.shape[0] == 0:
-        z = np.zeros((0, _NPARAM))
+def _design(
+    all_rows: np.ndarray, all_w: np.ndarray, max_num_seqs: int | None, stride: int
+) -> tuple[np.ndarray, ...]:
+    """TTFT and ITL design matrices (feature-major: one row per coefficient), targets and
+    weights (see the module docstring) for every ``stride``-th record."""
+    if all_rows.shape[0] == 0:
+        z = np.zeros((_NPARAM, 0))
         return z, np.zeros(0), np.zeros(0), z, np.zeros(0), np.zeros(0)
+    rows, w = all_rows[::stride], all_w[::stride]
     m = float(max_num_seqs) if max_num_seqs else math.inf
     first, end, disp = rows[:, _FIRST], rows[:, _END], rows[:, _DISPATCH]
     unc, comp, r = rows[:, _UNCACHED], rows[:, _COMPLETION], rows[:, _INFLIGHT]
@@ -202,26 +230,35 @@ def _design(rows: np.ndarray, w: np.ndarray, max_num_seqs: int | None) -> tuple[
     # TTFT rows
     yt = first - disp
     a = np.where(r > 0, 1.5, 1.0)
-    dq = np.minimum(r, m)
+    ad = a * np.minimum(r, m)
     excess = np.maximum(0.0, r + 1 - m) if math.isfinite(m) else np.zeros_like(r)
-    xt = np.column_stack([a, unc, a * dq, a * dq * ctx_bar, excess, np.ones_like(r)])
+    prefill_before = _prefill_tokens_between(all_rows, disp, first)  # own prompt included
+    xt = np.stack([a, np.maximum(prefill_before, unc), ad, ad * ctx_bar, excess])
     okt = yt > 1e-6
-    # ITL rows: prefill tokens finished during this decode, per decode step
-    steps = comp - 1
-    yi = (end - first) / np.maximum(steps, 1)
-    order = np.argsort(first)
-    csum = np.concatenate([[0.0], np.cumsum(unc[order])])
-    fs = first[order]
-    pf_tokens = (
-        csum[np.searchsorted(fs, end, side="right")]
-        - csum[np.searchsorted(fs, first, side="right")]
-    )
-    pf = pf_tokens / np.maximum(steps, 1)
+    # ITL rows
+    steps = np.maximum(comp - 1, 1)
+    yi = (end - first) / steps
+    pf = _prefill_tokens_between(all_rows, first, end) / steps
     dd = np.minimum(r + 1, m)
-    kk = ctx + (dd - 1) * ctx_bar
-    xi = np.column_stack([np.ones_like(r), pf, dd, kk, np.zeros_like(r), np.zeros_like(r)])
-    oki = (steps >= 1) & np.isfinite(yi) & (yi > 1e-7)
-    return xt[okt], yt[okt], w[okt], xi[oki], yi[oki], w[oki]
+    xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, np.zeros_like(r)])
+    oki = (comp >= 2) & np.isfinite(yi) & (yi > 1e-7)
+    return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki]
+
+
+def _prefill_tokens_between(rows: np.ndarray, first: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Per query: uncached prompt tokens of all ``rows`` whose first token fell in
+    ``(first, end]``, i.e. prefills that shared steps with that record's decode."""
+    order = np.argsort(rows[:, _FIRST])
+    fs = rows[order, _FIRST]
+    csum = np.concatenate([[0.0], np.cumsum(rows[order, _UNCACHED])])
+    by_first = np.argsort(first)
+    at_first = np.empty(first.size, dtype=np.intp)
+    at_first[by_first] = np.searchsorted(fs, first[by_first], side="right")
+    finite_end = np.where(np.isfinite(end), end, first)
+    by_end = np.argsort(finite_end)  # sorted queries: searchsorted is much faster
+    at_end = np.empty(first.size, dtype=np.intp)
+    at_end[by_end] = np.searchsorted(fs, finite_end[by_end], side="right")
+    return csum[at_end] - csum[at_first]
 
 
 def _robust_fit(
@@ -232,35 +269,52 @@ def _robust_fit(
     tau: float,
     cfg: CalibratorConfig,
 ) -> np.ndarray:
-    """Huber IRLS on relative residuals with a scaled ridge prior and c >= 0."""
+    """Huber then Tukey IRLS on relative residuals with a scaled ridge prior and c >= 0."""
     if y.size == 0:
         return prior.copy()
-    xr = x / y[:, None]  # relative residual: 1 - xr @ c
-    data_only = _nnls_qp(*_normal(xr, w, np.zeros(_NPARAM), np.zeros(_NPARAM)))
-    scale = np.maximum(np.maximum(prior, data_only), 1e-12)
+    xr = x / y  # relative residual: 1 - c @ xr
+    zero = np.zeros(_NPARAM)
+    coef = _nnls_qp(*_normal(xr, w, zero, zero))
+    scale = np.maximum(np.maximum(prior, coef), 1e-12)
+    # the prior counts as tau records: in units of one record's squared residual (sigma^2)
     reg = np.where(np.arange(_NPARAM) < 4, tau, tau * 1e-3) / scale**2
-    h = np.ones_like(y)
-    coef = data_only
-    for _ in range(max(1, cfg.irls_iterations)):
-        coef = _nnls_qp(*_normal(xr, w * h, reg, reg * prior))
-        res = np.abs(1.0 - xr @ coef)
-        sigma = max(1.4826 * float(np.median(res)), 1e-6)
-        h = np.minimum(1.0, cfg.huber_k * sigma / np.maximum(res, 1e-12))
+    stride = max(1, y.size // _SCALE_SAMPLE)
+    dof = y.size / max(1.0, y.size - _NPARAM)  # few records: residuals understate the noise
+    huber = max(1, cfg.irls_iterations)
+    for it in range(huber + max(0, cfg.tukey_iterations)):
+        res = np.abs(1.0 - coef @ xr)
+        sigma = max(_weighted_median(res[::stride], w[::stride]) * 1.4826 * dof, cfg.min_rel_noise)
+        u = res / sigma
+        if it < huber:
+            h = np.minimum(1.0, cfg.huber_k / np.maximum(u, 1e-15))
+        else:  # Tukey's biweight from the Huber fit: gross misfits (an old regime) drop out
+            h = np.square(np.maximum(0.0, 1.0 - np.square(u / cfg.tukey_c)))
+        if float((w * h).sum()) <= 0.0:
+            break
+        coef = _nnls_qp(*_normal(xr, w * h, reg * sigma**2, reg * sigma**2 * prior))
     return coef
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cw = np.cumsum(weights[order])
+    if cw[-1] <= 0:
+        return float(np.median(values))
+    return float(values[order][min(values.size - 1, int(np.searchsorted(cw, 0.5 * cw[-1])))])
 
 
 def _normal(
     xr: np.ndarray, w: np.ndarray, reg: np.ndarray, reg_target: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    xw = xr * w[:, None]
-    return xw.T @ xr + np.diag(reg), xw.sum(axis=0) + reg_target
+    xw = xr * w
+    return xw @ xr.T + np.diag(reg), xw.sum(axis=1) + reg_target
 
 
 def _nnls_qp(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """argmin c'Ac - 2b'c over c >= 0 (A positive semi-definite, 6x6) by active sets."""
+    """argmin c'Ac - 2b'c over c >= 0 (A positive semi-definite, 5x5) by active sets."""
     d = np.sqrt(np.maximum(np.diag(a), 1e-300))
-    an, bn = a / np.outer(d, d), b / d
-    an = an + np.eye(an.shape[0]) * 1e-12
+    an = a / np.outer(d, d) + np.eye(a.shape[0]) * 1e-12
+    bn = b / d
     best, best_obj = np.zeros_like(b), 0.0
     for s in _SUBSETS:
         try:
@@ -270,20 +324,23 @@ def _nnls_qp(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if np.all(cs >= 0):
             obj = -float(bn[s] @ cs)  # at the subset optimum c'Ac - 2b'c = -b'c
             if obj < best_obj:
-                best_obj = obj
-                best = np.zeros_like(b)
+                best_obj, best = obj, np.zeros_like(b)
                 best[s] = cs
+            if s.size == a.shape[0]:
+                break  # the unconstrained optimum is feasible: it is the answer
     return best / d
 
 
 def _rel_errors(
     pred: np.ndarray, obs: np.ndarray, w: np.ndarray
 ) -> tuple[float | None, float | None]:
+    """Age-weighted median and p90 of |pred - obs| / obs (on a strided sample when large)."""
     if obs.size == 0 or w.sum() <= 0:
         return None, None
-    err = np.abs(pred - obs) / obs
+    stride = max(1, obs.size // _SCALE_SAMPLE)
+    err = (np.abs(pred - obs) / obs)[::stride]
     order = np.argsort(err)
-    cw = np.cumsum(w[order])
+    cw = np.cumsum(w[::stride][order])
     at = np.searchsorted(cw, np.array([0.5, 0.9]) * cw[-1])
     e = err[order][np.minimum(at, err.size - 1)]
     return float(e[0]), float(e[1])

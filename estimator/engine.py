@@ -36,11 +36,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # import cycles stay impossible; the prior only reads attributes
-    from estimator.catalog import GpuSpec
-    from estimator.modelarch import ModelArch
+from estimator.catalog import GpuSpec
+from estimator.memory import kv_bytes_per_token_per_gpu, weight_bytes
+from estimator.modelarch import ModelArch
 
 COEFFICIENT_NAMES: tuple[str, ...] = (
     "overhead_s",
@@ -144,14 +143,12 @@ def roofline_prior(
     """A physical first guess of the step model from datasheet numbers (before any data).
 
     Prefill is compute-bound: ``prefill_flops / (tp * peak_flops(quant) * prefill_mfu)``.
-    Decode is bandwidth-bound: the weights (``weight_bytes / tp``) are read once per step
-    (in ``overhead_s``) and every context token's KV bytes (``/ tp``) once per step, at
+    Decode is bandwidth-bound: each GPU reads its weights (``weight_bytes(tp=tp)``) once per
+    step (in ``overhead_s``) and its share of every context token's KV bytes once per step, at
     ``mem_bandwidth_bps * bandwidth``. With ``tp > 1`` each token costs two ring all-reduces
     per layer of ``hidden * 2`` bytes, ``2 (tp - 1) / tp`` of them on the wire per GPU, at
     half the (bidirectional) ``interconnect_bps`` times the ``interconnect`` efficiency.
     """
-    from estimator.memory import weight_bytes  # memory imports catalog; keep engine light
-
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
     peak = gpu.peak_flops(quant) * tp
@@ -162,13 +159,12 @@ def roofline_prior(
     allreduce_s_per_token = 0.0
     allreduce_fixed_s = 0.0
     if tp > 1:
-        hidden = arch.num_heads * arch.head_dim
-        wire_bytes = 2 * arch.num_layers * hidden * _ACTIVATION_BYTES * 2 * (tp - 1) / tp
+        wire_bytes = 2 * arch.num_layers * arch.hidden_size * _ACTIVATION_BYTES * 2 * (tp - 1) / tp
         # interconnect_bps is bidirectional; a ring sends and receives at once on each GPU
         link = (gpu.interconnect_bps or _PCIE_FALLBACK_BPS) / 2 * efficiency.interconnect
         allreduce_s_per_token = wire_bytes / link
         allreduce_fixed_s = 2 * arch.num_layers * efficiency.allreduce_latency_s
-    weights_s = weight_bytes(arch, quant) / tp / bandwidth
+    weights_s = weight_bytes(arch, quant, tp=tp) / bandwidth
     return StepModel(
         overhead_s=efficiency.step_overhead_s + weights_s + allreduce_fixed_s,
         prefill_s_per_token=prefill_flops_per_token / (peak * efficiency.prefill_mfu)
@@ -176,5 +172,5 @@ def roofline_prior(
         decode_s_per_seq=decode_flops_per_token / (peak * efficiency.decode_mfu)
         + efficiency.per_seq_overhead_s
         + allreduce_s_per_token,
-        kv_s_per_token=arch.kv_bytes_per_token(kv_dtype) / tp / bandwidth,
+        kv_s_per_token=kv_bytes_per_token_per_gpu(arch, kv_dtype, tp=tp) / bandwidth,
     )
