@@ -196,7 +196,9 @@ class Estimator:
     @property
     def records_dropped(self) -> int:
         """Records submitted but never counted: buffer overflow, invalid, or too many models."""
-        return max(0, self._submitted - self._drained) - len(self._pending) + self._invalid
+        submitted = self._submitted  # read before the queue: a racing observe then can only
+        pending = len(self._pending)  # make the count lag, never overshoot
+        return max(0, submitted - self._drained - pending) + self._invalid
 
     def replay(self, path: str | Path, *, now: float | None = None) -> Report:
         """Feed a JSON-lines request log (``RequestRecord.to_dict`` per line) and refresh as of
