@@ -148,9 +148,7 @@ def backend_report(b: BackendState, *, now: float, window_s: float) -> BackendRe
     hit = None
     preempt = None
     if s is not None:
-        hit = s.prefix_cache_hit_rate
-        if s.prefix_cache_queries and s.prefix_cache_hits is not None:
-            hit = s.prefix_cache_hits / s.prefix_cache_queries
+        hit = _hit_ratio(s, p)
         if p is not None and s.preemptions is not None and p.preemptions is not None:
             dt = s.time_s - p.time_s
             preempt = max(0.0, s.preemptions - p.preemptions) / dt if dt > 0 else None
@@ -168,8 +166,21 @@ def backend_report(b: BackendState, *, now: float, window_s: float) -> BackendRe
         prefix_cache_hit_ratio=hit, preemptions_per_s=preempt,
         gpu_utilization=sum(util) / len(util) if util else None,
         gpu_memory_used_ratio=sum(mem) / len(mem) if mem else None,
-        snapshot_age_s=(s.epoch and now - s.epoch) or None if s is not None else None,
+        snapshot_age_s=now - s.epoch if s is not None and s.epoch else None,
     )  # fmt: skip
+
+
+def _hit_ratio(s: BackendSnapshot, p: BackendSnapshot | None) -> float | None:
+    """Prefix-cache hits / queries between the last two scrapes (since start without a previous
+    one, or after a counter reset); the engine's own rate when it only exposes that."""
+    if s.prefix_cache_queries and s.prefix_cache_hits is not None:
+        if p is not None and p.prefix_cache_queries is not None and p.prefix_cache_hits is not None:
+            dq = s.prefix_cache_queries - p.prefix_cache_queries
+            dh = s.prefix_cache_hits - p.prefix_cache_hits
+            if dq > 0 and dh >= 0:
+                return dh / dq
+        return s.prefix_cache_hits / s.prefix_cache_queries
+    return s.prefix_cache_hit_rate
 
 
 def traffic_report(t: TrafficStats, now: float, horizon_s: float) -> TrafficReport:
