@@ -94,7 +94,8 @@ class EstimatorConfig:
     min_records: int = 50
     """Records a model needs before its traffic and fit are projected."""
     max_models: int = 64
-    """Models tracked at most; records of further models are dropped and counted."""
+    """Models tracked at most (about 10 MB of rings each); records of further models are
+    dropped and counted."""
     max_backends: int = 256
     """Backends tracked at most."""
     active_window_s: float = 600.0
