@@ -64,7 +64,9 @@ class RequestRecord:
 
     request_id: str
     model: str
-    backend: str | None = None  # backend name that served it (last one tried); None if never dispatched
+    backend: str | None = (
+        None  # backend name that served it (last one tried); None if never dispatched
+    )
     tenant: str = "default"
     priority: str = "normal"
     endpoint: str = "chat"  # "chat", "completions" or another /v1 path's last segment
@@ -75,7 +77,7 @@ class RequestRecord:
     # clock (monotonic seconds, proxy-local) and wall clock
     arrival_s: float = 0.0
     dispatch_s: float | None = None  # upstream request sent (after queueing)
-    first_token_s: float | None = None  # first content-bearing chunk (streamed) or body (not)
+    first_token_s: float | None = None  # first content-bearing chunk; None when not streamed
     end_s: float | None = None
     arrival_epoch: float = 0.0
     # tokens
@@ -135,7 +137,7 @@ class GpuSample:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BackendSnapshot:
-    """One scrape of one backend's engine state. Counters are cumulative as the engine reports them."""
+    """One scrape of one backend's engine state; counters as cumulative as the engine has them."""
 
     backend: str  # backend name
     time_s: float  # monotonic, proxy-local

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .app import Deps
 from .config import ConfigError, ProxyConfig, load_config
 
 log = logging.getLogger("rightsizer")
@@ -93,17 +94,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from .wiring import estimator_deps
+
+    try:
+        deps = estimator_deps(config, args.config or "flags")
+    except ConfigError as exc:
+        print(f"rightsizer: config error: {exc}", file=sys.stderr)
+        return 2
     loop_name = _install_uvloop()
     log.info("event loop: %s; backends: %s", loop_name, ", ".join(b.url for b in config.backends))
-    asyncio.run(_serve(config))
+    asyncio.run(_serve(config, deps))
     return 0
 
 
-async def _serve(config: ProxyConfig) -> None:
+async def _serve(config: ProxyConfig, deps: Deps) -> None:
     from .app import build_app
-    from .wiring import estimator_deps
 
-    app = build_app(config, estimator_deps(config))
+    app = build_app(config, deps)
     await run_site(
         app, config.server.host, config.server.port, grace_s=config.server.shutdown_grace_s
     )
@@ -162,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_emulate)
 
     d = sub.add_parser("demo", help="self-contained demo: emulated engines, proxy, traffic, report")
-    d.add_argument("--duration", type=float, default=20.0, help="traffic duration in seconds")
-    d.add_argument("--requests", type=int, default=400, help="maximum requests to send")
+    d.add_argument("--duration", type=float, default=30.0, help="traffic duration in seconds")
+    d.add_argument("--requests", type=int, default=2000, help="maximum requests to send")
     d.set_defaults(func=cmd_demo)
 
     est = sub.add_parser("estimate", help="offline projection from a model config and traffic")

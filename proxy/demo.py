@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,11 +19,18 @@ import numpy as np
 import orjson
 from aiohttp import web
 
+import estimator
+from estimator.catalog import get_gpu, load_gpu_catalog
+from estimator.engine import roofline_prior
+from estimator.memory import plan_memory
+from estimator.modelarch import load_model_arch
 from estimator.records import Outcome, RequestRecord
+from estimator.report import Report
+from estimator.service import Estimator, EstimatorConfig
 
 from .app import Deps, build_app
 from .config import load_config
-from .emulate import EmulatorConfig, EmulatorServer, FixedPace, TimingModel
+from .emulate import EmulatorConfig, EmulatorServer, TimingModel
 
 
 def _bound_socket() -> socket.socket:
@@ -175,63 +183,140 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     Console(width=140).print(table)
 
 
-def demo_engine(port_name: str) -> tuple[EmulatorConfig, TimingModel]:
-    return EmulatorConfig(model="demo-model", max_num_seqs=24), FixedPace(ttft_s=0.04, itl_s=0.008)
+DEMO_GPU = "a10g"
+DEMO_MODEL = "demo-model"
 
 
-async def run_demo(*, duration_s: float = 20.0, requests: int = 400) -> int:
+def demo_model_config() -> str:
+    return str(Path(estimator.__file__).parent / "data" / "models" / "llama-3.1-8b.json")
+
+
+def demo_engine() -> tuple[EmulatorConfig, TimingModel]:
+    """Llama-3.1-8B on an A10G, emulated with the estimator's physical engine model."""
+    arch = load_model_arch(demo_model_config())
+    gpu = get_gpu(load_gpu_catalog(), DEMO_GPU)
+    plan = plan_memory(arch, gpu, max_model_len=8192, max_num_seqs=64)
+    cfg = EmulatorConfig(
+        model=DEMO_MODEL, max_num_seqs=64, kv_capacity_tokens=plan.kv_capacity_tokens
+    )
+    return cfg, roofline_prior(arch, gpu)
+
+
+def demo_estimator() -> Estimator:
+    return Estimator(EstimatorConfig(
+        slo_ttft_p95_s=1.0, slo_itl_p95_s=0.1, gpu=DEMO_GPU,
+        model_configs={DEMO_MODEL: demo_model_config()}, min_records=40,
+        advisor_interval_s=10.0, advisor_gpus=("l4", "a10g", "l40s", "a100-80gb", "h100-sxm"),
+        max_num_seqs=64, max_model_len=8192, forecast_horizon_s=600.0,
+    ))  # fmt: skip
+
+
+async def run_demo(*, duration_s: float = 30.0, requests: int = 2000) -> int:
     runners: list[web.AppRunner] = []
     urls = []
-    for name in ("engine-a", "engine-b"):
-        cfg, timing = demo_engine(name)
+    for _ in range(2):
+        cfg, timing = demo_engine()
         runner, url = await start_site(EmulatorServer(cfg, timing).app())
         runners.append(runner)
         urls.append(url)
     t = Traffic()
-    config = load_config(
-        overrides={
-            "backends": [{"url": u} for u in urls],
-            "health": {"interval_s": 1.0, "scrape_interval_s": 1.0},
-        }
-    )
-    deps = Deps(subscribers=[("demo", t.records.append)])
+    est = demo_estimator()
+    config = load_config(environ={}, overrides={
+        "backends": [{"url": u} for u in urls],
+        "health": {"interval_s": 1.0, "scrape_interval_s": 1.0},
+        "estimator": {"gpu": DEMO_GPU},
+    })  # fmt: skip
+    deps = Deps(estimator=est, subscribers=[("demo", t.records.append)])
     proxy_runner, proxy_url = await start_site(build_app(config, deps))
     runners.insert(0, proxy_runner)
-    print(f"engines: {', '.join(urls)}; proxy: {proxy_url}")
+    print(f"2 emulated engines (Llama-3.1-8B on {DEMO_GPU}, roofline engine model): "
+          f"{', '.join(urls)}; proxy: {proxy_url}")  # fmt: skip
     try:
-        await _drive_with_progress(proxy_url, duration_s, requests, t)
+        await _drive_with_progress(proxy_url, duration_s, requests, t, est)
     finally:
         for r in runners:
             await r.cleanup()
     print_table("What the proxy measured", SUMMARY_HEADER, summary_rows(t.records))
     lost = t.sent - len(t.records)
     print(f"sent {t.sent}, recorded {len(t.records)}, errors {t.errors}, lost {lost}")
+    report = await asyncio.to_thread(est.refresh)
+    print_report(report)
     return 0 if lost == 0 and t.records else 1
 
 
-async def _drive_with_progress(url: str, duration_s: float, requests: int, t: Traffic) -> None:
-    def rate(elapsed: float) -> float:  # a ramp from 5 to 40 requests/s
-        return 5.0 + 35.0 * min(1.0, elapsed / max(duration_s, 1e-9))
+def _fmt(v: float | None, unit: str = "", scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if v is None else f"{v * scale:.{digits}f}{unit}"
 
+
+def live_line(report: Report | None) -> str:
+    d = report.deployment(DEMO_MODEL) if report is not None else None
+    if d is None or d.status != "ok":
+        return "estimator: gathering data"
+    rate = d.traffic.rate_1m_rps if d.traffic is not None else None
+    breach = "never" if d.seconds_to_breach is None else f"{d.seconds_to_breach:.0f}s"
+    return (f"rate {_fmt(rate)}/s, capacity {_fmt(d.capacity_rps)}/s, "
+            f"util {_fmt(d.utilization, '%', 100, 0)}, breach in {breach}")  # fmt: skip
+
+
+def print_report(report: Report) -> None:
+    for d in report.deployments:
+        rate = d.traffic.rate_1m_rps if d.traffic is not None else None
+        rows = [
+            ["status", d.status], ["replicas now", str(d.replicas)],
+            ["current rate (req/s)", _fmt(rate)], ["capacity at SLO (req/s)", _fmt(d.capacity_rps)],
+            ["utilization", _fmt(d.utilization, "%", 100, 0)],
+            ["projected p95 TTFT / ITL (ms)", f"{_fmt(d.projected_ttft_p95_s, '', 1000, 0)} / "
+                                              f"{_fmt(d.projected_itl_p95_s, '', 1000, 1)}"],
+            ["observed p95 TTFT / ITL (ms)", f"{_fmt(d.observed_ttft_p95_s, '', 1000, 0)} / "
+                                             f"{_fmt(d.observed_itl_p95_s, '', 1000, 1)}"],
+            ["seconds to SLO breach", _fmt(d.seconds_to_breach, "", 1, 0).replace("-", "never")],
+            ["recommended replicas (N+1)", str(d.recommended_replicas)],
+            ["$ per hour", _fmt(d.cost.usd_per_hour if d.cost else None)],
+            ["$ per 1M output tokens", _fmt(d.cost.usd_per_1m_output_tokens if d.cost else None)],
+            ["fit error (p90 relative)", f"{_fmt(d.fit.rel_error_p90)} ({d.fit.source})"],
+        ]  # fmt: skip
+        print_table(f"Estimator: {d.model}", ["", "value"], rows)
+        for n in d.notes:
+            print(f"  note: {n}")
+        for r in d.recommendations:
+            print(f"  [{r.severity}] {r.kind}: {r.message}")
+        alts = [[a.label(), _fmt(a.capacity_rps), "yes" if a.meets_slo else "no",
+                 _fmt(a.usd_per_hour), _fmt(a.usd_per_1m_tokens), a.oom_risk]
+                for a in d.alternatives[:6]]  # fmt: skip
+        if alts:
+            header = ["deployment", "capacity req/s", "meets SLO", "$/h", "$/1M tok", "OOM risk"]
+            print_table("Right-sizing alternatives (cheapest meeting the SLO first)", header, alts)
+
+
+async def _drive_with_progress(
+    url: str, duration_s: float, requests: int, t: Traffic, est: Estimator
+) -> None:
+    """The traffic ramp, with the estimator refreshed (in a thread) every 3 s for the display."""
+
+    def rate(elapsed: float) -> float:  # a ramp from 2 to 14 requests/s
+        return 2.0 + 12.0 * min(1.0, elapsed / max(duration_s, 1e-9))
+
+    async def refresher() -> None:
+        while True:
+            await asyncio.sleep(3.0)
+            await asyncio.to_thread(est.refresh)
+
+    from rich.progress import Progress
+
+    task_r = asyncio.create_task(refresher())
     try:
-        from rich.progress import Progress
-    except ImportError:
-        await drive(url, "demo-model", duration_s=duration_s, max_requests=requests, rate=rate, t=t)
-        return
-    with Progress() as progress:
-        task = progress.add_task("traffic", total=duration_s)
+        with Progress() as progress:
+            task = progress.add_task("traffic", total=duration_s)
 
-        def tick(elapsed: float) -> None:
-            label = f"traffic {rate(elapsed):4.1f} req/s, done {t.done}/{t.sent}"
-            progress.update(task, completed=elapsed, description=label)
+            def tick(elapsed: float) -> None:
+                label = f"{rate(elapsed):4.1f} req/s offered, {t.done}/{t.sent} done"
+                label += f" | {live_line(est.report())}"
+                progress.update(task, completed=elapsed, description=label)
 
-        await drive(
-            url,
-            "demo-model",
-            duration_s=duration_s,
-            max_requests=requests,
-            rate=rate,
-            t=t,
-            on_tick=tick,
-        )
-        progress.update(task, completed=duration_s)
+            await drive(
+                url, DEMO_MODEL, duration_s=duration_s, max_requests=requests, rate=rate, t=t,
+                on_tick=tick,
+            )  # fmt: skip
+            progress.update(task, completed=duration_s)
+    finally:
+        task_r.cancel()

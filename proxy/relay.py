@@ -210,8 +210,7 @@ async def relay_plain(
         raise UpstreamError(f"Backend {ex.backend} failed while sending its answer.") from None
     finally:
         resp.release()
-    ex.first_token_s = time.perf_counter()
-    ex.status = resp.status
+    ex.status = resp.status  # no first-token time: a whole body shows no token timing
     if resp.status < 400:
         obj = _json(body)
         if isinstance(obj, dict):

@@ -5,33 +5,116 @@ Kept apart from ``cli.py`` (parsing only) and ``app.py`` (no logic)."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
+from typing import Any
+
+from estimator.catalog import CatalogError
+from estimator.service import Estimator, EstimatorConfig
 
 from .app import Deps
-from .config import ProxyConfig
+from .config import ConfigError, ProxyConfig
 from .emulate import EmulatorConfig, FixedPace, TimingModel
+from .telemetry import GaugeRow
 
 
-def estimator_deps(config: ProxyConfig) -> Deps:
+def build_estimator(config: ProxyConfig, source: str = "config") -> Estimator:
+    """The online estimator from the ``estimator`` section; config errors name the key."""
+    e = config.estimator
+    est_cfg = EstimatorConfig(
+        slo_ttft_p95_s=e.slo_ttft_p95_s,
+        slo_itl_p95_s=e.slo_itl_p95_s,
+        gpu=e.gpu,
+        gpus_per_backend=e.gpus_per_backend,
+        quant=e.quant,
+        model_configs=dict(e.model_configs),
+        catalog_path=e.catalog,
+        refresh_interval_s=e.refresh_interval_s,
+    )
+    try:
+        return Estimator(est_cfg)
+    except (CatalogError, ValueError) as exc:
+        key, _, reason = str(exc).partition(": ")
+        raise ConfigError(
+            source, key if key.startswith("estimator") else "estimator", reason or str(exc)
+        ) from None
+
+
+def report_gauges(est: Estimator) -> Iterable[GaugeRow]:
+    report = est.report()
+    if report is None:
+        return
+    for name, doc, labels, samples in report.gauge_families():
+        yield GaugeRow(f"rightsizer_{name}", doc, labels, samples)
+
+
+def report_dict(est: Estimator) -> dict[str, Any] | None:
+    report = est.report()
+    return None if report is None else report.to_dict()
+
+
+def estimator_deps(config: ProxyConfig, source: str = "config") -> Deps:
     """The app's dependencies, with the online estimator when it is enabled."""
-    return Deps()
+    if not config.estimator.enabled:
+        return Deps()
+    est = build_estimator(config, source)
+    return Deps(
+        estimator=est,
+        report_dict=lambda: report_dict(est),
+        report_gauges=lambda: report_gauges(est),
+    )
 
 
 def add_emulator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default="emulated", help="model id it serves")
-    p.add_argument("--ttft", type=float, default=0.05, help="seconds per prefill step")
-    p.add_argument("--itl", type=float, default=0.01, help="seconds per decode step")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="concurrent sequences")
-    p.add_argument("--kv-tokens", type=int, default=262_144, help="KV cache capacity in tokens")
+    p.add_argument("--ttft", type=float, default=0.05, help="seconds per prefill step (fixed pace)")
+    p.add_argument("--itl", type=float, default=0.01, help="seconds per decode step (fixed pace)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="concurrent sequences")
+    p.add_argument("--kv-tokens", type=int, default=None, help="KV cache capacity in tokens")
     p.add_argument("--max-tokens", type=int, default=64, help="output length when unset")
+    p.add_argument("--max-model-len", type=int, default=8192, help="longest prompt + output")
+    g = p.add_argument_group(
+        "engine model",
+        "emulate a real model on a real GPU: step times from the estimator's "
+        "roofline model, KV capacity from its memory plan (replaces --ttft/--itl/--kv-tokens)",
+    )
+    g.add_argument("--model", help="path to the model's Hugging Face config.json")
+    g.add_argument("--gpu", help="GPU catalog key, e.g. h100-sxm (see configs/gpus.yaml)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    g.add_argument("--quant", default="bf16", help="bf16, fp8, int8, int4")
+    g.add_argument("--time-scale", type=float, default=1.0, help="run this many times faster")
 
 
 def emulator_from_args(args: argparse.Namespace) -> tuple[EmulatorConfig, TimingModel]:
+    """Fixed pace, or (``--model`` + ``--gpu``) the estimator's physical engine model."""
+    if bool(args.model) != bool(args.gpu):
+        raise SystemExit("rightsizer emulate: --model and --gpu go together")
+    timing: TimingModel = FixedPace(ttft_s=args.ttft, itl_s=args.itl)
+    kv_tokens, max_seqs = args.kv_tokens or 262_144, args.max_num_seqs or 32
+    if args.model:
+        from estimator.catalog import get_gpu, load_gpu_catalog
+        from estimator.engine import roofline_prior
+        from estimator.memory import plan_memory
+        from estimator.modelarch import load_model_arch
+
+        arch = load_model_arch(args.model)
+        gpu = get_gpu(load_gpu_catalog(), args.gpu)
+        plan = plan_memory(
+            arch, gpu, tp=args.tp, quant=args.quant,
+            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        )  # fmt: skip
+        if not plan.fits:
+            raise SystemExit(f"rightsizer emulate: does not fit: {'; '.join(plan.reasons)}")
+        timing = roofline_prior(arch, gpu, tp=args.tp, quant=args.quant)
+        kv_tokens = args.kv_tokens or plan.kv_capacity_tokens
+        max_seqs = args.max_num_seqs or plan.max_num_seqs
     cfg = EmulatorConfig(
         model=args.served_model_name,
-        max_num_seqs=args.max_num_seqs,
-        kv_capacity_tokens=args.kv_tokens,
+        max_num_seqs=max_seqs,
+        kv_capacity_tokens=kv_tokens,
         default_max_tokens=args.max_tokens,
+        max_model_len=args.max_model_len,
+        time_scale=args.time_scale,
     )
-    return cfg, FixedPace(ttft_s=args.ttft, itl_s=args.itl)
+    return cfg, timing
