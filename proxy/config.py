@@ -126,6 +126,12 @@ class EstimatorSection:
         default_factory=dict,
     )
     catalog: str | None = doc("Extra GPU catalog YAML merged over the built-in one.", None)
+    min_records: int = doc("Records a model needs before it is projected.", 50)
+    trend_window_s: float = doc("Window the arrival-rate trend is fitted on.", 3600.0)
+    latency_window_s: float = doc("Window of the observed TTFT/ITL p95.", 300.0)
+    forecast_horizon_s: float = doc("Horizon of the forecast peak that sizes replicas.", 3600.0)
+    breach_horizon_s: float = doc("How far ahead the time to SLO breach is searched.", 7 * 86400.0)
+    advisor_interval_s: float = doc("How often the right-sizing search reruns.", 600.0)
 
 
 PRIORITY_CLASSES = ("critical", "high", "normal", "low", "sheddable")

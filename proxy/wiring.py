@@ -29,6 +29,12 @@ def build_estimator(config: ProxyConfig, source: str = "config") -> Estimator:
         model_configs=dict(e.model_configs),
         catalog_path=e.catalog,
         refresh_interval_s=e.refresh_interval_s,
+        min_records=e.min_records,
+        trend_window_s=e.trend_window_s,
+        latency_window_s=e.latency_window_s,
+        forecast_horizon_s=e.forecast_horizon_s,
+        breach_horizon_s=e.breach_horizon_s,
+        advisor_interval_s=e.advisor_interval_s,
     )
     try:
         return Estimator(est_cfg)
