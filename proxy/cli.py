@@ -35,7 +35,14 @@ def _install_uvloop() -> str:
 
 
 async def run_site(
-    app: web.Application, host: str, port: int, *, grace_s: float = 10.0, access_log: bool = False
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    grace_s: float = 10.0,
+    access_log: bool = False,
+    max_field_size: int = 16 * 1024,
+    max_headers: int = 128,
 ) -> None:
     """Serve until SIGINT/SIGTERM, then drain in-flight requests for up to ``grace_s``.
 
@@ -47,6 +54,9 @@ async def run_site(
         handler_cancellation=True,
         shutdown_timeout=grace_s,
         access_log=logging.getLogger("aiohttp.access") if access_log else None,
+        max_field_size=max_field_size,
+        max_line_size=max_field_size,
+        max_headers=max_headers,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
@@ -111,9 +121,11 @@ async def _serve(config: ProxyConfig, deps: Deps) -> None:
     from .app import build_app
 
     app = build_app(config, deps)
+    srv = config.server
     await run_site(
-        app, config.server.host, config.server.port, grace_s=config.server.shutdown_grace_s
-    )
+        app, srv.host, srv.port, grace_s=srv.shutdown_grace_s,
+        max_field_size=srv.max_header_bytes, max_headers=srv.max_headers,
+    )  # fmt: skip
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from .errors import (
     NoHealthyBackend,
     ProxyError,
     Shed,
+    Unauthorized,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -252,7 +254,17 @@ async def metrics(request: web.Request) -> web.Response:
     return resp
 
 
+def _check_admin(request: web.Request) -> None:
+    token = request.app[STATE].config.server.admin_token
+    if token is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("The admin endpoints need 'Authorization: Bearer <admin token>'.")
+
+
 async def estimator_report(request: web.Request) -> web.Response:
+    _check_admin(request)
     report = request.app[STATE].report
     data = report() if report is not None else None
     if data is None:
