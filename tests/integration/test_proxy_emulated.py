@@ -317,3 +317,19 @@ def test_no_healthy_backend_is_503_with_retry_after(tmp_path: Path) -> None:
         assert r.headers["x-rightsizer-shed-reason"] == "no_backend"
     finally:
         p.stop()
+
+
+def test_admin_token_and_header_limits(emus: tuple[Proc, Proc]) -> None:
+    p = start_proxy([emus[0].url], env={"RIGHTSIZER_SERVER__ADMIN_TOKEN": "s3cret"},
+                    config={"server": {"max_header_bytes": 2048}})  # fmt: skip
+    try:
+        r = httpx.get(p.url + "/admin/estimator")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = httpx.get(p.url + "/admin/estimator", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code in (200, 503)  # 503 until the estimator's first refresh
+        assert "s3cret" not in p.metrics_text()
+        r = httpx.post(p.url + "/v1/completions", headers={"x-big": "a" * 4096},
+                       content=b'{"model":"emu","prompt":"x","max_tokens":1}')  # fmt: skip
+        assert r.status_code in (400, 431)
+    finally:
+        p.stop()
