@@ -146,6 +146,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(duration_s=args.duration, requests=args.requests))
 
 
+def cmd_estimator(args: argparse.Namespace) -> int:
+    from .estimator_server import build_estimator_app
+    from .wiring import build_estimator
+
+    try:
+        config = load_config(args.config)
+        est = build_estimator(config, args.config or "flags")
+    except ConfigError as exc:
+        print(f"rightsizer: config error: {exc}", file=sys.stderr)
+        return 2
+    redis_url = args.redis_url or config.shared.redis_url
+    if not redis_url:
+        print("rightsizer: estimator needs --redis-url (or shared.redis_url)", file=sys.stderr)
+        return 2
+    stream = f"{config.shared.key_prefix}:records"
+    _install_uvloop()
+    app = build_estimator_app(est, redis_url, stream, args.from_start)
+    asyncio.run(run_site(app, args.host, args.port, grace_s=2.0))
+    return 0
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     from estimator.cli import run_estimate
 
@@ -184,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=30.0, help="traffic duration in seconds")
     d.add_argument("--requests", type=int, default=2000, help="maximum requests to send")
     d.set_defaults(func=cmd_demo)
+
+    x = sub.add_parser(
+        "estimator",
+        help="run the online estimator alone, fed by the proxies' Redis records stream",
+    )
+    x.add_argument("--config", help="YAML config (its estimator and shared sections are used)")
+    x.add_argument("--redis-url", help="Redis holding the records stream")
+    x.add_argument("--host", default="127.0.0.1")
+    x.add_argument("--port", type=int, default=9100)
+    x.add_argument("--from-start", action="store_true", help="replay the stream from its start")
+    x.set_defaults(func=cmd_estimator)
 
     est = sub.add_parser("estimate", help="offline projection from a model config and traffic")
     try:

@@ -153,3 +153,18 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def start_estimator(redis_url: str, *, config: dict[str, object] | None = None,
+                    from_start: bool = True) -> Proc:  # fmt: skip
+    port = free_port()
+    args = ["estimator", "--redis-url", redis_url, "--port", str(port)]
+    if from_start:
+        args.append("--from-start")
+    if config is not None:
+        cfg_path = Path(tempfile.mkstemp(prefix="rightsizer-cfg-", suffix=".yaml")[1])
+        cfg_path.write_bytes(orjson.dumps(config))
+        args += ["--config", str(cfg_path)]
+    p = _spawn(f"estimator-{port}", args, port)
+    p.wait_ready("/health")
+    return p

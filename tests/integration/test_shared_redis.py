@@ -14,9 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import openai
+import orjson
 import pytest
 import redis
-from procs import Proc, free_port, metric_value, read_records, start_emulator, start_proxy, wait_for
+from procs import (
+    Proc,
+    free_port,
+    http_get,
+    metric_value,
+    read_records,
+    start_emulator,
+    start_proxy,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -196,3 +206,27 @@ def test_redis_outage_fails_no_request(
     assert logs.count("Redis is back") == 2
     with contextlib.suppress(Exception):
         redis.Redis(port=redis_server.port).close()
+
+
+def test_standalone_estimator_sees_all_replicas(
+    fleet: tuple[list[Proc], list[Proc]], redis_server: RedisServer
+) -> None:
+    from procs import start_estimator
+
+    proxies, _ = fleet
+    assert asyncio.run(_load([p.url for p in proxies], 60, 8, max_tokens=4)) == [4] * 60
+    est = start_estimator(f"redis://127.0.0.1:{redis_server.port}/0",
+                          config={"estimator": {"refresh_interval_s": 0.5, "min_records": 10}})  # fmt: skip
+    try:
+
+        def observed() -> int:
+            status, body = http_get(est.url + "/admin/estimator")
+            if status != 200:
+                return 0
+            deps = orjson.loads(body)["deployments"]
+            return sum(d["requests_observed"] for d in deps)
+
+        wait_for(lambda: observed() == 60, timeout_s=20)
+        assert "rightsizer_estimator_rate_requests_per_second" in est.metrics_text()
+    finally:
+        est.stop()
