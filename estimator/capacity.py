@@ -22,7 +22,7 @@ KV-cache blocks (preemptions or a full cache) rather than ``max_num_seqs``, else
 
 With ``replicas`` the load is split evenly (ideal balancing: each replica sees a Poisson stream
 at ``rate / replicas``), so capacity scales linearly. Measured: 9-12 probes of 2,000 requests,
-0.1-0.3 s (2 shared cores, Python 3.11); 0.02 s when even a low rate fails.
+0.15-0.2 s of CPU (Python 3.11, shared 2-core machine); 0.02 s when even a low rate fails.
 """
 
 from __future__ import annotations

@@ -21,13 +21,14 @@ counts, a finish heap keyed by a global decode-step counter), so a step costs O(
 prefill work. Runs of identical pure-decode steps (no prefill, nothing admittable) up to the
 next finish, arrival or possible KV shortage are advanced in closed form, using that step time
 is affine in ``context_tokens`` (ITL quantiles then use 8 points per run). A test checks every
-request's times against a naive per-sequence simulator. Measured, 2,000 requests (lognormal
-800-token prompts, 200-token outputs, 2 shared cores, Python 3.11): 10-25 ms busy or
-overloaded, about 70 ms nearly idle (more, shorter decode runs between arrivals).
+request's times against a naive per-sequence simulator. Measured CPU time for 2,000 requests
+(lognormal 800-token prompts, 200-token outputs; Python 3.11 on a shared 2-core machine):
+14-25 ms from nearly idle to overloaded.
 
 A request whose prompt can never fit in the KV cache is ended at admission (``n_truncated``)
 and counts as an infinite TTFT. The first ``warmup_fraction`` of requests (an empty engine
-fills up) are left out of the latency statistics. ``stable`` is False when the waiting queue
+fills up), and decode steps before the first counted arrival, are left out of the latency
+statistics. ``stable`` is False when the waiting queue
 keeps growing: at the last arrival more than ``max(10, 5%)`` of the requests still wait for
 admission and the last quarter waited over 1.5x as long as the second quarter.
 
@@ -263,8 +264,8 @@ class _Sim:
         self.running_area = 0.0
         self.peak_running = 0
         self.min_free = self.total_blocks
-        self.itl_d: list[float] = []  # ITL sample durations and token weights
-        self.itl_w: list[float] = []
+        # decode runs for ITL statistics: (start time, first step, step increment, steps, seqs)
+        self.runs: list[tuple[float, float, float, int, int]] = []
         self.waiting_at_last_arrival = 0
         self.hit = limits.prefix_cache_hit_ratio
 
@@ -325,8 +326,7 @@ class _Sim:
         self.steps += 1
         if d:
             self.free -= need
-            self.itl_d.append(dt)
-            self.itl_w.append(float(d))
+            self.runs.append((self.t - dt, dt, 0.0, 1, d))
             self.tokens_out += d
             self.G += 1
             self._finish_decoders()
@@ -474,10 +474,7 @@ class _Sim:
                     alloc += cnt * (1 + (k - 1 - j0) // bs)
         self.free -= alloc
         self._account(total, d)
-        m = min(k, _ITL_POINTS_PER_RUN)
-        for j in range(m):
-            self.itl_d.append(a + b * (j + 0.5) * k / m - b / 2)
-            self.itl_w.append(d * k / m)
+        self.runs.append((self.t, a, b, k, d))
         self.t += total
         self.steps += k
         self.tokens_out += d * k
@@ -512,13 +509,28 @@ def _steps_to_reach(a: float, b: float, gap: float) -> int:
     return max(1, k)
 
 
-def _weighted_quantile(values: Sequence[float], weights: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    v, w = np.asarray(values), np.asarray(weights)
-    order = np.argsort(v)
-    cw = np.cumsum(w[order])
-    return float(v[order][min(v.size - 1, int(np.searchsorted(cw, q * cw[-1])))])
+def _itl_quantiles(
+    runs: list[tuple[float, float, float, int, int]], since: float, qs: Sequence[float]
+) -> list[float]:
+    """Token-weighted quantiles of the step durations of decode runs that began at ``since``
+    or later; a run of ``k`` steps ``a, a + b, ...`` is represented by up to 8 points."""
+    if not runs:
+        return [math.nan] * len(qs)
+    r = np.asarray(runs)
+    if (r[:, 0] >= since).any():
+        r = r[r[:, 0] >= since]
+    a, b, k, d = r[:, 1:2], r[:, 2:3], r[:, 3:4], r[:, 4:5]
+    m = np.minimum(k, _ITL_POINTS_PER_RUN)
+    j = np.arange(_ITL_POINTS_PER_RUN)[None, :]
+    use = j < m
+    dur = (a + b * ((j + 0.5) * k / m - 0.5))[use]
+    weight = np.broadcast_to(d * k / m, use.shape)[use]
+    if weight.sum() <= 0:
+        return [math.nan] * len(qs)
+    order = np.argsort(dur)
+    cw = np.cumsum(weight[order])
+    at = np.minimum(np.searchsorted(cw, np.asarray(qs) * cw[-1]), dur.size - 1)
+    return [float(x) for x in dur[order][at]]
 
 
 def _summarise(sim: _Sim, tr: SimTrace, rate: float, q: float, warmup: float) -> SimResult:
@@ -533,6 +545,7 @@ def _summarise(sim: _Sim, tr: SimTrace, rate: float, q: float, warmup: float) ->
     def pct(x: np.ndarray, p: float) -> float:
         return float(np.quantile(x, p, method="inverted_cdf")) if x.size else math.nan
 
+    itl = _itl_quantiles(sim.runs, float(tr.arrival_s[w0]), (0.5, 0.95, q))
     finished = ~np.isnan(tr.finish_s)
     span = max(float(np.nanmax(tr.finish_s)) - float(tr.arrival_s[0]), 1e-12)
     prompt_in = float(tr.prompt_tokens[finished].sum())
@@ -540,9 +553,7 @@ def _summarise(sim: _Sim, tr: SimTrace, rate: float, q: float, warmup: float) ->
         rate_rps=rate, n_requests=n, n_finished=int(finished.sum()), n_truncated=sim.truncated,
         quantile=q, ttft_p50_s=pct(ttft, 0.5), ttft_p95_s=pct(ttft, 0.95),
         ttft_p99_s=pct(ttft, 0.99), ttft_q_s=pct(ttft, q),
-        itl_p50_s=_weighted_quantile(sim.itl_d, sim.itl_w, 0.5),
-        itl_p95_s=_weighted_quantile(sim.itl_d, sim.itl_w, 0.95),
-        itl_q_s=_weighted_quantile(sim.itl_d, sim.itl_w, q),
+        itl_p50_s=itl[0], itl_p95_s=itl[1], itl_q_s=itl[2],
         e2e_p50_s=pct(e2e, 0.5), e2e_p95_s=pct(e2e, 0.95), queue_p95_s=pct(queue, 0.95),
         throughput_rps=int(finished.sum()) / span, input_tokens_per_s=prompt_in / span,
         output_tokens_per_s=sim.tokens_out / span, output_tokens=sim.tokens_out,

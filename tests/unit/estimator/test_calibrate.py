@@ -229,3 +229,37 @@ def test_observe_and_fit_are_fast() -> None:
     fit_s = time.perf_counter() - t0
     assert per_record < 5e-6  # measured about 0.8 µs
     assert fit_s < 0.15  # measured about 25-35 ms; loose for slow CI machines
+
+
+maybe_time = st.one_of(st.none(), st.floats(-1e6, 1e6, allow_nan=False))
+maybe_count = st.one_of(st.none(), st.integers(0, 200_000))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            good,
+            dispatch_s=maybe_time,
+            first_token_s=maybe_time,
+            end_s=maybe_time,
+            prompt_tokens=maybe_count,
+            completion_tokens=maybe_count,
+            cached_tokens=maybe_count,
+            inflight_requests=st.one_of(st.none(), st.integers(0, 10_000)),
+            itl=st.builds(
+                ItlSummary,
+                count=st.integers(0, 10),
+                mean=st.one_of(st.none(), st.floats(0, 10, allow_nan=False)),
+            ),
+        ),
+        max_size=40,
+    ),
+    st.one_of(st.none(), st.integers(1, 512)),
+)
+def test_garbage_in_never_raises(records: list[RequestRecord], max_num_seqs: int | None) -> None:
+    """Clock skew, zero tokens, cached > prompt: observe and fit stay total functions."""
+    cal = fitted(records, prior=TRUE, config=CalibratorConfig(capacity=16))
+    c = cal.fit(max_num_seqs=max_num_seqs)
+    assert all(math.isfinite(v) and v >= 0 for v in c.step.coefficients())
+    assert c.n_records <= 16

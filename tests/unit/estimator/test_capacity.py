@@ -20,9 +20,9 @@ from estimator.capacity import (
     replicas_needed,
     saturation_rate,
 )
-from estimator.catalog import get_gpu, load_gpu_catalog
+from estimator.catalog import GpuSpec, get_gpu, load_gpu_catalog
 from estimator.engine import StepModel, roofline_prior
-from estimator.modelarch import load_model_arch
+from estimator.modelarch import ModelArch, load_model_arch
 from estimator.simulate import EngineLimits, Workload, simulate
 
 STEP = StepModel(overhead_s=0.006, prefill_s_per_token=6e-5, decode_s_per_seq=1e-4,
@@ -112,7 +112,7 @@ def test_latency_curve_rises_with_rate() -> None:
 def test_slo_validation() -> None:
     for bad in ({"ttft_p95_s": 0.0}, {"itl_p95_s": -1.0}, {"quantile": 1.0}):
         with pytest.raises(ValueError, match="Slo"):
-            Slo(**bad)  # type: ignore[arg-type]
+            Slo(**bad)
 
 
 def test_capacity_search_is_fast() -> None:
@@ -149,7 +149,7 @@ def test_smaller_kv_cache_never_raises_capacity(
 
 
 @pytest.fixture(scope="module")
-def llama8b_a10g() -> tuple[object, object]:
+def llama8b_a10g() -> tuple[ModelArch, GpuSpec]:
     configs = Path(__file__).parent / "configs"
     return load_model_arch(configs / "llama-3.1-8b.json"), get_gpu(load_gpu_catalog(), "a10g")
 
@@ -157,13 +157,13 @@ def llama8b_a10g() -> tuple[object, object]:
 @settings(max_examples=10, deadline=None)
 @given(factor=st.floats(1.1, 4.0), seed=st.integers(0, 3))
 def test_more_bandwidth_never_lowers_capacity(
-    llama8b_a10g: tuple[object, object], factor: float, seed: int
+    llama8b_a10g: tuple[ModelArch, GpuSpec], factor: float, seed: int
 ) -> None:
     arch, gpu = llama8b_a10g
-    faster = dataclasses.replace(gpu, mem_bandwidth_bps=gpu.mem_bandwidth_bps * factor)  # type: ignore[type-var]
+    faster = dataclasses.replace(gpu, mem_bandwidth_bps=gpu.mem_bandwidth_bps * factor)
     limits = EngineLimits(max_num_seqs=64, kv_capacity_tokens=60_000)
     slo = Slo(ttft_p95_s=2.0, itl_p95_s=0.1)
     wl = workload(seed, prompt=500, output=150)
-    base = max_rate_at_slo(roofline_prior(arch, gpu), limits, wl, slo, n_requests=N, seed=seed)  # type: ignore[arg-type]
-    fast = max_rate_at_slo(roofline_prior(arch, faster), limits, wl, slo, n_requests=N, seed=seed)  # type: ignore[arg-type]
+    base = max_rate_at_slo(roofline_prior(arch, gpu), limits, wl, slo, n_requests=N, seed=seed)
+    fast = max_rate_at_slo(roofline_prior(arch, faster), limits, wl, slo, n_requests=N, seed=seed)
     assert fast.rate_rps * SLACK >= base.rate_rps
