@@ -204,3 +204,25 @@ def test_llama_killed_mid_stream(tmp_path: Path, require_llama: None) -> None:
     finally:
         p.stop()
         server.stop()
+
+
+def test_predicted_kv_capacity_matches_vllm(vllm_server: RunningServer) -> None:
+    """The memory planner's KV capacity equals what the real vLLM CPU engine allocated
+    (VLLM_CPU_KVCACHE_SPACE=1 GiB in the fixture), read from its cache_config_info."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from real_backends import MODELS
+
+    from estimator.memory import cpu_plan
+    from estimator.modelarch import load_model_arch
+
+    text = urllib.request.urlopen(vllm_server.url + "/metrics", timeout=5).read().decode()
+    info = next(s.labels for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "vllm:cache_config_info")  # fmt: skip
+    block_size, blocks = int(info["block_size"]), int(info["num_gpu_blocks"])
+    plan = cpu_plan(
+        load_model_arch(MODELS / "tiny"), kv_cache_space_bytes=1 << 30, block_size=block_size
+    )
+    assert plan.num_blocks == blocks
+    assert plan.kv_capacity_tokens == blocks * block_size
