@@ -254,6 +254,7 @@ class EmulatorServer:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.cleanup_ctx.append(self._lifetime)
@@ -283,6 +284,22 @@ class EmulatorServer:
         resp = web.Response(body=generate_latest(self.registry))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """A deterministic 8-dimensional embedding per input (no engine time)."""
+        body = orjson.loads(await request.read())
+        inputs = body.get("input", "")
+        texts = [inputs] if isinstance(inputs, str) else [str(x) for x in inputs]
+        data = [
+            {"object": "embedding", "index": i,
+             "embedding": [b / 255 for b in hashlib.blake2b(t.encode(), digest_size=8).digest()]}
+            for i, t in enumerate(texts)
+        ]  # fmt: skip
+        tokens = sum(max(1, len(t) // CHARS_PER_TOKEN) for t in texts)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return web.json_response(
+            {"object": "list", "data": data, "model": self.cfg.model, "usage": usage}
+        )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)

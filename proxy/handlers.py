@@ -194,10 +194,17 @@ async def other_v1(request: web.Request) -> web.StreamResponse:
             candidates = _candidates(st.pool, model)
         else:
             candidates = [b for b in st.pool.backends if b.available(time.monotonic())]
+        if not candidates:
+            raise NoHealthyBackend("No healthy backend.", reason="no_backend")
+        ordered = sorted(candidates, key=st.scheduler.utilization)
+        st.scheduler.hold(ex, ordered[0])
         headers = _upstream_headers(request, ex.request_id)
-        return await forward_other(
-            request, ex, st.upstream, st.router.order(candidates), raw, headers
-        )
+        try:
+            return await forward_other(
+                request, ex, st.upstream, ordered, raw, headers, st.scheduler.move
+            )
+        finally:
+            st.scheduler.unhold(ex)
     except ProxyError as err:
         ex.fail(_outcome(err), err.status)
         raise

@@ -333,3 +333,13 @@ def test_admin_token_and_header_limits(emus: tuple[Proc, Proc]) -> None:
         assert r.status_code in (400, 431)
     finally:
         p.stop()
+
+
+def test_other_v1_paths_are_forwarded_and_measured(proxy: Proc) -> None:
+    r = client(proxy).embeddings.create(model="emu", input=["hello world", "bye"],
+                                        extra_headers={"x-request-id": "emb-1"})  # fmt: skip
+    assert len(r.data) == 2 and len(r.data[0].embedding) == 8
+    (rec,) = records_for(proxy, "emb-1")
+    assert rec["endpoint"] == "embeddings" and rec["outcome"] == "ok" and rec["prompt_tokens"] == 3
+    missing = httpx.post(proxy.url + "/v1/rerank", content=b'{"model":"emu"}')
+    assert missing.status_code == 404  # the backend's own 4xx, passed through
