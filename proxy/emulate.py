@@ -296,7 +296,7 @@ class EmulatorServer:
             for i, t in enumerate(texts)
         ]  # fmt: skip
         tokens = sum(max(1, len(t) // CHARS_PER_TOKEN) for t in texts)
-        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        usage: dict[str, int] = {"prompt_tokens": tokens, "total_tokens": tokens}
         return web.json_response(
             {"object": "list", "data": data, "model": self.cfg.model, "usage": usage}
         )
@@ -398,7 +398,7 @@ class EmulatorServer:
             await resp.write(b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n")
         opts = body.get("stream_options")
         if isinstance(opts, dict) and opts.get("include_usage"):
-            usage = {**base, "choices": [], "usage": self._usage(seq)}
+            usage: dict[str, Any] = {**base, "choices": [], "usage": self._usage(seq)}
             await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -32,7 +33,7 @@ async def consume(est: Estimator, client: aioredis.Redis, stream: str, last_id: 
     down = False
     while True:
         try:
-            got = await client.xread({stream: last_id}, count=5000, block=1000)
+            got: Any = await client.xread({stream: last_id}, count=5000, block=1000)
         except (RedisError, OSError) as exc:
             if not down:
                 log.warning("records stream unavailable (%s); retrying", type(exc).__name__)

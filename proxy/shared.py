@@ -170,7 +170,7 @@ class SharedState:
         if window != self._tpm_window:
             self._tpm_window, self._tpm_pushed = window, collections.Counter()
         ttl_ms = max(2000, int(self.cfg.sync_interval_s * 20_000))
-        state = {f"b:{b.name}": b.inflight for b in self.pool.backends}
+        state: dict[str, int | str] = {f"b:{b.name}": b.inflight for b in self.pool.backends}
         state.update({f"t:{t}": n for t, n in self.tenants.inflight.items()})
         deltas = {
             t: n - self._tpm_pushed[t]
@@ -185,7 +185,7 @@ class SharedState:
             pipe.sadd(self.k_replicas, self.replica)
             # overwrite in place (never delete-then-set: a reader in between would see this
             # replica as gone and over-admit)
-            pipe.hset(self._k_state(self.replica), mapping={"alive": 1, **state})
+            pipe.hset(self._k_state(self.replica), mapping={"alive": 1, **state})  # type: ignore[dict-item]
             if gone:
                 pipe.hdel(self._k_state(self.replica), *gone)
             pipe.pexpire(self._k_state(self.replica), ttl_ms)

@@ -131,7 +131,7 @@ class GaugeRow:
     name: str
     doc: str
     labelnames: tuple[str, ...]
-    samples: list[tuple[tuple[str, ...], float]]
+    samples: Sequence[tuple[tuple[str, ...], float]]
 
 
 class StateCollector(Collector):

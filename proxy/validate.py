@@ -120,7 +120,7 @@ def parse_body(raw: bytes, endpoint: str) -> ParsedRequest:
     _require(n is None or (_is_int(n) and n >= 1), "'n' must be a positive integer.", "n")
     return ParsedRequest(
         body=body,
-        model=model,
+        model=str(model),
         stream=bool(stream),
         include_usage=include_usage,  # type: ignore[arg-type]
         max_tokens=max_tokens,
