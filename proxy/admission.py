@@ -157,7 +157,9 @@ class Scheduler:
         klass = CLASS_INDEX[ex.priority]
         now = time.perf_counter()
         self.tenants.check(ex, now)
-        queue = self.queues.setdefault(ex.model, ModelQueue())
+        queue = self.queues.get(ex.model)
+        if queue is None:
+            queue = self.queues[ex.model] = ModelQueue()
         budget = (
             deadline_s if deadline_s is not None else self.cfg.deadline_s.get(ex.priority, 30.0)
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -121,6 +122,11 @@ async def _serve(config: ProxyConfig, deps: Deps) -> None:
     from .app import build_app
 
     app = build_app(config, deps)
+    # Long-lived start-up objects leave the GC's view, and young-generation collections run
+    # less often: per-request garbage is short-lived and mostly acyclic (measured: the GC
+    # took 11-13% of the proxy's CPU on short non-streamed requests).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     srv = config.server
     await run_site(
         app, srv.host, srv.port, grace_s=srv.shutdown_grace_s,

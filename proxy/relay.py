@@ -293,6 +293,7 @@ async def relay_stream(
     ex.status = resp.status
     await out.prepare(request)
     st = StreamState()
+    clean = False
     carry = b""
     reader = resp.content
     perf = time.perf_counter
@@ -321,6 +322,7 @@ async def relay_stream(
             await out.write(carry)
         if not st.done:
             raise aiohttp.ClientPayloadError("stream ended before [DONE]")
+        clean = True
     except _TotalTimeout:
         await _fail_stream(
             out,
@@ -347,7 +349,9 @@ async def relay_stream(
             UpstreamError(f"Backend {ex.backend} failed mid-stream: the connection broke."),
         )
     finally:
-        resp.close()  # never leave the engine generating for nobody
+        # a finished stream gives its keep-alive connection back to the pool; any other end
+        # closes it, so the engine stops generating for nobody
+        resp.release() if clean else resp.close()
         _finish_stream(ex, st)
     await out.write_eof()
     return out
