@@ -12,8 +12,11 @@ requests at dispatch, this one excluded; ``M`` = ``max_num_seqs`` when known, el
   token; ``itl.mean`` when the end is unknown) is the mean step time during its decode::
 
       y = c0 + c_p * pf + c_d * D + c_kv * K
-      D = min(R + 1, M),  K = ctx + (D - 1) * ctx_bar,  ctx = prompt + completion / 2
+      D = min(Dbar, M),  K = ctx + (D - 1) * ctx_bar,  ctx = prompt + completion / 2
 
+  ``Dbar`` = mean in-flight requests (this one included) during this decode, from the
+  overlaps of the ring's own records, scaled to the proxy's counts ``R`` (``R + 1`` where the
+  ring cannot tell: see ``_decode_concurrency``; a snapshot regressor would bias the fit);
   ``pf`` = uncached prompt tokens of the window's requests whose first token (end of their
   prefill) fell inside this decode, per decode step (exact accounting from the ring);
   ``ctx_bar`` = weighted mean ``ctx`` of the window;
@@ -33,10 +36,10 @@ requests at dispatch, this one excluded; ``M`` = ``max_num_seqs`` when known, el
   well under a millisecond.
 
 Identifiability: the data pin down ``c0``, ``c_p`` and the cost of one more running sequence
-``c_d + c_kv * ctx_bar`` well; the split between ``c_d`` and ``c_kv`` rests on how much the
+``c_d + c_kv * ctx_bar`` best; the split between ``c_d`` and ``c_kv`` rests on how much the
 contexts of requests differ, and is weak when one of the two is small: there the prior
-(``roofline_prior``'s bandwidth-based ``c_kv``) carries it. Predictions at the observed
-operating points do not depend on the split.
+(``roofline_prior``'s bandwidth-based ``c_kv``) carries it. On simulated engines all four come
+back within 10% (tests/unit/estimator/test_calibrate.py).
 
 Fit: minimise ``sum_i w_i rho(r_i / sigma) + tau sum_j ((c_j - p_j) / s_j)^2`` over
 ``c >= 0``, with relative residuals ``r_i = (y_i - x_i c) / y_i``, their robust scale
@@ -68,6 +71,7 @@ _T, _DISPATCH, _FIRST, _END, _UNCACHED, _PROMPT, _COMPLETION, _INFLIGHT = range(
 _NCOL = 8
 _NPARAM = 5  # c0, c_p, c_d, c_kv, q (queue)
 _SCALE_SAMPLE = 20_000  # rows used for robust scale and error quantiles
+_MAX_UNSEEN_LOAD = 3.0  # proxy in-flight counts up to 3x what the ring's records explain
 _SUBSETS = [
     np.array(s, dtype=np.intp)
     for k in range(_NPARAM, 0, -1)
@@ -244,10 +248,51 @@ def _design(
     steps = np.maximum(comp - 1, 1)
     yi = (end - first) / steps
     pf = _prefill_tokens_between(all_rows, first, end) / steps
-    dd = np.minimum(r + 1, m)
+    dd = np.minimum(_decode_concurrency(all_rows, rows), m)
     xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, np.zeros_like(r)])
     oki = (comp >= 2) & np.isfinite(yi) & (yi > 1e-7)
     return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki]
+
+
+def _decode_concurrency(all_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Mean in-flight requests (this one included) over each record's decode, from the ring.
+
+    The snapshot ``R + 1`` at dispatch is unbiased but noisy, and a noisy regressor biases its
+    slope towards zero; the time average over ``(first_token, end]`` of the records' own
+    ``[dispatch, end)`` intervals is not. Records the ring lacks (non-streamed, failed) are
+    made up for by scaling with the ratio of the proxy's counts ``R`` to the ring's count at
+    dispatch; when that ratio exceeds 3 the ring is not representative and ``R + 1`` is used.
+    Records that ended within one longest request of the newest one may overlap requests
+    still in flight, and those that began before the oldest record ended may overlap records
+    already overwritten: both keep ``R + 1``.
+    """
+    d_all = all_rows[:, _DISPATCH]
+    e_all = np.where(np.isfinite(all_rows[:, _END]), all_rows[:, _END], all_rows[:, _FIRST])
+    ds, es = np.sort(d_all), np.sort(e_all)
+    cds = np.concatenate([[0.0], np.cumsum(ds)])
+    ces = np.concatenate([[0.0], np.cumsum(es)])
+    n = ds.size
+
+    def busy_time(x: np.ndarray) -> np.ndarray:  # sum_j (min(e_j, x) - min(d_j, x))
+        ke, kd = np.searchsorted(es, x, side="right"), np.searchsorted(ds, x, side="right")
+        out: np.ndarray = (ces[ke] + x * (n - ke)) - (cds[kd] + x * (n - kd))
+        return out
+
+    disp, first, end, r = rows[:, _DISPATCH], rows[:, _FIRST], rows[:, _END], rows[:, _INFLIGHT]
+    snapshot = r + 1
+    ok = np.isfinite(end) & (end > first)
+    if not ok.any():
+        return snapshot
+    horizon = float(np.max(e_all - d_all))
+    ok &= (end <= float(np.max(e_all)) - horizon) & (first >= float(np.min(e_all)))
+    at_dispatch = np.searchsorted(ds, disp, side="right") - np.searchsorted(es, disp, side="right")
+    ring_others, proxy_others = float(np.sum((at_dispatch - 1)[ok])), float(np.sum(r[ok]))
+    if proxy_others > _MAX_UNSEEN_LOAD * ring_others:  # the ring sees too little of the load
+        return snapshot
+    scale = max(0.5, proxy_others / ring_others) if ring_others > 0 else 1.0
+    span = np.where(ok, end - first, 1.0)
+    mean_inflight = (busy_time(np.where(ok, end, 0.0)) - busy_time(np.where(ok, first, 0.0))) / span
+    return np.where(ok, 1.0 + scale * np.maximum(mean_inflight - 1.0, 0.0), snapshot)
 
 
 def _prefill_tokens_between(rows: np.ndarray, first: np.ndarray, end: np.ndarray) -> np.ndarray:

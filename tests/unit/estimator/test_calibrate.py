@@ -170,17 +170,17 @@ def test_recovers_known_coefficients(
 
 
 def test_recovers_the_simulated_engine() -> None:
-    """Records from the simulator (queueing, chunked prefill, batching): the model's
-    predictions match the true step model within 10% over the operating range."""
+    """Records from the simulator (queueing, chunked prefill, batching, loads from 6% to 75%
+    of saturation): every coefficient within 10%, and the predictions too."""
     cal = fitted(simulated(TRUE, [0.5, 1, 2, 3, 4, 5, 6])).fit(max_num_seqs=LIMITS.max_num_seqs)
     got = cal.step
-    assert rel(got.overhead_s, TRUE.overhead_s) < 0.10
-    assert rel(got.prefill_s_per_token, TRUE.prefill_s_per_token) < 0.10
+    for g, want in zip(got.coefficients(), TRUE.coefficients(), strict=True):
+        assert rel(g, want) < 0.10
     for batch in (1, 8, 24, 48):
-        assert rel(got.itl_at(batch, 900), TRUE.itl_at(batch, 900)) < 0.10
+        assert rel(got.itl_at(batch, 900), TRUE.itl_at(batch, 900)) < 0.05
     for prompt in (200, 1000, 4000):
-        assert rel(got.ttft_alone(prompt), TRUE.ttft_alone(prompt)) < 0.10
-    assert cal.trusted and cal.itl_mare is not None and cal.itl_mare < 0.05
+        assert rel(got.ttft_alone(prompt), TRUE.ttft_alone(prompt)) < 0.05
+    assert cal.trusted and cal.itl_mare is not None and cal.itl_mare < 0.02
 
 
 def test_follows_a_step_change_with_forgetting() -> None:
@@ -194,8 +194,8 @@ def test_follows_a_step_change_with_forgetting() -> None:
     records = before + after
     forgetting = fitted(records, config=CalibratorConfig(half_life_s=span / 4)).fit()
     no_forget = fitted(records, config=NO_FORGET).fit()
-    assert rel(forgetting.step.overhead_s, slower.overhead_s) < 0.10
-    assert rel(forgetting.step.prefill_s_per_token, slower.prefill_s_per_token) < 0.10
+    for got, want in zip(forgetting.step.coefficients(), slower.coefficients(), strict=True):
+        assert rel(got, want) < 0.10
     for batch in (1, 8, 24):
         assert rel(forgetting.step.itl_at(batch, 900), slower.itl_at(batch, 900)) < 0.10
     assert no_forget.step.itl_at(8, 900) < 0.9 * slower.itl_at(8, 900)

@@ -40,6 +40,11 @@ def workload(seed: int = 1, prompt: float = 800, output: float = 200) -> Workloa
 WL = workload()
 
 
+@pytest.fixture(scope="module")
+def default_capacity() -> float:
+    return max_rate_at_slo(STEP, BIG, WL, Slo()).rate_rps
+
+
 @pytest.mark.parametrize(
     ("slo", "limiting"),
     [
@@ -78,11 +83,10 @@ def test_unreachable_slo_gives_zero_and_replicas_raise() -> None:
         replicas_needed(STEP, BIG, WL, slo, peak_rate=10.0)
 
 
-def test_replicas_scale_capacity_linearly() -> None:
-    one = max_rate_at_slo(STEP, BIG, WL, Slo())
+def test_replicas_scale_capacity_linearly(default_capacity: float) -> None:
     three = max_rate_at_slo(STEP, BIG, WL, Slo(), replicas=3)
-    assert three.rate_rps == pytest.approx(3 * one.rate_rps)
-    assert three.per_replica_rps == pytest.approx(one.rate_rps)
+    assert three.rate_rps == pytest.approx(3 * default_capacity)
+    assert three.per_replica_rps == pytest.approx(default_capacity)
     with pytest.raises(ValueError, match="replicas"):
         max_rate_at_slo(STEP, BIG, WL, Slo(), replicas=0)
 
@@ -92,12 +96,10 @@ def test_replicas_scale_capacity_linearly() -> None:
     [(0.0, 1, 2), (1.0, 1, 2), (12.0, 1, 4), (12.0, 0, 3), (30.0, 2, 8)],
     ids=["idle", "small", "n+1", "no-headroom", "n+2"],
 )
-def test_replicas_needed(peak: float, headroom: int, want: int) -> None:
-    # capacity at the default SLO is about 5.6 req/s per replica for this workload
-    cap = max_rate_at_slo(STEP, BIG, WL, Slo()).rate_rps
-    assert 5.0 < cap < 6.2
+def test_replicas_needed(default_capacity: float, peak: float, headroom: int, want: int) -> None:
+    assert 5.0 < default_capacity < 6.2  # req/s per replica for this workload
     got = replicas_needed(STEP, BIG, WL, Slo(), peak, headroom_replicas=headroom)
-    assert got == want == max(1, math.ceil(peak / cap)) + headroom
+    assert got == want == max(1, math.ceil(peak / default_capacity)) + headroom
 
 
 def test_latency_curve_rises_with_rate() -> None:
