@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from estimator.calibrate import CalibratorConfig, OnlineCalibrator
+from estimator.capacity import saturation_rate
 from estimator.engine import StepModel
 from estimator.records import ItlSummary, Outcome, RequestRecord
 from estimator.simulate import EngineLimits, SimTrace, Workload, simulate_trace
@@ -181,6 +182,34 @@ def test_recovers_the_simulated_engine() -> None:
     for prompt in (200, 1000, 4000):
         assert rel(got.ttft_alone(prompt), TRUE.ttft_alone(prompt)) < 0.05
     assert cal.trusted and cal.itl_mare is not None and cal.itl_mare < 0.02
+
+
+log_uniform = st.floats(0.0, 1.0)
+
+
+def _between(lo: float, hi: float, u: float) -> float:
+    return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
+
+
+@settings(max_examples=8, deadline=None)
+@given(c0=log_uniform, cp=log_uniform, cd=log_uniform, ckv=log_uniform)
+def test_predicts_any_simulated_engine(c0: float, cp: float, cd: float, ckv: float) -> None:
+    """Random engines (log-uniform coefficients over two decades each), records from the
+    simulator at 10-70% of saturation: the fitted model predicts ITL and TTFT within 10%.
+    (A coefficient whose term is negligible everywhere, e.g. a tiny ``c_d``, is free to be off.)"""
+    true = StepModel(overhead_s=_between(2e-3, 3e-2, c0), prefill_s_per_token=_between(1e-5, 3e-4, cp),
+                     decode_s_per_seq=_between(1e-5, 5e-4, cd),
+                     kv_s_per_token=_between(1e-8, 5e-7, ckv))  # fmt: skip
+    sat = saturation_rate(true, LIMITS, workload(0))
+    cal = fitted(simulated(true, [f * sat for f in (0.1, 0.25, 0.4, 0.55, 0.7)])).fit(
+        max_num_seqs=LIMITS.max_num_seqs
+    )
+    assert cal.trusted
+    assert rel(cal.step.overhead_s, true.overhead_s) < 0.10
+    for batch in (1, 8, 24, 48):
+        assert rel(cal.step.itl_at(batch, 900), true.itl_at(batch, 900)) < 0.10
+    for prompt in (200, 1000, 4000):
+        assert rel(cal.step.ttft_alone(prompt), true.ttft_alone(prompt)) < 0.10
 
 
 def test_follows_a_step_change_with_forgetting() -> None:
