@@ -4,7 +4,7 @@ exactly once when the request ends."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from estimator.records import ItlSummary, Outcome, RequestRecord
 
@@ -36,6 +36,7 @@ class Exchange:
         "outcome",
         "priority",
         "prompt_tokens",
+        "request_body",
         "request_id",
         "status",
         "streamed",
@@ -70,6 +71,7 @@ class Exchange:
         self.inflight_requests: int | None = None
         self.inflight_tokens: int | None = None
         self.attempts = 0
+        self.request_body: dict[str, Any] | None = None  # for the request log's log_prompts
         self.held: Backend | None = None  # the backend whose in-flight slot this request holds
 
     def fail(self, outcome: Outcome, status: int) -> None:

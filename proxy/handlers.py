@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,11 +101,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     st = request.app[STATE]
     ex = Exchange(request[REQUEST_ID], endpoint=endpoint)
-    body: dict[str, Any] | None = None
-    try:
+    with _recorded(st, ex):
         raw = await read_body(request, st.config.server.max_body_bytes)
         parsed = parse_body(raw, endpoint)
-        body = parsed.body
+        ex.request_body = body = parsed.body
         ex.model, ex.streamed, ex.max_tokens = parsed.model, parsed.stream, parsed.max_tokens
         ex.tenant, default_class = st.tenants.identify(request.headers, body)
         ex.priority = parse_priority(request.headers.get("x-priority"), default_class or "normal")
@@ -119,6 +120,13 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
             )
         finally:
             st.scheduler.release(ex)
+
+
+@contextlib.contextmanager
+def _recorded(st: ProxyState, ex: Exchange) -> Iterator[None]:
+    """Every request ends in exactly one record, whatever happens."""
+    try:
+        yield
     except ProxyError as err:
         ex.fail(_outcome(err), err.status)
         raise
@@ -127,7 +135,7 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
         raise
     finally:
         ex.end_s = time.perf_counter()
-        st.recorder.submit(ex, body)
+        st.recorder.submit(ex, ex.request_body)
 
 
 def _route_ctx(
@@ -186,7 +194,7 @@ async def other_v1(request: web.Request) -> web.StreamResponse:
         )
     st = request.app[STATE]
     ex = Exchange(request[REQUEST_ID], endpoint=request.path.rsplit("/", 1)[-1] or "other")
-    try:
+    with _recorded(st, ex):
         raw = await read_body(request, st.config.server.max_body_bytes)
         model = _model_of(raw)
         if model is not None:
@@ -205,15 +213,6 @@ async def other_v1(request: web.Request) -> web.StreamResponse:
             )
         finally:
             st.scheduler.unhold(ex)
-    except ProxyError as err:
-        ex.fail(_outcome(err), err.status)
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
-        ex.fail(Outcome.CLIENT_CANCELLED, 499)
-        raise
-    finally:
-        ex.end_s = time.perf_counter()
-        st.recorder.submit(ex)
 
 
 def _model_of(raw: bytes) -> str | None:
