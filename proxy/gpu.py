@@ -53,6 +53,10 @@ _GAUGES: tuple[tuple[str, str, str], ...] = (
 )  # fmt: skip
 
 
+GPU_METRICS: dict[str, tuple[str, ...]] = {name: ("gpu", "name") for name, _, _ in _GAUGES}
+"""Every metric ``gauges`` exports, with its label names (for dashboards and alert checks)."""
+
+
 def _load_pynvml() -> ModuleType | None:
     try:
         import pynvml
