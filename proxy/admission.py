@@ -119,13 +119,15 @@ class Scheduler:
     # --- headroom ---
 
     def effective_limit(self, b: Backend) -> int:
+        """The backend's limit, lowered to what the engine was running at its last scrape
+        while it queued or its KV cache was full: nothing new until its queue drains."""
         limit = b.limit
         snap = b.snapshot
         if snap is not None and (
             (snap.waiting or 0) > self.cfg.engine_waiting_high
             or (snap.kv_usage or 0.0) > self.cfg.kv_usage_high
         ):
-            limit = min(limit, max(1, b.total_inflight))  # hold until the engine drains
+            limit = min(limit, max(1, int(snap.running or 0)))
         return limit
 
     def utilization(self, b: Backend) -> float:

@@ -40,6 +40,7 @@ class Backend:
         "healthy",
         "inflight",
         "inflight_tokens",
+        "learned_limit",
         "models",
         "name",
         "remote_inflight",
@@ -60,6 +61,7 @@ class Backend:
         self.inflight_tokens = 0
         self.remote_inflight = 0  # other replicas' (shared state), 0 when running alone
         self.default_limit = 64
+        self.learned_limit: int | None = None  # engine concurrency seen while it queued
         self.dialect: str | None = None if config.dialect == "auto" else config.dialect
         self.snapshot: BackendSnapshot | None = None
 
@@ -68,13 +70,29 @@ class Backend:
 
     @property
     def limit(self) -> int:
-        """Requests in flight at most: config, else the engine's max_num_seqs, else default."""
+        """Requests in flight at most: config, else the engine's max_num_seqs when exposed, else
+        the concurrency the engine was seen running at while it queued, else the default."""
         if self.config.max_inflight is not None:
             return self.config.max_inflight
         snap = self.snapshot
         if snap is not None and snap.max_num_seqs:
             return snap.max_num_seqs
+        if self.learned_limit is not None:
+            return self.learned_limit + 1  # one more probes whether the engine can take it
         return self.default_limit
+
+    def learn(self, snap: BackendSnapshot) -> None:
+        """An engine that queues while running N requests runs at most N (its max_num_seqs, or
+        what its KV cache holds); one that runs more without queueing can take at least that.
+        vLLM does not export max_num_seqs; its running count plateaus there. The limit is the
+        learned value plus one, so a value learned low (a transient queue) climbs back up."""
+        if snap.running is None or snap.running < 1:
+            return
+        running = int(snap.running)
+        if (snap.waiting or 0) > 0 or (
+            self.learned_limit is not None and running > self.learned_limit
+        ):
+            self.learned_limit = running
 
     @property
     def total_inflight(self) -> int:
@@ -238,6 +256,7 @@ class BackendPool:
             **fields,
         )
         b.snapshot = snap
+        b.learn(snap)
         if self.on_snapshot is not None:
             self.on_snapshot(snap)
         if self.on_change is not None:

@@ -217,9 +217,11 @@ class EngineCollector(Collector):
         yield counter("vllm:num_preemptions", "Preemptions.", "preemptions")
         yield counter("vllm:request_success", "Finished requests.", "requests")
         info = GaugeMetricFamily(
-            "vllm:cache_config_info", "Cache config.", labels=["block_size", "num_gpu_blocks"]
+            "vllm:cache_config_info",
+            "Cache config.",
+            labels=["block_size", "num_gpu_blocks", "max_num_seqs"],
         )
-        info.add_metric([str(e.cfg.block_size), str(e.total_blocks)], 1.0)
+        info.add_metric([str(e.cfg.block_size), str(e.total_blocks), str(e.cfg.max_num_seqs)], 1.0)
         yield info
 
 

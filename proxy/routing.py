@@ -13,7 +13,8 @@ Scorers (``type_name``: formula, range [0, 1]):
 Picker: the highest weighted sum; ties go to the lower load, then rotation order.
 
 Load guard (prefix affinity must not create hot spots, the failure of pure-affinity routers):
-if the best-by-score backend carries more than ``imbalance_abs`` requests *and* more than
+if the best-by-score backend carries more than ``min(imbalance_abs, limit_b / 4)`` requests
+more than the least-loaded candidate *and* more than
 ``(1 + imbalance_rel)`` x the least-loaded candidate's load, the decision falls back to least
 loaded (reason ``imbalance_guard``). The chosen backend's index learns the request's blocks
 (``on_routed``), so later requests sharing the prefix follow it.
@@ -134,9 +135,11 @@ class Router:
         return self.scorers[0][0] if self.scorers else "first"
 
     def _imbalanced(self, best: Backend, least: Backend) -> bool:
+        """The absolute threshold shrinks for small engines: a quarter of the best's limit."""
         in_b = self.load(best) * max(best.limit, 1)
         in_l = self.load(least) * max(least.limit, 1)
-        return in_b - in_l > self.imbalance_abs and in_b > (1 + self.imbalance_rel) * in_l
+        threshold = min(self.imbalance_abs, max(1.0, 0.25 * best.limit))
+        return in_b - in_l > threshold and in_b > (1 + self.imbalance_rel) * in_l
 
     def on_routed(self, backend: Backend, ctx: RouteCtx) -> None:
         if self.uses_prefix and ctx.hashes:

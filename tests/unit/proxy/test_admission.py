@@ -238,3 +238,19 @@ async def test_engine_saturation_holds_new_work() -> None:
     assert s.with_headroom([b]) == []
     b.snapshot = BackendSnapshot(backend=b.name, time_s=0, waiting=0, kv_usage=0.5)
     assert s.with_headroom([b]) == [b]
+
+
+def test_limit_learned_from_a_queueing_engine() -> None:
+    from estimator.records import BackendSnapshot
+
+    s, _ = make(limit=1)
+    b = s.pool.backends[0]
+    object.__setattr__(b.config, "max_inflight", None)  # no configured limit: learn it
+    assert b.limit == 64  # scheduling.default_max_inflight
+    b.learn(BackendSnapshot(backend=b.name, time_s=0, running=8, waiting=5))
+    assert b.limit == 9  # 8 seen running while queueing, plus one probe
+    b.learn(BackendSnapshot(backend=b.name, time_s=1, running=3, waiting=1))  # transient
+    assert b.limit == 4
+    for running in (4, 5, 6):
+        b.learn(BackendSnapshot(backend=b.name, time_s=2, running=running, waiting=0))
+    assert b.limit == 7, "climbs back while the engine takes more without queueing"
