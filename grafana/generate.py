@@ -402,10 +402,10 @@ def capacity() -> dict[str, Any]:
                        "observed latencies; above 0.5 the projections are not to be trusted.",
                        targets((f"{e}fit_relative_error_p90{{{M}}}", "{{model}}")),
                        "percentunit"))  # fmt: skip
-    firing = {**timeseries("Rightsizer alerts", "Pending and firing rightsizer alerts.", targets(
+    lay.add(timeseries("Rightsizer alerts", "Pending and firing rightsizer alerts (1 while "
+                       "active), from Prometheus' ALERTS series.", targets(
         ('ALERTS{alertname=~"Rightsizer.*"}', "{{alertstate}} {{alertname}} {{model}}{{backend}}")),
-        "short")}  # fmt: skip
-    lay.add(firing)
+        "short"))  # fmt: skip
     return dashboard(
         "rightsizer-capacity",
         "rightsizer: capacity and cost",
