@@ -18,7 +18,8 @@ plus a new user message, streamed, ``max_tokens`` 16 with ``ignore_eos``. A clos
 ``--concurrency`` workers (default 12, below the 16 engine slots so the router has a choice;
 at 16 or more the proxy's queue hands each freed slot to the next waiter and every policy
 degenerates to "wherever a slot is free") each take the next session from the same list and
-run its turns back to back, for ``--duration`` seconds; then in-flight requests finish.
+run its turns back to back (``--think-s``: a pause of 0.5-1.5x that between turns), for
+``--duration`` seconds; then in-flight requests finish.
 
 Measured per policy: engine prefix-cache hit rate (delta of ``vllm:prefix_cache_hits_total``
 / ``vllm:prefix_cache_queries_total``, tokens, both engines), client TTFT p50/p99 (send to
@@ -126,6 +127,7 @@ async def closed_loop(
     duration_s: float,
     max_tokens: int,
     sampler_url: str | None = None,
+    think_s: float = 0.0,
 ) -> tuple[list[Result], float, dict[str, float], list[float]]:
     """Returns the results, the window length, the mean in-flight per backend and the queue
     depth samples (the last two empty without a sampler)."""
@@ -155,6 +157,8 @@ async def closed_loop(
                     r = await stream_chat(http, url, body, hdr)
                     r.tags = {"turn": turn, "end": time.perf_counter() - t0}
                     results.append(r)
+                    if think_s > 0:  # a user reading the answer: 0.5x-1.5x think_s
+                        await asyncio.sleep(think_s * (0.5 + ((len(results) * 7919) % 1000) / 1000))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         window = time.perf_counter() - t0
@@ -246,7 +250,13 @@ def body(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
         try:
             results, window, inflight, qdepth = asyncio.run(
                 closed_loop(
-                    proxy.url, sessions, args.concurrency, duration, args.max_tokens, proxy.url
+                    proxy.url,
+                    sessions,
+                    args.concurrency,
+                    duration,
+                    args.max_tokens,
+                    proxy.url,
+                    args.think_s,
                 )
             )
             text = scrape(proxy.url)
@@ -289,7 +299,15 @@ def body(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     )
     try:
         results, window, _, _ = asyncio.run(
-            closed_loop(proxy.url, sessions, args.concurrency, duration / 2, args.max_tokens)
+            closed_loop(
+                proxy.url,
+                sessions,
+                args.concurrency,
+                duration / 2,
+                args.max_tokens,
+                None,
+                args.think_s,
+            )
         )
     finally:
         proxy.stop()
@@ -311,7 +329,8 @@ def body(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     print()
     print(
         f"routing quality: 2 x vLLM CPU {MODEL} (max_num_seqs {args.max_num_seqs}), closed loop, "
-        f"concurrency {args.concurrency}, {duration:.0f} s per policy, max_tokens {args.max_tokens}"
+        f"concurrency {args.concurrency}, think {args.think_s:g} s, {duration:.0f} s per policy, "
+        f"max_tokens {args.max_tokens}"
     )
     print(table(
         ["policy", "requests", "errors", "hit rate", "TTFT p50 s", "TTFT p99 s", "req/s",
@@ -356,6 +375,7 @@ def body(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
             "concurrency": args.concurrency,
             "duration_s": duration,
             "max_tokens": args.max_tokens,
+            "think_s": args.think_s,
             "runs": runs,
         },
         checks,
@@ -371,6 +391,12 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--think-s",
+        type=float,
+        default=0.0,
+        help="pause between a session's turns (0.5x-1.5x this), default 0: back to back",
+    )
     p.add_argument("--policies", default=None, help="comma list (default: all three)")
     return run_main(body, p.parse_args())
 
