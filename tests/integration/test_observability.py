@@ -22,7 +22,7 @@
    average rate since the start already exceeds capacity, which is later than the real breach.
    So the projection can lead the breach only after >= 180 s of traffic past the first
    minute boundary. The ramp is shaped from the estimator's own capacity figure: 0.3x to 0.6x
-   capacity over those three minutes, then four times steeper, to 1.3x, until the measured
+   capacity over those three minutes, then four times steeper, to 1.6x, until the measured
    breach (so the measured lead is shorter than the time to breach the alert projected).
 """
 
@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -468,6 +469,7 @@ class Prometheus:
 class Timeline:
     boundary: float = 0.0  # epoch of the first complete minute of traffic
     capacity: float | None = None  # the estimator's, when the ramp was shaped
+    capacities: list[float] = field(default_factory=list)  # the estimator's, every second
     projected_at: float | None = None  # the projected-breach alert went pending
     projected_ttb_s: float | None = None  # its time to breach then
     projected_firing_at: float | None = None
@@ -513,6 +515,8 @@ def _watch(prom: Prometheus, proxy: Proc, tl: Timeline, stop: Callable[[], bool]
         est = {k: _gauge(text, f"rightsizer_estimator_{k}", model="llama") for k in
                ("rate_requests_per_second", "trend_requests_per_second_per_hour",
                 "capacity_requests_per_second", "time_to_breach_seconds")}  # fmt: skip
+        if est["capacity_requests_per_second"] is not None:
+            tl.capacities.append(est["capacity_requests_per_second"])
         tl.rows.append(
             f"t={time.time() - tl.boundary:6.1f}s ttft_p95={_v(ttft)} itl_p95={_v(itl)} "
             + " ".join(
@@ -561,14 +565,12 @@ def test_projected_breach_alert_fires_before_measured_breach(
                 return None
             if now < b:
                 return 1.2
-            if tl.capacity is None:
-                tl.capacity = _gauge(proxy.metrics_text(),
-                                     "rightsizer_estimator_capacity_requests_per_second",
-                                     model="llama") or 4.0  # fmt: skip
+            if tl.capacity is None:  # the median of the last 15 refreshes (it varies +-10%)
+                tl.capacity = statistics.median(tl.capacities[-15:] or [4.0])
             c, t = tl.capacity, now - b
             if t <= 180:  # 0.3x -> 0.6x capacity over the three minutes the trend needs
                 return c * (0.3 + 0.3 * t / 180)
-            return min(c * 1.3, c * (0.6 + 0.6 * (t - 180) / 60))  # then faster, past capacity
+            return min(c * 1.6, c * (0.6 + 0.6 * (t - 180) / 60))  # then faster, past capacity
 
         async def run() -> None:
             watcher = asyncio.create_task(
