@@ -1,5 +1,6 @@
 """``rightsizer estimator``: the estimator as its own process, fed by the Redis stream of
-RequestRecords that every proxy replica publishes (``shared.redis_url``), so one estimator sees
+RequestRecords (each entry a JSON array of records) that every proxy replica publishes
+(``shared.redis_url``), so one estimator sees
 the whole fleet. Serves ``/metrics`` (the estimator's gauges), ``/admin/estimator`` (the JSON
 report) and ``/health``. Reading resumes from the newest entry at start (``--from-start``
 replays what the stream still holds); if Redis goes away it keeps its state, retries, and
@@ -47,9 +48,10 @@ async def consume(est: Estimator, client: aioredis.Redis, stream: str, last_id: 
             for entry_id, fields in entries:
                 last_id = entry_id.decode()
                 try:
-                    est.observe(RequestRecord.from_dict(orjson.loads(fields[b"r"])))
+                    for d in orjson.loads(fields[b"rs"]):
+                        est.observe(RequestRecord.from_dict(d))
                 except (KeyError, ValueError, TypeError):
-                    log.warning("skipping a malformed record %s", last_id)
+                    log.warning("skipping a malformed records entry %s", last_id)
 
 
 def build_estimator_app(

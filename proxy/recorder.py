@@ -46,10 +46,10 @@ class RequestLog:
         self._listener.start()
 
     def write(self, rec: RequestRecord, body: dict[str, Any] | None) -> None:
-        d = rec.to_dict()
         if self.cfg.log_prompts and body is not None:
-            d["request_body"] = body
-        line = orjson.dumps(d).decode()
+            line = orjson.dumps({**rec.to_dict(), "request_body": body}).decode()
+        else:
+            line = orjson.dumps(rec).decode()  # orjson serialises the dataclass natively
         item = logging.LogRecord("rightsizer.requests", logging.INFO, "", 0, line, None, None)
         try:
             self._queue.put_nowait(item)

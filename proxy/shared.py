@@ -7,7 +7,8 @@ that view every ``sync_interval_s`` with two pipelined round trips:
 1. push: this replica's in-flight counts per backend and per tenant (a hash that expires when
    the replica stops refreshing it, so a dead replica's counts vanish), its tenant token usage
    for the current minute (``HINCRBY`` of the delta), the prefix blocks it routed since the last
-   sync and the RequestRecords it produced (two capped streams); then read the replica set
+   sync (one stream entry per backend) and the RequestRecords it produced (a JSON array of up to
+   200 records per stream entry; both streams are capped); then read the replica set
    and the minute's token totals;
 2. pull: the other live replicas' counts and the prefix entries they appended.
 
@@ -29,7 +30,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -46,6 +47,17 @@ from .tenants import TenantLedger
 
 log = logging.getLogger("rightsizer.shared")
 OUTBOX_MAX = 50_000
+RECORDS_PER_ENTRY = 200
+
+
+def unpack_hashes(packed: bytes) -> Iterator[list[bytes]]:
+    """The routing decisions packed by ``on_routed``: each [count, 2 bytes][count x 8 bytes]."""
+    i = 0
+    while i + 2 <= len(packed):
+        n = int.from_bytes(packed[i : i + 2], "big")
+        body = packed[i + 2 : i + 2 + 8 * n]
+        i += 2 + 8 * n
+        yield [body[k : k + 8] for k in range(0, len(body), 8)]
 
 
 class SharedState:
@@ -86,6 +98,7 @@ class SharedState:
         self._records_out: collections.deque[bytes] = collections.deque(maxlen=OUTBOX_MAX)
         self._tpm_pushed: collections.Counter[str] = collections.Counter()
         self._tpm_window = -1
+        self._records_maxlen = max(100, cfg.records_stream_maxlen // RECORDS_PER_ENTRY)
         self._state_fields: set[str] = set()
         self._prefix_last_id = "0-0"  # a new replica warms its indexes from the stream
         self._task: asyncio.Task[None] | None = None
@@ -93,15 +106,14 @@ class SharedState:
 
     # --- hooks called on the request path (local, O(1)) ---
 
-    def on_routed(self, backend: str, hashes: Iterable[bytes]) -> None:
-        blob = b"".join(hashes)
-        if blob:
-            self._prefix_out.append((backend, blob))
+    def on_routed(self, backend: str, hashes: Sequence[bytes]) -> None:
+        if hashes:  # one routing decision: [block count, 2 bytes][its 8-byte hashes]
+            self._prefix_out.append((backend, len(hashes).to_bytes(2, "big") + b"".join(hashes)))
 
     def on_record(self, rec: RequestRecord) -> None:
         if len(self._records_out) == OUTBOX_MAX:
             self.metrics.records_dropped.labels("redis_stream").inc()
-        self._records_out.append(orjson.dumps(rec.to_dict()))
+        self._records_out.append(rec)  # serialised in batches by the sync, off the request path
 
     # --- lifetime ---
 
@@ -177,7 +189,10 @@ class SharedState:
             for t, n in self.tenants.window_tokens.items()
             if n != self._tpm_pushed[t]
         }
-        prefix = [self._prefix_out.popleft() for _ in range(len(self._prefix_out))]
+        prefix: dict[str, list[bytes]] = collections.defaultdict(list)
+        for _ in range(len(self._prefix_out)):
+            backend, packed = self._prefix_out.popleft()
+            prefix[backend].append(packed)
         records = [self._records_out.popleft() for _ in range(len(self._records_out))]
         gone = self._state_fields - state.keys()  # e.g. a tenant with nothing in flight now
         self._state_fields = set(state)
@@ -192,12 +207,14 @@ class SharedState:
             for t, d in deltas.items():
                 pipe.hincrby(k_tpm, t, d)
             pipe.expire(k_tpm, 180)
-            for backend, blob in prefix:
-                pipe.xadd(self.k_prefix, {"r": self.replica, "b": backend, "h": blob},
-                          maxlen=200_000, approximate=True)  # fmt: skip
-            for rec in records:
-                pipe.xadd(self.k_records, {"r": rec}, maxlen=self.cfg.records_stream_maxlen,
-                          approximate=True)  # fmt: skip
+            for backend, packs in prefix.items():  # one entry per backend per sync
+                fields = {"r": self.replica, "b": backend, "h": b"".join(packs)}
+                pipe.xadd(self.k_prefix, fields, maxlen=20_000, approximate=True)  # type: ignore[arg-type]
+            for i in range(0, len(records), RECORDS_PER_ENTRY):  # a JSON array per entry
+                batch = orjson.dumps(records[i : i + RECORDS_PER_ENTRY])
+                pipe.xadd(
+                    self.k_records, {"rs": batch}, maxlen=self._records_maxlen, approximate=True
+                )
             pipe.smembers(self.k_replicas)
             pipe.hgetall(k_tpm)
             res = await pipe.execute()
@@ -246,10 +263,10 @@ class SharedState:
                 ):
                     continue
                 backend = by_name.get(fields.get(b"b", b"").decode())
-                blob = fields.get(b"h", b"")
-                if backend is not None and blob:
-                    hashes = [blob[i : i + 8] for i in range(0, len(blob), 8)]
-                    self.router.index(backend).insert(hashes, now - max(0.0, age_s))
+                if backend is not None:
+                    index = self.router.index(backend)
+                    for hashes in unpack_hashes(fields.get(b"h", b"")):
+                        index.insert(hashes, now - max(0.0, age_s))
 
     def gauges(self) -> Iterable[GaugeRow]:
         yield GaugeRow(

@@ -168,7 +168,11 @@ def test_records_stream_sees_every_replica(
     results = asyncio.run(_load([p.url for p in proxies], 30, 8, max_tokens=3))
     assert results == [3] * 30
     c = redis.Redis(port=redis_server.port)
-    wait_for(lambda: c.xlen("rightsizer:records") == 30, timeout_s=5)
+
+    def in_stream() -> int:
+        return sum(len(orjson.loads(f[b"rs"])) for _, f in c.xrange("rightsizer:records"))
+
+    wait_for(lambda: in_stream() == 30, timeout_s=5)
     c.close()
 
 
