@@ -21,6 +21,7 @@ from .admission import Scheduler
 from .backends import BackendPool
 from .config import ProxyConfig
 from .errors import MethodNotAllowed, ProxyError, error_body, error_response
+from .gpu import GpuSampler
 from .recorder import Recorder, RequestLog
 from .relay import Upstream
 from .routing import make_router
@@ -46,6 +47,7 @@ class Deps:
     report_dict: Callable[[], dict[str, Any] | None] | None = None
     report_gauges: Callable[[], Iterable[GaugeRow]] | None = None
     subscribers: list[tuple[str, Callable[[RequestRecord], None]]] = field(default_factory=list)
+    gpu: GpuSampler | None = None
 
 
 def _request_id(request: web.Request) -> str:
@@ -96,6 +98,12 @@ def build_app(config: ProxyConfig, deps: Deps | None = None) -> web.Application:
     pool = BackendPool(
         config.backends, config.health, metrics, on_snapshot=est.observe_backend if est else None
     )
+    gpu = deps.gpu
+    if gpu is not None and gpu.available:
+        metrics.add_state(gpu.gauges)
+        if config.gpu.backend is not None:
+            gpu_backend = config.gpu.backend
+            pool.gpu_source = lambda name: gpu.last if name == gpu_backend else ()
     request_log = RequestLog(config.request_log, metrics) if config.request_log.path else None
     recorder = Recorder(metrics, request_log)
     if est is not None:
@@ -153,22 +161,25 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         report=deps.report_dict,
     )
     await pool.start(session)
+    background: list[asyncio.Task[None]] = []
+    if deps.gpu is not None and deps.gpu.available:
+        background.append(asyncio.create_task(deps.gpu.run(config.gpu.interval_s)))
     shared = None
     if config.shared.redis_url:
         shared = SharedState(config.shared, pool, router, tenants, metrics)
         router.listeners.append(shared.on_routed)
         app[_RECORDER].subscribe("redis_stream", shared.on_record)
         await shared.start()
-    refresher = None
     if deps.estimator is not None:
-        refresher = asyncio.create_task(_refresh_loop(deps.estimator, config))
+        background.append(asyncio.create_task(_refresh_loop(deps.estimator, config)))
     try:
         yield
     finally:
-        if refresher is not None:
-            refresher.cancel()
+        for task in background:
+            task.cancel()
+        for task in background:
             with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+                await task
         if shared is not None:
             await shared.stop()
         await pool.stop()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 import aiohttp
 import orjson
 
-from estimator.records import BackendSnapshot
+from estimator.records import BackendSnapshot, GpuSample
 
 from .config import BackendConfig, HealthConfig
 from .dialects import parse_metrics
@@ -114,6 +114,8 @@ class BackendPool:
         self.backends = [Backend(c) for c in configs]
         self.on_change: Callable[[], None] | None = None  # health/snapshot changed
         self.replicas = 1  # live proxy replicas sharing these backends (shared state sets it)
+        # GPU samples of the node a backend runs on (a pynvml sampler beside it), by name
+        self.gpu_source: Callable[[str], tuple[GpuSample, ...]] = lambda name: ()
         self.health = health
         self.metrics = metrics
         self.on_snapshot = on_snapshot
@@ -253,6 +255,7 @@ class BackendPool:
             up=b.healthy,
             dialect=dialect,
             models=tuple(sorted(b.models)),
+            gpus=self.gpu_source(b.name),
             **fields,
         )
         b.snapshot = snap

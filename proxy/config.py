@@ -227,6 +227,16 @@ class SharedStateConfig:
 
 
 @dataclass(**_FROZEN)
+class GpuTelemetryConfig:
+    enabled: bool = doc("Sample this node's NVIDIA GPUs with NVML (a logged no-op without).", True)
+    interval_s: float = doc("GPU sampling period.", 5.0)
+    backend: str | None = doc(
+        "Backend whose engine runs on this node's GPUs: its snapshots carry the GPU samples "
+        "for the estimator (None: metrics only).", None,
+    )  # fmt: skip
+
+
+@dataclass(**_FROZEN)
 class ProxyConfig:
     server: ServerConfig = section("Listener settings.", ServerConfig)
     backends: tuple[BackendConfig, ...] = doc("Inference servers behind the proxy.", ())
@@ -242,6 +252,7 @@ class ProxyConfig:
     tenants: tuple[TenantConfig, ...] = doc("Tenants, their API keys and limits.", ())
     auth: AuthConfig = section("API-key authentication.", AuthConfig)
     shared: SharedStateConfig = section("State shared across proxy replicas.", SharedStateConfig)
+    gpu: GpuTelemetryConfig = section("GPU telemetry (pynvml).", GpuTelemetryConfig)
 
 
 # --- generic loading -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from estimator.service import Estimator, EstimatorConfig
 from .app import Deps
 from .config import ConfigError, ProxyConfig
 from .emulate import EmulatorConfig, FixedPace, TimingModel
+from .gpu import GpuSampler
 from .telemetry import GaugeRow
 
 
@@ -58,16 +59,29 @@ def report_dict(est: Estimator) -> dict[str, Any] | None:
     return None if report is None else report.to_dict()
 
 
-def estimator_deps(config: ProxyConfig, source: str = "config") -> Deps:
-    """The app's dependencies, with the online estimator when it is enabled."""
-    if not config.estimator.enabled:
-        return Deps()
-    est = build_estimator(config, source)
-    return Deps(
-        estimator=est,
-        report_dict=lambda: report_dict(est),
-        report_gauges=lambda: report_gauges(est),
+def slo_gauges(config: ProxyConfig) -> Iterable[GaugeRow]:
+    """The SLO targets, so alert rules and dashboards read them instead of repeating them."""
+    e = config.estimator
+    yield GaugeRow(
+        "rightsizer_slo_ttft_p95_seconds", "SLO target: p95 TTFT.", (), [((), e.slo_ttft_p95_s)]
     )
+    yield GaugeRow(
+        "rightsizer_slo_itl_p95_seconds", "SLO target: p95 ITL.", (), [((), e.slo_itl_p95_s)]
+    )
+
+
+def estimator_deps(config: ProxyConfig, source: str = "config") -> Deps:
+    """The app's dependencies: the online estimator when enabled, the GPU sampler."""
+    gpu = GpuSampler() if config.gpu.enabled else None
+    if not config.estimator.enabled:
+        return Deps(gpu=gpu, report_gauges=lambda: slo_gauges(config))
+    est = build_estimator(config, source)
+
+    def gauges() -> Iterable[GaugeRow]:
+        yield from slo_gauges(config)
+        yield from report_gauges(est)
+
+    return Deps(estimator=est, report_dict=lambda: report_dict(est), report_gauges=gauges, gpu=gpu)
 
 
 def add_emulator_arguments(p: argparse.ArgumentParser) -> None:
