@@ -22,6 +22,7 @@ from estimator.records import BackendSnapshot, GpuSample
 
 from .config import BackendConfig, HealthConfig
 from .dialects import parse_metrics
+from .gpu import samples_from_metrics
 from .telemetry import GaugeRow, Metrics
 
 log = logging.getLogger("rightsizer.backends")
@@ -247,6 +248,7 @@ class BackendPool:
             self.metrics.scrapes.labels(b.name, "error").inc()
             return
         self.metrics.scrapes.labels(b.name, "ok").inc()
+        gpus = self.gpu_source(b.name) or await self._scrape_gpus(b)
         b.dialect = dialect
         snap = BackendSnapshot(
             backend=b.name,
@@ -255,7 +257,7 @@ class BackendPool:
             up=b.healthy,
             dialect=dialect,
             models=tuple(sorted(b.models)),
-            gpus=self.gpu_source(b.name),
+            gpus=gpus,
             **fields,
         )
         b.snapshot = snap
@@ -264,6 +266,21 @@ class BackendPool:
             self.on_snapshot(snap)
         if self.on_change is not None:
             self.on_change()
+
+    async def _scrape_gpus(self, b: Backend) -> tuple[GpuSample, ...]:
+        url = b.config.gpu_metrics_url
+        if not url:
+            return ()
+        try:
+            status, body = await self._get(url, {})
+            if status == 200:
+                return await asyncio.to_thread(
+                    samples_from_metrics, body.decode("utf-8", "replace")
+                )
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            pass
+        self.metrics.scrapes.labels(b.name, "gpu_error").inc()
+        return ()
 
     # --- metrics (read at scrape time) ---
 

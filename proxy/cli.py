@@ -173,6 +173,14 @@ def cmd_estimator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_exporter(args: argparse.Namespace) -> int:
+    from .gpu_exporter import build_exporter_app
+
+    _install_uvloop()
+    asyncio.run(run_site(build_exporter_app(args.interval), args.host, args.port, grace_s=1.0))
+    return 0
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     from estimator.cli import run_estimate
 
@@ -222,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--port", type=int, default=9100)
     x.add_argument("--from-start", action="store_true", help="replay the stream from its start")
     x.set_defaults(func=cmd_estimator)
+
+    g = sub.add_parser(
+        "gpu-exporter",
+        help="serve this node's GPU samples (pynvml) as rightsizer_gpu_* metrics, beside an engine",
+    )
+    g.add_argument("--host", default="0.0.0.0")
+    g.add_argument("--port", type=int, default=9400)
+    g.add_argument("--interval", type=float, default=5.0, help="sampling period, seconds")
+    g.set_defaults(func=cmd_gpu_exporter)
 
     est = sub.add_parser("estimate", help="offline projection from a model config and traffic")
     try:

@@ -58,6 +58,10 @@ class BackendConfig:
     )
     api_key: str | None = doc("Bearer token sent upstream (never logged).", None)
     dialect: str = doc("Metrics dialect: auto, vllm, sglang, tgi, llamacpp or none.", "auto")
+    gpu_metrics_url: str | None = doc(
+        "A `rightsizer gpu-exporter` beside this engine (e.g. http://node:9400/metrics): its "
+        "GPU samples join this backend's snapshots.", None,
+    )  # fmt: skip
     max_inflight: int | None = doc(
         "Requests in flight on this backend at most (None: the engine's max_num_seqs, else "
         "scheduling.default_max_inflight).",

@@ -224,3 +224,24 @@ def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     code = getattr(exc, "value", None)
     return f"{text} (NVML error {code})" if code is not None else text
+
+
+def samples_from_metrics(text: str) -> tuple[GpuSample, ...]:
+    """GPU samples back from ``rightsizer_gpu_*`` exposition text (a ``rightsizer gpu-exporter``
+    running beside an engine on another node)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    attrs = {metric: attr for metric, _, attr in _GAUGES}
+    by_gpu: dict[int, dict[str, Any]] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            attr = attrs.get(smp.name)
+            if attr is None or "gpu" not in smp.labels:
+                continue
+            fields = by_gpu.setdefault(int(smp.labels["gpu"]), {"name": smp.labels.get("name")})
+            value = smp.value
+            fields[attr] = int(value) if attr in _INT_FIELDS else float(value)
+    return tuple(GpuSample(index=i, **f) for i, f in sorted(by_gpu.items()))
+
+
+_INT_FIELDS = frozenset({"memory_used_bytes", "memory_total_bytes", "throttle_reasons"})
