@@ -317,7 +317,9 @@ def project(
         return base.empty("insufficient_data", [*notes, why])
     traffic = traffic_report(t, now, cfg.forecast_horizon_s)
     seqs = next((s.max_num_seqs for s in snapshots if s.max_num_seqs), None)
-    cal = dep.calibrator.fit(max_num_seqs=seqs) if len(dep.calibrator) else None
+    # the engine's max_num_seqs as the limits below take it (vLLM does not expose it: the config)
+    m = seqs or cfg.max_num_seqs
+    cal = dep.calibrator.fit(max_num_seqs=m) if len(dep.calibrator) else None
     step, source, step_notes = choose_step(cal, dep.prior, cfg.min_records)
     workload = workload_of(t)
     if step is None or workload is None:

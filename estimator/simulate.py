@@ -32,6 +32,10 @@ statistics. ``stable`` is False when the waiting queue
 keeps growing: at the last arrival more than ``max(10, 5%)`` of the requests still wait for
 admission and the last quarter waited over 1.5x as long as the second quarter.
 
+``replay`` runs the same engine on a given request trace (arrival times and lengths) instead
+of draws from a ``Workload``, so a measured run can be compared with the model request by
+request (bench/estimator_accuracy.py).
+
 This module runs past 400 lines: ``_Sim`` is one state machine whose invariants (free
 blocks, aggregates, lazy heap entries) are easiest to check kept together.
 """
@@ -39,6 +43,7 @@ blocks, aggregates, lazy heap entries) are easiest to check kept together.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -224,6 +229,42 @@ def simulate_trace(
     sim.run()
     trace = sim.trace()
     return _summarise(sim, trace, rate, quantile, warmup_fraction), trace
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Replay:
+    """A simulation of a given request trace (``replay``): per-request times and the decode
+    steps, so that latencies can be read over any window, as a measurement would."""
+
+    trace: SimTrace
+    decode_runs: list[tuple[float, float, float, int, int]]
+    """(start, first step's duration, increment per step, steps, decoding sequences)."""
+
+    def itl_quantiles(
+        self, qs: Sequence[float], since: float = -math.inf, until: float = math.inf
+    ) -> list[float]:
+        """Token-weighted quantiles of the decode step durations (every token's gap) of the
+        steps that began in ``[since, until)``."""
+        return _itl_quantiles(self.decode_runs, since, qs, until)
+
+
+def replay(
+    step: StepModel,
+    limits: EngineLimits,
+    arrival_s: Sequence[float],
+    prompt_tokens: Sequence[int],
+    output_tokens: Sequence[int],
+) -> Replay:
+    """Simulate exactly these requests (arrival times in seconds, ascending) instead of draws
+    from a ``Workload``: to compare the model with a measured run request by request, without
+    the sampling noise of fresh arrivals."""
+    arr = [float(a) for a in arrival_s]
+    if any(b < a for a, b in itertools.pairwise(arr)):
+        raise ValueError("replay needs ascending arrival times")
+    sim = _Sim(step, limits, arr, [max(1, int(p)) for p in prompt_tokens],
+               [max(1, int(o)) for o in output_tokens])  # fmt: skip
+    sim.run()
+    return Replay(trace=sim.trace(), decode_runs=list(sim.runs))
 
 
 class _Sim:
@@ -510,15 +551,22 @@ def _steps_to_reach(a: float, b: float, gap: float) -> int:
 
 
 def _itl_quantiles(
-    runs: list[tuple[float, float, float, int, int]], since: float, qs: Sequence[float]
+    runs: list[tuple[float, float, float, int, int]],
+    since: float,
+    qs: Sequence[float],
+    until: float = math.inf,
 ) -> list[float]:
     """Token-weighted quantiles of the step durations of decode runs that began at ``since``
-    or later; a run of ``k`` steps ``a, a + b, ...`` is represented by up to 8 points."""
+    or later (and before ``until``); a run of ``k`` steps ``a, a + b, ...`` is represented by
+    up to 8 points."""
     if not runs:
         return [math.nan] * len(qs)
     r = np.asarray(runs)
-    if (r[:, 0] >= since).any():
-        r = r[r[:, 0] >= since]
+    inside = (r[:, 0] >= since) & (r[:, 0] < until)
+    if inside.any():
+        r = r[inside]
+    elif math.isfinite(until):
+        return [math.nan] * len(qs)
     a, b, k, d = r[:, 1:2], r[:, 2:3], r[:, 3:4], r[:, 4:5]
     m = np.minimum(k, _ITL_POINTS_PER_RUN)
     j = np.arange(_ITL_POINTS_PER_RUN)[None, :]

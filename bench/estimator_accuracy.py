@@ -1,0 +1,1047 @@
+"""Estimator accuracy against a real engine (issue 4, "Proof").
+
+A real vLLM CPU server (the 84M model, ``--max-num-seqs 8``) runs behind the proxy with its
+request log on. Then:
+
+1. **low-rate phase**: open-loop Poisson traffic at a low rate (about a quarter of the
+   capacity) through the proxy; the proxy writes one ``RequestRecord`` per request;
+2. **prediction**: those records (and one ``BackendSnapshot`` with the server's
+   ``cache_config_info``: block size and number of KV blocks) are replayed into an
+   ``Estimator`` (``replay_records``): its report gives the capacity at the SLO. The p95 TTFT
+   and ITL at two other rates (50% and 80% of the predicted capacity) come from the same
+   pieces the estimator projects with (``projection.workload_of``, ``engine_limits``,
+   ``choose_step``, ``simulate``); the benchmark checks that these pieces give the report's
+   capacity, so they are the estimator's path and not a copy of it;
+3. **measurement**: an open-loop ramp of Poisson steps (a fixed number of requests per step,
+   the server drained between steps) at rates around the prediction, 50% and 80% of it
+   included; per step the client measures p95 TTFT and p95 ITL. The measured capacity is the
+   rate at which ``s = max(ttft_p95 / slo_ttft, itl_p95 / slo_itl)`` first crosses 1, linearly
+   interpolated between the last step that met the SLO and the first that did not (the ramp
+   extends up or down when the crossing is outside it);
+4. **report**: predicted vs measured with relative errors; PASS when the capacity is within
+   15% and the p95 TTFT and ITL at the two rates within 20% (the issue's targets).
+
+Definitions (the same on both sides):
+
+* TTFT: from sending the request to the first chunk that carries a generated token (its text
+  may be empty); the simulator's is arrival to the end of the prefill step.
+* ITL: pooled per-token gaps. The client asks for ``stream_options.continuous_usage_stats``
+  (cumulative token counts on every chunk): a read that brings ``k`` new tokens after a gap
+  ``g`` counts ``k`` gaps of ``g / k`` (the proxy's own rule for reads with several events;
+  under load vLLM's API server sends the tokens of several steps in one chunk). The
+  simulator's ITL quantile is token-weighted over decode step durations: the same thing.
+* Warm-up: per step the first 10% of requests are left out of the TTFT statistics, and ITL
+  gaps ending before the first counted arrival are left out, as in ``estimator.simulate``;
+  the step runs until its last request ends (the drain is counted, as in the simulator).
+
+Traffic: ``/v1/completions`` with prompts of random token ids (no shared prefix, so prefix
+caching finds nothing: the first 128-token block of every prompt is random), prompt lengths
+lognormal (median 220, sigma 0.45, clipped to 100-600 tokens), output lengths uniform 32-128
+with ``ignore_eos`` (exact lengths), temperature 1 (greedy decoding of the random-weight
+model can loop on byte tokens that never complete a character, leaving the text empty). The
+proxy runs with scheduling off (a pass-through: vLLM's own FCFS queue does the queueing, which
+is what the simulator models) and its in-process estimator off (its refresh would take CPU
+from the engine on this 2-core machine; the benchmark runs the estimator on the logged
+records instead).
+
+    python3 bench/estimator_accuracy.py --json out.json   # full: about 9 minutes
+    python3 bench/estimator_accuracy.py --quick           # about 5 minutes
+
+Beside the issue's comparison (the estimator's prediction for fresh Poisson traffic against
+one measured ramp) the report gives two columns that separate model error from chance:
+"chance alone" (the relative standard deviation, over 8 simulations with fresh arrivals, of
+the same quantity measured with steps as short as the ramp's) and "model on the measured
+trace" (the calibrated step model simulated on the very requests of the ramp, same arrival
+times and lengths: ``estimator.simulate.replay``). A per-step "other processes" column is the
+CPU that processes other than the engine, the proxy and the client used during the step.
+
+Exit status 1 when a target fails. Needs ``.ci/install_backends.sh`` (vLLM CPU venv, models).
+Measure on a quiet machine: other heavy processes change the engine's speed between the
+low-rate phase and the ramp; the load average is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+for _p in (str(ROOT), str(ROOT / "tests" / "integration")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from estimator.capacity import max_rate_at_slo  # noqa: E402
+from estimator.engine import StepModel  # noqa: E402
+from estimator.projection import choose_step, engine_limits, workload_of  # noqa: E402
+from estimator.records import BackendSnapshot, Outcome, RequestRecord  # noqa: E402
+from estimator.service import Estimator, EstimatorConfig  # noqa: E402
+from estimator.simulate import EngineLimits, Replay, Workload, replay, simulate  # noqa: E402
+
+MODEL_DIR = "small84m"
+SERVED = "small84m"
+VOCAB = 4096
+FIRST_ID = 3  # 0-2: unk, bos, eos
+WARMUP_FRACTION = 0.1
+CAPACITY_TOL = 0.15
+LATENCY_TOL = 0.20
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """One run of the benchmark (the defaults are the full run)."""
+
+    max_num_seqs: int = 8
+    slo_ttft_s: float = 1.0
+    slo_itl_s: float = 0.06
+    low_rate: float = 1.0
+    """Requests/s of the low-rate phase."""
+    low_requests: int = 150
+    ramp: tuple[tuple[float, int], ...] = ((0.5, 120), (0.8, 200), (0.95, 200), (1.1, 200))
+    """Ramp steps: (rate as a fraction of the predicted capacity, requests), ascending, run
+    back to back; ``other_rates`` must be among them."""
+    other_rates: tuple[float, float] = (0.5, 0.8)
+    """Fractions of the predicted capacity where p95 TTFT/ITL are compared."""
+    extra_requests: int = 150
+    """Requests of a step added when the ramp does not bracket the SLO crossing."""
+    extend_factor: float = 1.15
+    max_extra_steps: int = 3
+    prompt_median: float = 220.0
+    prompt_sigma: float = 0.45
+    prompt_min: int = 100
+    prompt_max: int = 600
+    output_min: int = 32
+    output_max: int = 128
+    warmup_requests: int = 8
+    seed: int = 1
+    sim_requests: int = 3000
+    """``EstimatorConfig.sim_requests`` (default 800): requests per simulated probe. With 800
+    the predicted capacity of this server varies by about 5% from seed to seed."""
+    use_prior: bool = False
+    """Give the estimator the model config and the ``cpu`` catalog entry (roofline prior)."""
+
+    @classmethod
+    def test(cls, **kw: Any) -> Settings:
+        """The integration test's run: about three minutes."""
+        base: dict[str, Any] = dict(
+            low_requests=70,
+            low_rate=1.2,
+            ramp=((0.5, 50), (0.8, 60), (1.0, 60), (1.25, 50)),
+            extra_requests=50,
+            max_extra_steps=1,
+        )
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def quick(cls, **kw: Any) -> Settings:
+        """About five minutes."""
+        base: dict[str, Any] = dict(
+            low_requests=100,
+            ramp=((0.5, 80), (0.8, 120), (1.0, 120), (1.2, 100)),
+            extra_requests=80,
+            max_extra_steps=2,
+        )
+        return cls(**{**base, **kw})
+
+
+# --- workload and client ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Sent:
+    """One request as the client saw it (perf_counter seconds)."""
+
+    prompt_len: int
+    max_tokens: int
+    arrival: float  # scheduled send time
+    status: int = 0
+    first: float | None = None
+    end: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    gap_t: list[float] = field(default_factory=list)  # emission time of each per-token gap
+    gap_s: list[float] = field(default_factory=list)
+    chunks: int = 0  # content chunks after the first
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.error is None and self.first is not None
+
+
+def draw_requests(s: Settings, n: int, rng: np.random.Generator) -> list[tuple[list[int], int]]:
+    """``n`` (prompt token ids, output length) pairs from the benchmark's length mix."""
+    lens = rng.lognormal(math.log(s.prompt_median), s.prompt_sigma, n)
+    lens = np.clip(np.rint(lens), s.prompt_min, s.prompt_max).astype(int)
+    outs = rng.integers(s.output_min, s.output_max + 1, n)
+    return [
+        (rng.integers(FIRST_ID, VOCAB, int(p)).tolist(), int(o))
+        for p, o in zip(lens, outs, strict=True)
+    ]
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    url: str,
+    prompt: list[int],
+    max_tokens: int,
+    tenant: str,
+    rec: Sent,
+) -> None:
+    body = {
+        "model": SERVED,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 1.0,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    last_tokens = 0
+    last_t = 0.0
+    try:
+        async with session.post(
+            url + "/v1/completions",
+            data=orjson.dumps(body),
+            headers={"content-type": "application/json", "x-tenant": tenant},
+        ) as r:
+            rec.status = r.status
+            if r.status != 200:
+                rec.error = (await r.read())[:300].decode(errors="replace")
+                return
+            buf = b""
+            async for data in r.content.iter_any():
+                now = time.perf_counter()
+                buf += data
+                *events, buf = buf.split(b"\n\n")
+                tokens, chunks = last_tokens, 0
+                for ev in events:
+                    if not ev.startswith(b"data: {"):
+                        continue
+                    obj = orjson.loads(ev[6:])
+                    if "error" in obj:
+                        rec.error = str(obj["error"])[:300]
+                        continue
+                    usage = obj.get("usage")
+                    if usage:  # cumulative on every chunk (continuous_usage_stats)
+                        rec.prompt_tokens = usage.get("prompt_tokens")
+                        rec.completion_tokens = usage.get("completion_tokens")
+                        if (rec.completion_tokens or 0) > tokens:
+                            tokens = int(rec.completion_tokens or 0)
+                            chunks += 1
+                    elif obj.get("choices"):  # a server without continuous usage: a chunk
+                        tokens += 1  # is taken for one token
+                        chunks += 1
+                if tokens <= last_tokens:
+                    continue
+                if rec.first is None:  # the first generated token, whatever its text
+                    rec.first = now
+                else:
+                    k = tokens - last_tokens
+                    rec.gap_t.extend([now] * k)
+                    rec.gap_s.extend([(now - last_t) / k] * k)
+                    rec.chunks += chunks
+                last_t, last_tokens = now, tokens
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+        rec.error = f"{type(e).__name__}: {e}"
+    finally:
+        rec.end = time.perf_counter()
+
+
+async def run_poisson(
+    url: str,
+    reqs: Sequence[tuple[list[int], int]],
+    rate: float | Sequence[float],
+    tenant: str | Sequence[str],
+    rng: np.random.Generator,
+) -> list[Sent]:
+    """Open loop: request i is sent at the i-th arrival, whatever is in flight.
+
+    ``rate`` and ``tenant`` are one value or one per request: a run of requests with the same
+    rate is one step (consecutive steps follow each other without a pause). Within a step the
+    gaps are exponential (Poisson arrivals) rescaled so that their mean is exactly
+    ``1 / rate``: a step of a few hundred requests would otherwise offer a rate up to 10% off
+    the one asked for."""
+    n = len(reqs)
+    rates = np.broadcast_to(np.asarray(rate, dtype=float), (n,))
+    tenants = [tenant] * n if isinstance(tenant, str) else list(tenant)
+    gaps = rng.exponential(1.0, n)
+    for lo, hi in _runs(rates):
+        gaps[lo:hi] *= (hi - lo) / gaps[lo:hi].sum() / rates[lo]
+    gaps[0] = 0.0
+    times = time.perf_counter() + 0.05 + np.cumsum(gaps)
+    out = [
+        Sent(prompt_len=len(p), max_tokens=o, arrival=float(t))
+        for (p, o), t in zip(reqs, times, strict=True)
+    ]
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(total=900)
+    ) as session:
+        tasks = []
+        for (prompt, max_tokens), rec, ten in zip(reqs, out, tenants, strict=True):
+            delay = rec.arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            rec.arrival = time.perf_counter()  # the actual send time
+            tasks.append(asyncio.create_task(send(session, url, prompt, max_tokens, ten, rec)))
+        await asyncio.gather(*tasks)
+    return out
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) index ranges of consecutive equal values."""
+    edges = [0, *(np.flatnonzero(np.diff(values)) + 1).tolist(), len(values)]
+    return list(itertools.pairwise(edges))
+
+
+class CpuMonitor:
+    """Samples, once a second in a thread, the machine's busy CPU time (``/proc/stat``) and
+    the CPU time of this benchmark's own processes (the engine's and the proxy's process
+    groups, and this process): ``other_cores(t0, t1)`` is the CPU that something else used
+    in a window, in cores. Anything well above zero means the measurement shared the machine.
+    """
+
+    def __init__(self, pgids: Sequence[int]) -> None:
+        self.pgids = set(pgids)
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> CpuMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(v[:3]) + sum(v[5:8])) / self._tick  # user nice system irq softirq steal
+        mine = 0.0
+        me = os.getpid()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) in self.pgids or stat.parent.name == str(me):
+                mine += (int(fields[11]) + int(fields[12])) / self._tick
+        return time.perf_counter(), busy, mine
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(self._sample())
+            if self._stop.wait(1.0):
+                self.samples.append(self._sample())
+                return
+
+    def other_cores(self, t0: float, t1: float) -> float:
+        inside = [x for x in self.samples if t0 <= x[0] <= t1]
+        if len(inside) < 2:
+            return math.nan
+        (a, b0, m0), (z, b1, m1) = inside[0], inside[-1]
+        return max(0.0, (b1 - b0) - (m1 - m0)) / (z - a) if z > a else math.nan
+
+
+# --- measurement -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepResult:
+    """One ramp step as the client measured it."""
+
+    factor: float  # rate / predicted capacity
+    rate_rps: float  # offered (requested) rate
+    achieved_rps: float  # requests sent / span of their send times
+    n: int
+    n_ok: int
+    ttft_p50_s: float
+    ttft_p95_s: float
+    itl_p50_s: float
+    itl_p95_s: float
+    itl_p95_per_chunk_s: float  # p95 of per-chunk gaps (for comparison)
+    tokens_per_chunk: float
+    duration_s: float
+    slo_ratio: float  # max(ttft_p95 / slo_ttft, itl_p95 / slo_itl)
+    # the estimator's calibrated model simulated on this very trace (same requests, same times)
+    replay_ttft_p95_s: float = math.nan
+    replay_itl_p95_s: float = math.nan
+    replay_slo_ratio: float = math.nan
+    other_cpu_cores: float = math.nan  # CPU used by other processes during the step
+
+
+def _q(x: Sequence[float] | np.ndarray, q: float) -> float:
+    a = np.asarray(x, dtype=float)
+    return float(np.quantile(a, q, method="inverted_cdf")) if a.size else math.nan
+
+
+def summarise_step(
+    sent: Sequence[Sent],
+    lo: int,
+    hi: int,
+    rate: float,
+    factor: float,
+    s: Settings,
+    window_end: float = math.inf,
+) -> StepResult:
+    """Requests ``sent[lo:hi]`` are one step. TTFT: those requests but the first 10%. ITL: the
+    per-token gaps of every request (this step's or a neighbour's) that ended between the
+    first counted arrival and ``window_end`` (the next step's first arrival; the step's drain
+    when it is the last), as the simulator counts the decode steps after its warm-up."""
+    step = sent[lo:hi]
+    n = len(step)
+    w0 = min(int(n * WARMUP_FRACTION), n - 1)
+    ttft = [r.first - r.arrival if r.ok and r.first is not None else math.inf for r in step[w0:]]
+    since = step[w0].arrival
+    gaps = [
+        g
+        for r in sent
+        if r.ok
+        for t, g in zip(r.gap_t, r.gap_s, strict=True)
+        if since <= t < window_end
+    ]
+    tokens = chunks = 0
+    for r in step:
+        if r.ok and r.completion_tokens:
+            tokens += r.completion_tokens - 1
+            chunks += r.chunks
+    per_chunk = _chunk_gaps(sent, since, window_end)
+    t95, i95 = _q(ttft, 0.95), _q(gaps, 0.95)
+    arr = [r.arrival for r in step]
+    return StepResult(
+        factor=factor,
+        rate_rps=rate,
+        achieved_rps=(n - 1) / (max(arr) - min(arr)) if n > 1 else math.nan,
+        n=n,
+        n_ok=sum(r.ok for r in step),
+        ttft_p50_s=_q(ttft, 0.5),
+        ttft_p95_s=t95,
+        itl_p50_s=_q(gaps, 0.5),
+        itl_p95_s=i95,
+        itl_p95_per_chunk_s=_q(per_chunk, 0.95),
+        tokens_per_chunk=tokens / chunks if chunks else math.nan,
+        duration_s=(min(window_end, max(r.end or r.arrival for r in sent)) - min(arr)),
+        slo_ratio=max(t95 / s.slo_ttft_s, i95 / s.slo_itl_s),
+    )
+
+
+def _chunk_gaps(sent: Sequence[Sent], since: float, until: float) -> list[float]:
+    """Gaps between successive reads that brought tokens (one per read, not per token)."""
+    out: list[float] = []
+    for r in sent:
+        if not r.ok or r.first is None:
+            continue
+        prev = r.first
+        for t in dict.fromkeys(r.gap_t):  # read times, in order
+            if since <= t < until:
+                out.append(t - prev)
+            prev = t
+    return out
+
+
+def with_replay(st: StepResult, rep: Replay, lo: int, hi: int, until: float,
+                s: Settings) -> StepResult:  # fmt: skip
+    """The step as the model predicts it on the same trace: TTFT of requests ``lo + 10%`` to
+    ``hi``, ITL of the decode steps from the first counted arrival to ``until`` (the
+    measurement's own windows; times relative to the run's first arrival)."""
+    tr = rep.trace
+    w0 = lo + min(int((hi - lo) * WARMUP_FRACTION), hi - lo - 1)
+    ttft = tr.first_token_s[w0:hi] - tr.arrival_s[w0:hi]
+    ttft = np.where(np.isfinite(ttft), ttft, math.inf)
+    t95 = _q(ttft, 0.95)
+    i95 = rep.itl_quantiles([0.95], since=float(tr.arrival_s[w0]), until=until)[0]
+    ratio = max(t95 / s.slo_ttft_s, i95 / s.slo_itl_s)
+    return replace(st, replay_ttft_p95_s=t95, replay_itl_p95_s=i95, replay_slo_ratio=ratio)
+
+
+def crossing(steps: Sequence[StepResult], ratio: str = "slo_ratio") -> tuple[float | None, str]:
+    """Rate where the SLO ratio crosses 1 going up the ramp, linearly interpolated between the
+    last passing and the first failing step of the ratios made non-decreasing in the rate
+    (isotonic regression, pool-adjacent-violators weighted by requests: a short step that
+    was unlucky or lucky is averaged with its neighbours instead of deciding alone); None
+    when it is not bracketed (with why)."""
+    ordered = sorted(steps, key=lambda x: x.rate_rps)
+    ys = [min(getattr(st, ratio), 1e6) for st in ordered]
+    iso = _isotonic(ys, [float(st.n) for st in ordered])
+    note = "interpolated" if iso == ys else "interpolated on the isotonic fit"
+    for i, st in enumerate(ordered):
+        if iso[i] > 1.0:
+            if i == 0:
+                return None, "the lowest step already misses the SLO"
+            lo = ordered[i - 1]
+            f = (1.0 - iso[i - 1]) / (iso[i] - iso[i - 1])
+            return lo.rate_rps + f * (st.rate_rps - lo.rate_rps), note
+    return None, "every step meets the SLO"
+
+
+def _isotonic(y: Sequence[float], w: Sequence[float]) -> list[float]:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for yi, wi in zip(y, w, strict=True):
+        blocks.append([yi, wi, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, c2 = blocks.pop()
+            m1, w1, c1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return [m for m, _, c in blocks for _ in range(int(c))]
+
+
+# --- prediction --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prediction:
+    capacity_rps: float
+    limiting: str
+    fit_source: str
+    fit_error_p50: float | None
+    fit_error_p90: float | None
+    step: dict[str, float]
+    records: int
+    mean_prompt: float
+    mean_output: float
+    kv_capacity_tokens: int
+    at_rates: dict[str, dict[str, float]]  # "0.5": {rate, ttft_p95_s, itl_p95_s}
+    report_capacity_rps: float | None
+    default_capacity_rps: float | None  # the same with the estimator's default sim_requests
+    noise: dict[str, float] = field(default_factory=dict)  # see measurement_noise
+
+
+def estimator_config(s: Settings) -> EstimatorConfig:
+    kw: dict[str, Any] = {}
+    if s.use_prior:
+        from real_backends import MODELS
+
+        kw = dict(gpu="cpu", model_configs={SERVED: str(MODELS / MODEL_DIR / "config.json")})
+    return EstimatorConfig(
+        sim_requests=s.sim_requests,
+        slo_ttft_p95_s=s.slo_ttft_s,
+        slo_itl_p95_s=s.slo_itl_s,
+        max_num_seqs=s.max_num_seqs,
+        **kw,
+    )
+
+
+def predict(
+    records: Sequence[RequestRecord], snapshot: BackendSnapshot, s: Settings
+) -> tuple[Prediction, StepModel, EngineLimits]:
+    """Replay ``records`` into an ``Estimator``; its capacity, and p95 latencies at
+    ``other_rates`` x capacity by the estimator's own projection pieces."""
+    cfg = estimator_config(s)
+    est = Estimator(cfg)
+    est.observe_backend(snapshot)
+    report = est.replay_records(records)
+    dep = next(d for d in report.deployments if d.model == SERVED)
+    # the pieces estimator.projection.project uses, rebuilt to simulate other rates
+    state = est._models[SERVED]  # the deployment's own calibrator (prior included)
+    cal = state.calibrator.fit(max_num_seqs=snapshot.max_num_seqs or cfg.max_num_seqs)
+    step, source, _ = choose_step(cal, state.prior, cfg.min_records)
+    if step is None:
+        raise RuntimeError(f"no step model: {dep.notes}")
+    workload = workload_of(state.traffic)
+    assert workload is not None
+    limits, _ = engine_limits([snapshot], None, cfg, state.traffic.cached_ratio())
+    cap = max_rate_at_slo(step, limits, workload, cfg.slo, n_requests=cfg.sim_requests)
+    if dep.capacity_rps is not None and not math.isclose(
+        cap.rate_rps, dep.capacity_rps, rel_tol=1e-9
+    ):
+        raise RuntimeError(f"rebuilt capacity {cap.rate_rps} != report {dep.capacity_rps}")
+    default = Estimator(replace(cfg, sim_requests=EstimatorConfig().sim_requests))
+    default.observe_backend(snapshot)
+    default_dep = next(d for d in default.replay_records(records).deployments if d.model == SERVED)
+    at: dict[str, dict[str, float]] = {}
+    for f in s.other_rates:
+        sim = simulate(
+            step,
+            limits,
+            workload,
+            f * cap.rate_rps,
+            n_requests=cfg.sim_requests,
+            quantile=cfg.slo.quantile,
+        )
+        at[f"{f:g}"] = {
+            "rate_rps": f * cap.rate_rps,
+            "ttft_p95_s": sim.ttft_q_s,
+            "itl_p95_s": sim.itl_q_s,
+        }
+    pred = Prediction(
+        capacity_rps=cap.rate_rps,
+        limiting=cap.limiting,
+        fit_source=source,
+        fit_error_p50=dep.fit.rel_error_p50,
+        fit_error_p90=dep.fit.rel_error_p90,
+        step=dict(
+            zip(
+                ("overhead_s", "prefill_s_per_token", "decode_s_per_seq", "kv_s_per_token"),
+                step.coefficients(),
+                strict=True,
+            )
+        ),
+        records=len(records),
+        mean_prompt=workload.mean_prompt,
+        mean_output=workload.mean_output,
+        kv_capacity_tokens=limits.kv_capacity_tokens,
+        at_rates=at,
+        report_capacity_rps=dep.capacity_rps,
+        default_capacity_rps=default_dep.capacity_rps,
+        noise=measurement_noise(step, limits, workload, cfg, s, cap.rate_rps),
+    )
+    return pred, step, limits
+
+
+def measurement_noise(
+    step: StepModel,
+    limits: EngineLimits,
+    workload: Workload,
+    cfg: EstimatorConfig,
+    s: Settings,
+    capacity: float,
+    seeds: int = 8,
+) -> dict[str, float]:
+    """How much a measurement as short as the ramp's varies by chance alone, in the
+    estimator's own model: the relative standard deviation over ``seeds`` simulations (fresh
+    arrivals and lengths) of the capacity found with steps of the ramp's size, and of p95 TTFT
+    and ITL at ``other_rates`` with those steps' request counts. Errors of that size are
+    sampling noise, not model error."""
+
+    def rsd(x: list[float]) -> float:
+        a = np.asarray(x)
+        return float(a.std() / a.mean()) if a.size and a.mean() > 0 else math.nan
+
+    near = [n for f, n in s.ramp if f >= 0.9] or [n for _, n in s.ramp]
+    n_cap = max(50, int(np.mean(near)))
+    out = {
+        "capacity": rsd(
+            [
+                max_rate_at_slo(
+                    step, limits, workload, cfg.slo, n_requests=n_cap, seed=100 + k
+                ).rate_rps
+                for k in range(seeds)
+            ]
+        )
+    }
+    counts = dict(s.ramp)
+    for f in s.other_rates:
+        sims = [
+            simulate(
+                step,
+                limits,
+                workload,
+                f * capacity,
+                n_requests=counts.get(f, 100),
+                seed=100 + k,
+                quantile=cfg.slo.quantile,
+            )
+            for k in range(seeds)
+        ]
+        out[f"ttft_p95_s@{f:g}C"] = rsd([x.ttft_q_s for x in sims])
+        out[f"itl_p95_s@{f:g}C"] = rsd([x.itl_q_s for x in sims])
+    return out
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+def engine_snapshot(engine_url: str, backend: str) -> BackendSnapshot:
+    """One scrape of the engine's ``/metrics`` as the proxy's scraper turns it into a
+    ``BackendSnapshot`` (``proxy.dialects``): vLLM's ``cache_config_info`` gives the block size
+    and the number of KV blocks; vLLM does not expose ``max_num_seqs`` (the estimator takes it
+    from its config, as an operator would set it)."""
+    from proxy.dialects import parse_metrics
+
+    with urllib.request.urlopen(engine_url + "/metrics", timeout=5) as r:
+        dialect, fields = parse_metrics(r.read().decode())
+    return BackendSnapshot(
+        backend=backend,
+        time_s=time.monotonic(),
+        epoch=time.time(),
+        up=True,
+        dialect=dialect,
+        models=(SERVED,),
+        **fields,
+    )
+
+
+def read_records(path: Path, tenant: str) -> list[RequestRecord]:
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = RequestRecord.from_dict(orjson.loads(line))
+            if r.tenant == tenant:
+                out.append(r)
+    return out
+
+
+def wait_for_records(path: Path, tenant: str, n: int, timeout_s: float = 30.0) -> None:
+    """The proxy writes a record after the response ends: wait until all ``n`` are there."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and len(read_records(path, tenant)) >= n:
+            return
+        time.sleep(0.2)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Outcome_:
+    settings: Settings
+    prediction: Prediction
+    low: StepResult
+    steps: list[StepResult]
+    measured_capacity_rps: float | None
+    crossing_note: str
+    loadavg_start: tuple[float, float, float]
+    loadavg_end: tuple[float, float, float]
+    snapshot: dict[str, Any]
+    phases_s: dict[str, float]
+    checks: list[dict[str, Any]] = field(default_factory=list)
+
+    def compare(self) -> list[dict[str, Any]]:
+        """The issue's targets: capacity within 15%, p95 TTFT and ITL at two rates within 20%."""
+        p, out = self.prediction, []
+        m = self.measured_capacity_rps
+        err = (p.capacity_rps - m) / m if m else math.nan
+        rc = crossing(self.steps, "replay_slo_ratio")[0]
+        out.append(
+            dict(
+                name="capacity_rps",
+                predicted=p.capacity_rps,
+                measured=m,
+                rel_error=err,
+                target=CAPACITY_TOL,
+                ok=m is not None and abs(err) <= CAPACITY_TOL,
+                noise=p.noise.get("capacity"),
+                replay=rc,
+                replay_error=(rc - m) / m if m and rc is not None else math.nan,
+            )
+        )
+        for key, pred in p.at_rates.items():
+            st = _step_at(self.steps, float(key))
+            for metric in ("ttft_p95_s", "itl_p95_s"):
+                meas = getattr(st, metric) if st else math.nan
+                e = (pred[metric] - meas) / meas if st and meas > 0 else math.nan
+                out.append(
+                    dict(
+                        name=f"{metric}@{key}C",
+                        predicted=pred[metric],
+                        measured=meas,
+                        rel_error=e,
+                        target=LATENCY_TOL,
+                        ok=bool(st) and abs(e) <= LATENCY_TOL,
+                        noise=p.noise.get(f"{metric}@{key}C"),
+                        replay=getattr(st, "replay_" + metric) if st else math.nan,
+                        replay_error=(getattr(st, "replay_" + metric) - meas) / meas
+                        if st and meas > 0
+                        else math.nan,
+                    )
+                )
+        self.checks = out
+        return out
+
+
+def _step_at(steps: Sequence[StepResult], factor: float) -> StepResult | None:
+    return next((st for st in steps if math.isclose(st.factor, factor, rel_tol=1e-9)), None)
+
+
+def run(s: Settings, *, log: Any = print, keep_dir: Path | None = None) -> Outcome_:
+    """Start vLLM and the proxy, run the phases, stop everything; see the module docstring."""
+    from procs import start_proxy
+    from real_backends import start_vllm
+
+    phases: dict[str, float] = {}
+    load0 = os.getloadavg()
+    rng = np.random.default_rng(s.seed)
+    workdir = keep_dir or Path(tempfile.mkdtemp(prefix="rightsizer-accuracy-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    req_log = workdir / "requests.jsonl"
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        server = start_vllm(MODEL_DIR, served_name=SERVED, max_num_seqs=s.max_num_seqs)
+        stack.callback(server.stop)
+        proxy = start_proxy(
+            [server.url],
+            request_log=req_log,
+            config={
+                "scheduling": {"enabled": False},
+                "estimator": {"enabled": False},
+                "timeouts": {"read_s": 600.0, "total_s": None},
+            },
+        )
+        stack.callback(proxy.stop)
+        mon = stack.enter_context(CpuMonitor([server.pid, proxy.proc.pid]))
+        phases["start"] = time.monotonic() - t0
+        log(f"vLLM {server.url} and proxy {proxy.url} up in {phases['start']:.0f} s")
+        backend = server.url.split("://", 1)[1]
+        # warm-up (first requests compile kernels, allocate): not part of any phase
+        asyncio.run(
+            run_poisson(proxy.url, draw_requests(s, s.warmup_requests, rng), 4.0, "warmup", rng)
+        )
+
+        t1 = time.monotonic()
+        log(f"low-rate phase: {s.low_requests} requests at {s.low_rate:g}/s")
+        low_sent = asyncio.run(
+            run_poisson(proxy.url, draw_requests(s, s.low_requests, rng), s.low_rate, "low", rng)
+        )
+        low = summarise_step(low_sent, 0, len(low_sent), s.low_rate, math.nan, s)
+        t_end = max(r.end or r.arrival for r in low_sent)
+        low = replace(low, other_cpu_cores=mon.other_cores(low_sent[0].arrival, t_end))
+        wait_for_records(req_log, "low", s.low_requests)
+        records = [r for r in read_records(req_log, "low") if r.outcome is Outcome.OK]
+        phases["low_rate"] = time.monotonic() - t1
+        log(
+            f"  {len(records)} records; measured TTFT p95 {low.ttft_p95_s * 1e3:.0f} ms, "
+            f"ITL p95 {low.itl_p95_s * 1e3:.1f} ms"
+        )
+
+        snap = engine_snapshot(server.url, backend)
+        t2 = time.monotonic()
+        pred, step_model, limits = predict(records, snap, s)
+        phases["predict"] = time.monotonic() - t2
+        c = pred.capacity_rps
+        log(
+            f"predicted capacity {c:.2f} req/s (limiting: {pred.limiting}, fit "
+            f"{pred.fit_source}, p50 error {pred.fit_error_p50})"
+        )
+        if not c > 0:
+            raise RuntimeError("the estimator predicts no capacity: nothing to ramp around")
+
+        t3 = time.monotonic()
+        steps: list[StepResult] = []
+
+        def ramp(plan: Sequence[tuple[float, int]]) -> None:
+            """One continuous open-loop run: the steps follow each other without a pause."""
+            rates = [f * c for f, n in plan for _ in range(n)]
+            tenants = [f"ramp{len(steps) + k}" for k, (_, n) in enumerate(plan) for _ in range(n)]
+            reqs = draw_requests(s, len(rates), rng)
+            sent = asyncio.run(run_poisson(proxy.url, reqs, rates, tenants, rng))
+            t_0 = sent[0].arrival
+            rep = replay(step_model, limits, [r.arrival - t_0 for r in sent],
+                         [r.prompt_len for r in sent], [r.max_tokens for r in sent])  # fmt: skip
+            lo = 0
+            for k, (f, n) in enumerate(plan):
+                end = sent[lo + n].arrival if k + 1 < len(plan) else math.inf
+                st = summarise_step(sent, lo, lo + n, f * c, f, s, window_end=end)
+                st = with_replay(st, rep, lo, lo + n, end - t_0, s)
+                t_end = min(end, max(r.end or r.arrival for r in sent))
+                st = replace(st, other_cpu_cores=mon.other_cores(sent[lo].arrival, t_end))
+                log(
+                    f"  step {f:.2f} C = {f * c:.2f}/s: TTFT p95 {st.ttft_p95_s * 1e3:.0f} ms, "
+                    f"ITL p95 {st.itl_p95_s * 1e3:.1f} ms, SLO ratio {st.slo_ratio:.2f}, "
+                    f"{st.n_ok}/{st.n} ok, {st.duration_s:.0f} s, other processes "
+                    f"{st.other_cpu_cores:.2f} cores"
+                )
+                steps.append(st)
+                lo += n
+
+        log("ramp:")
+        ramp(s.ramp)
+        for _ in range(s.max_extra_steps):
+            if crossing(steps)[0] is not None:
+                break
+            ordered = sorted(steps, key=lambda x: x.rate_rps)
+            if ordered[0].slo_ratio > 1.0:
+                ramp([(ordered[0].factor / s.extend_factor, s.extra_requests)])
+            else:
+                ramp([(ordered[-1].factor * s.extend_factor, s.extra_requests)])
+        measured, note = crossing(steps)
+        phases["ramp"] = time.monotonic() - t3
+    out = Outcome_(
+        settings=s,
+        prediction=pred,
+        low=low,
+        steps=sorted(steps, key=lambda x: x.rate_rps),
+        measured_capacity_rps=measured,
+        crossing_note=note,
+        loadavg_start=load0,
+        loadavg_end=os.getloadavg(),
+        snapshot=snap.to_dict(),
+        phases_s=phases,
+    )
+    out.compare()
+    return out
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x * 1e3:.1f}"
+
+
+def render(o: Outcome_) -> str:
+    s, p = o.settings, o.prediction
+    lines = [
+        f"server: vLLM CPU {MODEL_DIR}, max_num_seqs {s.max_num_seqs}, KV "
+        f"{p.kv_capacity_tokens} tokens; SLO p95 TTFT <= {s.slo_ttft_s:g} s, "
+        f"p95 ITL <= {s.slo_itl_s * 1e3:g} ms",
+        f"low-rate phase: {p.records} records at {s.low_rate:g} req/s "
+        f"(mean prompt {p.mean_prompt:.0f}, output {p.mean_output:.0f} tokens)",
+        "fitted step model: "
+        + ", ".join(f"{k} {v:.3g}" for k, v in p.step.items())
+        + f" (fit {p.fit_source}, error p50 {p.fit_error_p50 or math.nan:.0%}, "
+        f"p90 {p.fit_error_p90 or math.nan:.0%})",
+        "",
+        "| step | rate (req/s) | sent (req/s) | ok | TTFT p50 / p95 (ms) | ITL p50 / p95 (ms) |"
+        " ITL p95 per chunk (ms) | SLO ratio | model on this trace: TTFT / ITL p95 (ms), ratio |"
+        " other processes (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines.append(
+        f"| low | {s.low_rate:.2f} | {o.low.achieved_rps:.2f} | {o.low.n_ok}/{o.low.n} | "
+        f"{_ms(o.low.ttft_p50_s)} / {_ms(o.low.ttft_p95_s)} | {_ms(o.low.itl_p50_s)} / "
+        f"{_ms(o.low.itl_p95_s)} | {_ms(o.low.itl_p95_per_chunk_s)} | "
+        f"{o.low.slo_ratio:.2f} | | {o.low.other_cpu_cores:.2f} |"
+    )
+    for st in o.steps:
+        lines.append(
+            f"| {st.factor:.2f} C | {st.rate_rps:.2f} | {st.achieved_rps:.2f} | "
+            f"{st.n_ok}/{st.n} | {_ms(st.ttft_p50_s)} / {_ms(st.ttft_p95_s)} | "
+            f"{_ms(st.itl_p50_s)} / {_ms(st.itl_p95_s)} | "
+            f"{_ms(st.itl_p95_per_chunk_s)} | {st.slo_ratio:.2f} | "
+            f"{_ms(st.replay_ttft_p95_s)} / {_ms(st.replay_itl_p95_s)}, "
+            f"{st.replay_slo_ratio:.2f} | {st.other_cpu_cores:.2f} |"
+        )
+    lines += [
+        "",
+        f"measured capacity: {_num(o.measured_capacity_rps)} req/s ({o.crossing_note}); "
+        f"predicted {p.capacity_rps:.3g} req/s (limiting: {p.limiting}; with the default "
+        f"800 simulated requests per probe: {_num(p.default_capacity_rps)})",
+        "",
+        "| quantity | predicted | measured | error | target | result | chance alone (1 sd) "
+        "| model on the measured trace | its error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in o.checks:
+        unit = 1e3 if c["name"] != "capacity_rps" else 1.0
+
+        def fmtv(v: float | None, u: float = unit) -> str:
+            return "-" if v is None or not math.isfinite(v) else f"{v * u:.3g}"
+
+        lines.append(
+            f"| {c['name']}{' (ms)' if unit != 1 else ' (req/s)'} | "
+            f"{fmtv(c['predicted'])} | {fmtv(c['measured'])} | "
+            f"{c['rel_error']:+.1%} | ±{c['target']:.0%} | "
+            f"{'PASS' if c['ok'] else 'FAIL'} | "
+            f"{'-' if c.get('noise') is None else format(c['noise'], '.0%')} | "
+            f"{fmtv(c['replay'])} | {c['replay_error']:+.1%} |"
+        )
+    lines.append("")
+    lines.append(
+        f"load average at start {o.loadavg_start[0]:.2f} / end {o.loadavg_end[0]:.2f}; "
+        "phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in o.phases_s.items())
+    )
+    return "\n".join(lines)
+
+
+def to_json(o: Outcome_) -> dict[str, Any]:
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    return clean(
+        {
+            "settings": asdict(o.settings),
+            "prediction": asdict(o.prediction),
+            "low_rate_phase": asdict(o.low),
+            "steps": [asdict(st) for st in o.steps],
+            "measured_capacity_rps": o.measured_capacity_rps,
+            "crossing": o.crossing_note,
+            "checks": o.checks,
+            "snapshot": o.snapshot,
+            "phases_s": o.phases_s,
+            "loadavg_start": o.loadavg_start,
+            "loadavg_end": o.loadavg_end,
+            "cpus": os.cpu_count(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="shorter phases (about 4 minutes)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--slo-ttft", type=float, help="p95 TTFT target, s")
+    ap.add_argument("--slo-itl", type=float, help="p95 ITL target, s")
+    ap.add_argument("--low-rate", type=float, help="req/s of the low-rate phase")
+    ap.add_argument("--low-requests", type=int)
+    ap.add_argument("--max-num-seqs", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument(
+        "--prior",
+        action="store_true",
+        help="give the estimator the model config and the cpu catalog entry",
+    )
+    ap.add_argument("--keep", metavar="DIR", help="keep the request log in DIR")
+    ap.add_argument("--nice", type=int, default=0, help="renice this process (and children)")
+    a = ap.parse_args(argv)
+    if a.nice:
+        os.nice(a.nice)
+    kw: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "slo_ttft_s": a.slo_ttft,
+            "slo_itl_s": a.slo_itl,
+            "low_rate": a.low_rate,
+            "low_requests": a.low_requests,
+            "max_num_seqs": a.max_num_seqs,
+            "seed": a.seed,
+        }.items()
+        if v is not None
+    }
+    if a.prior:
+        kw["use_prior"] = True
+    s = Settings.quick(**kw) if a.quick else Settings(**kw)
+    started = time.monotonic()
+    o = run(s, keep_dir=Path(a.keep) if a.keep else None)
+    print()
+    print(render(o))
+    print(f"total {time.monotonic() - started:.0f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(to_json(o), indent=2))
+        print(f"wrote {a.json}")
+    ok = all(c["ok"] for c in o.checks)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
