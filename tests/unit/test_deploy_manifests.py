@@ -401,8 +401,14 @@ def test_k8s_proxy_config_loads_and_matches_the_alert_slo() -> None:
     cfg = load_k8s_proxy_config(Path("/nonexistent"))
     rules = {r.get("record"): r["expr"] for r in all_rules()}
     ttft, itl = cfg.estimator.slo_ttft_p95_s, cfg.estimator.slo_itl_p95_s
-    assert rules["rightsizer:slo_ttft_p95_seconds"] == f"max(rightsizer_slo_ttft_p95_seconds) or vector({ttft})"
-    assert rules["rightsizer:slo_itl_p95_seconds"] == f"max(rightsizer_slo_itl_p95_seconds) or vector({itl})"
+    assert (
+        rules["rightsizer:slo_ttft_p95_seconds"]
+        == f"max(rightsizer_slo_ttft_p95_seconds) or vector({ttft})"
+    )
+    assert (
+        rules["rightsizer:slo_itl_p95_seconds"]
+        == f"max(rightsizer_slo_itl_p95_seconds) or vector({itl})"
+    )
     assert cfg.server.host == "0.0.0.0"
 
 
