@@ -142,7 +142,9 @@ def _routes(app: web.Application) -> None:
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     config, pool, deps = app[_CONFIG], app[_POOL], app[_DEPS]
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+    connector = aiohttp.TCPConnector(
+        limit=0, ttl_dns_cache=300, keepalive_timeout=config.timeouts.keepalive_s
+    )
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     metrics = app[_METRICS]
     upstream = Upstream(session, pool, config.timeouts, metrics)
@@ -183,6 +185,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         if shared is not None:
             await shared.stop()
         await pool.stop()
+        await upstream.close()
         await session.close()
         app[_RECORDER].close()
 

@@ -95,6 +95,12 @@ class TimeoutConfig:
         "Longest wait for upstream bytes: the first byte, and between streamed chunks.", 120.0
     )
     total_s: float | None = doc("Whole-request limit (None: no limit).", 900.0)
+    keepalive_s: float = doc(
+        "How long an idle upstream connection is kept for reuse. Below the backends' own idle"
+        " timeout (uvicorn/vLLM and llama-server close after 5 s) so the proxy rarely picks a"
+        " connection the server is closing.",
+        4.0,
+    )
 
 
 @dataclass(**_FROZEN)

@@ -65,6 +65,21 @@ class Upstream:
         self.client_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.read_s
         )
+        self._fresh: aiohttp.ClientSession | None = None
+
+    def _fresh_session(self) -> aiohttp.ClientSession:
+        """A session that never reuses a connection, for the retry after a stale one: under
+        load many pooled connections go stale together, and the pool could hand out another."""
+        if self._fresh is None or self._fresh.closed:
+            self._fresh = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, limit=0),
+                auto_decompress=False,
+            )
+        return self._fresh
+
+    async def close(self) -> None:
+        if self._fresh is not None:
+            await self._fresh.close()
 
     async def dispatch(
         self,
@@ -130,10 +145,11 @@ class Upstream:
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 raise
-            # A pooled keep-alive connection the server had just closed (llama-server closes
-            # after 100 requests per connection): nothing was processed; once more, fresh.
+            # A pooled keep-alive connection the server had just closed (idle timeout, or
+            # llama-server's 100 requests per connection): nothing was processed; once more,
+            # on a new connection.
             self.metrics.retries.labels(backend.name, "stale_connection").inc()
-            return await self.session.post(
+            return await self._fresh_session().post(
                 url, data=body, headers=hdrs, timeout=self.client_timeout
             )
 

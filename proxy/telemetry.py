@@ -247,7 +247,7 @@ class Metrics:
         )
         self.retries = Counter(
             "rightsizer_upstream_retries",
-            "Retries on another backend before the first byte.",
+            "Retries before the first byte (another backend, or a fresh connection).",
             ["backend", "reason"],
             registry=r,
         )

@@ -98,11 +98,10 @@ def test_non_stream_completion_matches_direct(proxy: Proc, emus: tuple[Proc, Pro
 
 
 async def test_async_streaming_sdk(proxy: Proc) -> None:
-    c = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    stream = await c.completions.create(model="emu", prompt="x", max_tokens=6, stream=True)
-    text = "".join([ch.choices[0].text async for ch in stream if ch.choices])
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as c:
+        stream = await c.completions.create(model="emu", prompt="x", max_tokens=6, stream=True)
+        text = "".join([ch.choices[0].text async for ch in stream if ch.choices])
     assert text == "".join(f"tok{i} " for i in range(1, 7))
-    await c.close()
 
 
 @pytest.mark.parametrize(
@@ -187,11 +186,10 @@ def _send_concurrently(proxy: Proc, n: int, concurrency: int) -> list[object]:
                 return exc
 
     async def main() -> list[object]:
-        c = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=60)
         sem = asyncio.Semaphore(concurrency)
-        out = await asyncio.gather(*(one(c, i, sem) for i in range(n)))
-        await c.close()
-        return list(out)
+        url = proxy.url + "/v1"
+        async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=60) as c:
+            return list(await asyncio.gather(*(one(c, i, sem) for i in range(n))))
 
     return asyncio.run(main())
 

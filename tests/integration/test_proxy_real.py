@@ -105,12 +105,10 @@ def test_chat_same_as_direct(backend: RunningServer, proxy: Proc, stream: bool) 
 
 def test_completion_stream_same_as_direct_async(backend: RunningServer, proxy: Proc) -> None:
     async def ask(url: str) -> str:
-        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        s = await c.completions.create(model=backend.model, prompt="def main():", max_tokens=16,
-                                       temperature=0.0, stream=True, extra_body=extra_body(backend))  # fmt: skip
-        text = "".join([ch.choices[0].text async for ch in s if ch.choices])
-        await c.close()
-        return text
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as c:
+            s = await c.completions.create(model=backend.model, prompt="def main():", max_tokens=16,
+                                           temperature=0.0, stream=True, extra_body=extra_body(backend))  # fmt: skip
+            return "".join([ch.choices[0].text async for ch in s if ch.choices])
 
     assert asyncio.run(ask(proxy.url)) == asyncio.run(ask(backend.url))
 
@@ -135,11 +133,10 @@ def test_load_counts_agree_exactly_with_engine(backend: RunningServer, proxy: Pr
             return n
 
     async def main() -> list[int]:
-        c = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=300)
         sem = asyncio.Semaphore(32)
-        out = await asyncio.gather(*(one(c, i, sem) for i in range(200)))
-        await c.close()
-        return list(out)
+        url = proxy.url + "/v1"
+        async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=300) as c:
+            return list(await asyncio.gather(*(one(c, i, sem) for i in range(200))))
 
     results = asyncio.run(main())
     assert len(results) == 200 and all(r > 0 for r in results)

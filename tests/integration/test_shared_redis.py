@@ -105,10 +105,11 @@ async def _load(urls: list[str], n: int, concurrency: int, max_tokens: int = 40)
             except openai.APIError as exc:
                 return exc
 
-    out = await asyncio.gather(*(one(i) for i in range(n)))
-    for c in clients:
-        await c.close()
-    return list(out)
+    try:
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+    finally:
+        for c in clients:
+            await c.close()
 
 
 def _peak_running(emus: list[Proc], stop: threading.Event, peaks: list[float]) -> None:

@@ -124,3 +124,72 @@ async def test_backend_ignoring_include_usage_falls_back_to_counting() -> None:
     assert rec.tokens_estimated is True
     assert rec.completion_tokens == 21  # 20 content chunks + the finish chunk, counted
     assert rec.prompt_tokens == 10  # 40 characters / 4
+
+
+async def _closing_backend() -> tuple[asyncio.Server, str]:
+    """A raw HTTP/1.1 backend that keeps connections alive but, like a server whose idle
+    timeout fires just as the proxy reuses a pooled connection, closes any connection on its
+    second POST without answering."""
+
+    async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        posts = 0
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                lines = head.decode().split("\r\n")
+                length = next(
+                    (int(x.split(":")[1]) for x in lines if x.lower().startswith("content-length")),
+                    0,
+                )
+                await reader.readexactly(length)
+                if lines[0].startswith("POST"):
+                    posts += 1
+                    if posts > 1:
+                        break
+                    body = b'{"id":"c","object":"text_completion","model":"m","choices":[{"index":0,"text":"ok","finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+                elif "/v1/models" in lines[0]:
+                    body = b'{"data":[{"id":"m"}]}'
+                else:
+                    body = b"ok"
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(conn, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+async def test_stale_pooled_connections_are_retried_on_a_fresh_one() -> None:
+    """Several pooled connections going stale together (a burst after an idle spell) must not
+    fail requests: the retry takes a new connection, never another pooled one."""
+    server, up_url = await _closing_backend()
+    registry = CollectorRegistry()
+    cfg = load_config(environ={}, overrides={"backends": [{"url": up_url}],
+                                             "health": {"scrape_interval_s": 0}})  # fmt: skip
+    runner, url = await start_site(build_app(cfg, Deps(registry=registry)))
+    body = {"model": "m", "prompt": "x", "max_tokens": 1}
+    try:
+        async with aiohttp.ClientSession() as s:
+
+            async def one() -> int:
+                async with s.post(url + "/v1/completions", json=body) as r:
+                    await r.read()
+                    return r.status
+
+            assert await asyncio.gather(*(one() for _ in range(6))) == [200] * 6
+            for _ in range(4):  # every pooled connection has now served a POST: all stale
+                assert await one() == 200
+    finally:
+        await runner.cleanup()
+        server.close()
+        await server.wait_closed()
+    stale = registry.get_sample_value(
+        "rightsizer_upstream_retries_total",
+        {"backend": up_url.split("//")[1], "reason": "stale_connection"},
+    )
+    assert stale is not None and stale >= 4
