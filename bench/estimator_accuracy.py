@@ -595,13 +595,16 @@ def predict(
         fit_source=source,
         fit_error_p50=dep.fit.rel_error_p50,
         fit_error_p90=dep.fit.rel_error_p90,
-        step=dict(
-            zip(
-                ("overhead_s", "prefill_s_per_token", "decode_s_per_seq", "kv_s_per_token"),
-                step.coefficients(),
-                strict=True,
-            )
-        ),
+        step={
+            **dict(
+                zip(
+                    ("overhead_s", "prefill_s_per_token", "decode_s_per_seq", "kv_s_per_token"),
+                    step.coefficients(),
+                    strict=True,
+                )
+            ),
+            "jitter_sigma": step.jitter_sigma,
+        },
         records=len(records),
         mean_prompt=workload.mean_prompt,
         mean_output=workload.mean_output,

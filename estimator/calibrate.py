@@ -50,6 +50,12 @@ records, scaled by ``s_j = max(p_j, c_j of the data alone)``: weak, and fading a
 accumulates. Non-negativity is exact: each IRLS pass solves the 5-variable quadratic program
 (the unconstrained solution when feasible, else the best of the 31 active sets).
 
+Step jitter: ``jitter_sigma`` (``StepModel``) = median over records of
+``ln(itl.p95 / itl.p50) / 1.645`` (for a lognormal factor, ``p95 / p50 = exp(1.645 sigma)``),
+from records with 20+ gaps, preferring those whose decode no other prefill interrupted (then
+the formula predicts nearly constant steps, so their spread is jitter). Age-weighted, capped
+at 1.
+
 Fit error: median and p90 of ``|predicted - observed| / observed`` over the window's rows
 (age-weighted), separately for TTFT and ITL. ``trusted`` needs ``min_records`` effective
 records and medians under ``max_ttft_mare`` and ``max_itl_mare``.
@@ -57,6 +63,7 @@ records and medians under ``max_ttft_mare`` and ``max_itl_mare``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -67,8 +74,11 @@ from estimator.engine import StepModel
 from estimator.records import Outcome, RequestRecord
 
 # ring columns
-_T, _DISPATCH, _FIRST, _END, _UNCACHED, _PROMPT, _COMPLETION, _INFLIGHT = range(8)
-_NCOL = 8
+_T, _DISPATCH, _FIRST, _END, _UNCACHED, _PROMPT, _COMPLETION, _INFLIGHT, _SPREAD = range(9)
+_NCOL = 9
+_MIN_SPREAD_GAPS = 20  # gaps a record needs for its ITL p95 / p50 to count
+_MIN_CLEAN = 10  # records with uninterrupted decodes needed to use only those for the jitter
+_Z95 = 1.6448536
 _NPARAM = 5  # c0, c_p, c_d, c_kv, q (queue)
 _SCALE_SAMPLE = 20_000  # rows used for robust scale and error quantiles
 _MAX_UNSEEN_LOAD = 3.0  # proxy in-flight counts up to 3x what the ring's records explain
@@ -172,8 +182,14 @@ class OnlineCalibrator:
             e = f + (
                 record.itl.mean * (c - 1) if record.itl.mean is not None and c >= 2 else math.nan
             )
+        itl = record.itl
+        spread = (
+            math.log(itl.p95 / itl.p50)
+            if itl.count >= _MIN_SPREAD_GAPS and itl.p50 and itl.p95 and itl.p95 >= itl.p50 > 0
+            else math.nan
+        )
         self._buf[self._n % self.config.capacity] = (
-            f if e != e else e, d, f, e, p - (record.cached_tokens or 0), p, c, r
+            f if e != e else e, d, f, e, p - (record.cached_tokens or 0), p, c, r, spread
         )  # fmt: skip
         self._n += 1
 
@@ -214,8 +230,10 @@ def fit_rows(
         and i_mare is not None
         and i_mare <= config.max_itl_mare
     )
+    step = StepModel.from_coefficients(coef[:4].tolist())
+    step = dataclasses.replace(step, jitter_sigma=_jitter(rows, w))
     return Calibration(
-        step=StepModel.from_coefficients(coef[:4].tolist()), prior=prior,
+        step=step, prior=prior,
         n_records=int(rows.shape[0]), n_ttft=int(yt.size), n_itl=int(yi.size), n_effective=n_eff,
         prior_share=tau / (tau + n_eff) if tau else 0.0, ttft_mare=t_mare, ttft_p90_re=t_p90,
         itl_mare=i_mare, itl_p90_re=i_p90, queue_s_per_request=float(coef[4]), trusted=trusted,
@@ -252,6 +270,19 @@ def _design(
     xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, np.zeros_like(r)])
     oki = (comp >= 2) & np.isfinite(yi) & (yi > 1e-7)
     return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki]
+
+
+def _jitter(rows: np.ndarray, w: np.ndarray) -> float:
+    """Lognormal sigma of the step jitter (module docstring); 0 without usable records."""
+    spread = rows[:, _SPREAD]
+    ok = np.isfinite(spread) & (w > 0)
+    if not ok.any():
+        return 0.0
+    others = _prefill_tokens_between(rows, rows[:, _FIRST], rows[:, _END])
+    clean = ok & (others <= 0) & np.isfinite(rows[:, _END])
+    use = clean if int(clean.sum()) >= _MIN_CLEAN else ok
+    sigma = _weighted_median(spread[use], w[use]) / _Z95
+    return float(min(max(sigma, 0.0), 1.0))
 
 
 def _decode_concurrency(all_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:

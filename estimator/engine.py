@@ -30,6 +30,12 @@ quadratic attention cost of long prompts is folded into ``prefill_s_per_token`` 
 reference prompt length).
 
 ``step_time`` is called by the emulated engine on every step: plain float arithmetic, no numpy.
+
+Step-to-step jitter: real steps scatter around the formula (CPU scheduling, the host's other
+work, HTTP chunking between the engine and the client). ``jitter_sigma`` is the log-standard
+deviation of a mean-one lognormal factor on each step's duration; it leaves throughput (and so
+capacity by rate) unchanged and widens the ITL quantiles the simulator reports
+(``estimator.simulate``). The calibrator learns it from the records' own ITL spread.
 """
 
 from __future__ import annotations
@@ -62,9 +68,11 @@ class StepModel:
     prefill_s_per_token: float
     decode_s_per_seq: float
     kv_s_per_token: float
+    jitter_sigma: float = 0.0
+    """Log-standard deviation of a mean-one lognormal factor on each step (module docstring)."""
 
     def __post_init__(self) -> None:
-        for name in COEFFICIENT_NAMES:
+        for name in (*COEFFICIENT_NAMES, "jitter_sigma"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
                 raise ValueError(f"StepModel.{name} must be finite and >= 0, got {value!r}")

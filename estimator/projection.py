@@ -258,6 +258,7 @@ def fit_report(cal: Calibration | None, source: str, transfer: advisor.Transfer)
         rel_error_p50=max(p50) if p50 else None, rel_error_p90=max(p90) if p90 else None,
         trusted=bool(cal and cal.trusted),
         scale_vs_prior=transfer.decode if transfer.calibrated and transfer.has_prior else None,
+        step_jitter_sigma=cal.step.jitter_sigma if cal else None,
     )  # fmt: skip
 
 
@@ -337,8 +338,8 @@ def project(
                            max_model_len=cfg.max_model_len)  # fmt: skip
     limits, lim_notes = engine_limits(snapshots, plan, cfg, t.cached_ratio())
     p90 = float(np.percentile(workload.prompt_tokens, 90))
-    key = ("capacity", *_bins(*step.coefficients(), workload.mean_prompt, workload.mean_output,
-                              p90), limits, cfg.slo)  # fmt: skip
+    key = ("capacity", *_bins(*step.coefficients(), step.jitter_sigma, workload.mean_prompt,
+                              workload.mean_output, p90), limits, cfg.slo)  # fmt: skip
     cap = dep.sims.get(key)
     if not isinstance(cap, CapacityResult):
         cap = max_rate_at_slo(step, limits, workload, cfg.slo, n_requests=cfg.sim_requests)
@@ -442,8 +443,8 @@ class _Base:
         at_rate: SimResult | None = None
         if rate > 0:
             w = c.workload
-            key = ("at_rate", *_bins(*step.coefficients(), w.mean_prompt, w.mean_output,
-                                     rate / c.replicas), c.limits)  # fmt: skip
+            key = ("at_rate", *_bins(*step.coefficients(), step.jitter_sigma, w.mean_prompt,
+                                     w.mean_output, rate / c.replicas), c.limits)  # fmt: skip
             hit = c.dep.sims.get(key)
             at_rate = hit if isinstance(hit, SimResult) else None
             if at_rate is None:

@@ -102,6 +102,7 @@ class FitReport:
     rel_error_p90: float | None
     trusted: bool
     scale_vs_prior: float | None = None  # observed/prior step-time ratio carried to other GPUs
+    step_jitter_sigma: float | None = None  # lognormal sigma of step-to-step noise, learned
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,6 +13,12 @@ Per step (times from ``StepModel.step_time(prefill_tokens, decode_seqs, context_
 4. a sequence whose prefill completes emits its first token at the step's end (TTFT); each
    decoding sequence emits one token at the step's end (ITL = step duration).
 
+Step jitter (``StepModel.jitter_sigma``): the engine runs on the formula's mean step times;
+the ITL quantiles are those of each step's duration times a mean-one lognormal factor (the
+token-weighted step durations, binned on a log grid, convolved with the factor's density).
+Jitter does not move TTFT or throughput here: on a queue, step noise averages out over the
+many steps a request waits, and its mean is the formula.
+
 Prefix caching: a fraction ``prefix_cache_hit_ratio`` of each prompt skips prefill (its KV
 blocks are still counted, a conservative simplification).
 
@@ -55,6 +61,7 @@ import numpy as np
 from estimator.engine import StepModel
 
 _ITL_POINTS_PER_RUN = 8
+_MIN_JITTER = 1e-3  # below: the exact quantiles of the mean step durations
 
 
 class _LengthSampler(Protocol):
@@ -239,13 +246,14 @@ class Replay:
     trace: SimTrace
     decode_runs: list[tuple[float, float, float, int, int]]
     """(start, first step's duration, increment per step, steps, decoding sequences)."""
+    jitter_sigma: float = 0.0
 
     def itl_quantiles(
         self, qs: Sequence[float], since: float = -math.inf, until: float = math.inf
     ) -> list[float]:
         """Token-weighted quantiles of the decode step durations (every token's gap) of the
         steps that began in ``[since, until)``."""
-        return _itl_quantiles(self.decode_runs, since, qs, until)
+        return _itl_quantiles(self.decode_runs, since, qs, until, self.jitter_sigma)
 
 
 def replay(
@@ -264,7 +272,7 @@ def replay(
     sim = _Sim(step, limits, arr, [max(1, int(p)) for p in prompt_tokens],
                [max(1, int(o)) for o in output_tokens])  # fmt: skip
     sim.run()
-    return Replay(trace=sim.trace(), decode_runs=list(sim.runs))
+    return Replay(trace=sim.trace(), decode_runs=list(sim.runs), jitter_sigma=step.jitter_sigma)
 
 
 class _Sim:
@@ -555,10 +563,11 @@ def _itl_quantiles(
     since: float,
     qs: Sequence[float],
     until: float = math.inf,
+    jitter_sigma: float = 0.0,
 ) -> list[float]:
     """Token-weighted quantiles of the step durations of decode runs that began at ``since``
     or later (and before ``until``); a run of ``k`` steps ``a, a + b, ...`` is represented by
-    up to 8 points."""
+    up to 8 points. With ``jitter_sigma`` > 0, of those durations times the jitter factor."""
     if not runs:
         return [math.nan] * len(qs)
     r = np.asarray(runs)
@@ -575,10 +584,32 @@ def _itl_quantiles(
     weight = np.broadcast_to(d * k / m, use.shape)[use]
     if weight.sum() <= 0:
         return [math.nan] * len(qs)
+    if jitter_sigma >= _MIN_JITTER:
+        return _jittered_quantiles(dur, weight, qs, jitter_sigma)
     order = np.argsort(dur)
     cw = np.cumsum(weight[order])
     at = np.minimum(np.searchsorted(cw, np.asarray(qs) * cw[-1]), dur.size - 1)
     return [float(x) for x in dur[order][at]]
+
+
+def _jittered_quantiles(
+    dur: np.ndarray, weight: np.ndarray, qs: Sequence[float], sigma: float
+) -> list[float]:
+    """Quantiles of the mixture of ``dur_i * exp(sigma Z - sigma^2 / 2)`` weighted by
+    ``weight_i``: a histogram of ``log dur`` (bins of sigma/20, at most 4,000) convolved with
+    the normal density of ``sigma Z``; each quantile is the centre of the bin it falls in."""
+    logd = np.log(np.maximum(dur, 1e-12)) - 0.5 * sigma * sigma
+    span = 5.0 * sigma
+    lo, hi = float(logd.min()) - span, float(logd.max()) + span
+    h = max(sigma / 20.0, (hi - lo) / 4000.0)
+    nb = int((hi - lo) / h) + 2
+    hist = np.bincount(np.rint((logd - lo) / h).astype(np.intp), weights=weight, minlength=nb)
+    m = int(span / h)
+    z = np.arange(-m, m + 1) * h
+    dens = np.convolve(hist, np.exp(-0.5 * np.square(z / sigma)), mode="same")
+    cdf = np.cumsum(dens)
+    at = np.minimum(np.searchsorted(cdf, np.asarray(qs) * cdf[-1]), cdf.size - 1)
+    return [float(x) for x in np.exp(lo + at * h)]
 
 
 def _summarise(sim: _Sim, tr: SimTrace, rate: float, q: float, warmup: float) -> SimResult:
@@ -593,7 +624,9 @@ def _summarise(sim: _Sim, tr: SimTrace, rate: float, q: float, warmup: float) ->
     def pct(x: np.ndarray, p: float) -> float:
         return float(np.quantile(x, p, method="inverted_cdf")) if x.size else math.nan
 
-    itl = _itl_quantiles(sim.runs, float(tr.arrival_s[w0]), (0.5, 0.95, q))
+    itl = _itl_quantiles(
+        sim.runs, float(tr.arrival_s[w0]), (0.5, 0.95, q), jitter_sigma=sim.step.jitter_sigma
+    )
     finished = ~np.isnan(tr.finish_s)
     span = max(float(np.nanmax(tr.finish_s)) - float(tr.arrival_s[0]), 1e-12)
     prompt_in = float(tr.prompt_tokens[finished].sum())

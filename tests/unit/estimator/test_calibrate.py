@@ -87,6 +87,19 @@ def exact(step: StepModel, n: int, seed: int, noise: float = 0.03) -> list[Reque
     ]  # fmt: skip
 
 
+def with_jitter(records: list[RequestRecord], sigma: float, seed: int) -> list[RequestRecord]:
+    """The same records with per-token gaps scattered by a mean-one lognormal factor."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in records:
+        assert r.end_s is not None and r.first_token_s is not None and r.completion_tokens
+        n = r.completion_tokens - 1
+        mean = (r.end_s - r.first_token_s) / max(1, n)
+        gaps = mean * rng.lognormal(-(sigma**2) / 2, sigma, n) if sigma else np.full(n, mean)
+        out.append(dataclasses.replace(r, itl=ItlSummary.from_gaps(gaps.tolist())))
+    return out
+
+
 def fitted(records: list[RequestRecord], **kw: object) -> OnlineCalibrator:
     cal = OnlineCalibrator(**kw)  # type: ignore[arg-type]
     for rec in records:
@@ -292,3 +305,15 @@ def test_garbage_in_never_raises(records: list[RequestRecord], max_num_seqs: int
     c = cal.fit(max_num_seqs=max_num_seqs)
     assert all(math.isfinite(v) and v >= 0 for v in c.step.coefficients())
     assert c.n_records <= 16
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.1, 0.3])
+def test_learns_the_step_jitter_from_the_records_itl_spread(sigma: float) -> None:
+    records = with_jitter(exact(TRUE, 600, seed=4), sigma, seed=5)
+    step = fitted(records, prior=TRUE, config=NO_FORGET).fit().step
+    assert step.jitter_sigma == pytest.approx(sigma, abs=0.02 + 0.1 * sigma)
+    assert rel(step.overhead_s, TRUE.overhead_s) < 0.1  # the coefficients are unaffected
+
+
+def test_no_itl_spread_means_no_jitter() -> None:
+    assert fitted(exact(TRUE, 200, seed=6), prior=TRUE).fit().step.jitter_sigma == 0.0
