@@ -54,7 +54,11 @@ Step jitter: ``jitter_sigma`` (``StepModel``) = median over records of
 ``ln(itl.p95 / itl.p50) / 1.645`` (for a lognormal factor, ``p95 / p50 = exp(1.645 sigma)``),
 from records with 20+ gaps, preferring those whose decode no other prefill interrupted (then
 the formula predicts nearly constant steps, so their spread is jitter). Age-weighted, capped
-at 1.
+at 1. Tried and dropped: a sigma that makes the model reproduce the window's pooled ITL p95.
+It tracked the window exactly, but on the real vLLM CPU server that window's tail (set by
+the records that jitter most) varied by +-30% from minute to minute, and its predictions
+at other rates erred by up to 69%. The median of uninterrupted records erred by at most 24%
+on the same data (bench/README.md).
 
 Fit error: median and p90 of ``|predicted - observed| / observed`` over the window's rows
 (age-weighted), separately for TTFT and ITL. ``trusted`` needs ``min_records`` effective

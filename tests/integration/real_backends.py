@@ -149,6 +149,59 @@ def start_vllm(
     return _start("vllm", served_name, command, env, port, timeout_s)
 
 
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _set_affinity(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` onto ``cpus`` (``sched_setaffinity`` takes one thread)."""
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def isolate_vllm_engine(server: RunningServer, front_pids: Sequence[int]) -> dict[str, list[int]]:
+    """Give the vLLM CPU engine a core of its own, as an engine has its GPU to itself.
+
+    vLLM's CPU worker binds itself to one core; its engine-core process (which alternates
+    with the worker, step by step) joins it there. The API server, the other ``front_pids``
+    (the proxy, the client) and their threads go to the remaining cores, so per-token HTTP
+    work never preempts a step. Returns the two core sets; empty when not possible (fewer
+    than two cores, or no pinned worker found)."""
+    allowed = os.sched_getaffinity(0)
+    tree = _descendants(server.pid)
+    engine: set[int] = set()
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            if "Worker" in Path(f"/proc/{pid}/comm").read_text():
+                cpus = os.sched_getaffinity(pid)
+                if cpus != allowed:
+                    engine |= cpus
+    front = allowed - engine
+    if not engine or not front:
+        return {"engine_cpus": [], "front_cpus": []}
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            comm = Path(f"/proc/{pid}/comm").read_text()
+            if "Worker" not in comm:
+                _set_affinity(pid, engine if "EngineCor" in comm else front)  # comm: 15 chars
+    for pid in front_pids:
+        _set_affinity(pid, front)
+    return {"engine_cpus": sorted(engine), "front_cpus": sorted(front)}
+
+
 def start_llama_server(
     served_name: str = "tiny-llama",
     *,
