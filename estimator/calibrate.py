@@ -220,7 +220,7 @@ def fit_rows(
     if not keep.all():
         rows, w = rows[keep], w[keep]
     stride = -(-rows.shape[0] // max(1, config.max_fit_records))
-    xt, yt, wt, xi, yi, wi = _design(rows, w, max_num_seqs, max(1, stride))
+    xt, yt, wt, xi, yi, wi, spread = _design(rows, w, max_num_seqs, max(1, stride))
     p = np.array([*prior.coefficients(), 0.0])
     coef = _robust_fit(np.hstack([xt, xi]), np.concatenate([yt, yi]),
                        np.concatenate([wt, wi]), p, tau, config)  # fmt: skip
@@ -235,7 +235,7 @@ def fit_rows(
         and i_mare <= config.max_itl_mare
     )
     step = StepModel.from_coefficients(coef[:4].tolist())
-    step = dataclasses.replace(step, jitter_sigma=_jitter(rows, w))
+    step = dataclasses.replace(step, jitter_sigma=_jitter(spread, xi[1], wi))
     return Calibration(
         step=step, prior=prior,
         n_records=int(rows.shape[0]), n_ttft=int(yt.size), n_itl=int(yi.size), n_effective=n_eff,
@@ -248,10 +248,11 @@ def _design(
     all_rows: np.ndarray, all_w: np.ndarray, max_num_seqs: int | None, stride: int
 ) -> tuple[np.ndarray, ...]:
     """TTFT and ITL design matrices (feature-major: one row per coefficient), targets and
-    weights (see the module docstring) for every ``stride``-th record."""
+    weights (see the module docstring) for every ``stride``-th record, and the ITL rows'
+    ``ln(itl.p95 / itl.p50)`` (NaN where unknown)."""
     if all_rows.shape[0] == 0:
         z = np.zeros((_NPARAM, 0))
-        return z, np.zeros(0), np.zeros(0), z, np.zeros(0), np.zeros(0)
+        return z, np.zeros(0), np.zeros(0), z, np.zeros(0), np.zeros(0), np.zeros(0)
     rows, w = all_rows[::stride], all_w[::stride]
     m = float(max_num_seqs) if max_num_seqs else math.inf
     first, end, disp = rows[:, _FIRST], rows[:, _END], rows[:, _DISPATCH]
@@ -273,17 +274,16 @@ def _design(
     dd = np.minimum(_decode_concurrency(all_rows, rows), m)
     xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, np.zeros_like(r)])
     oki = (comp >= 2) & np.isfinite(yi) & (yi > 1e-7)
-    return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki]
+    return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki], rows[oki, _SPREAD]
 
 
-def _jitter(rows: np.ndarray, w: np.ndarray) -> float:
-    """Lognormal sigma of the step jitter (module docstring); 0 without usable records."""
-    spread = rows[:, _SPREAD]
+def _jitter(spread: np.ndarray, interrupting: np.ndarray, w: np.ndarray) -> float:
+    """Lognormal sigma of the step jitter (module docstring) from the ITL rows' spreads and
+    prefill tokens that fell inside their decodes; 0 without usable records."""
     ok = np.isfinite(spread) & (w > 0)
     if not ok.any():
         return 0.0
-    others = _prefill_tokens_between(rows, rows[:, _FIRST], rows[:, _END])
-    clean = ok & (others <= 0) & np.isfinite(rows[:, _END])
+    clean = ok & (interrupting <= 0)
     use = clean if int(clean.sum()) >= _MIN_CLEAN else ok
     sigma = _weighted_median(spread[use], w[use]) / _Z95
     return float(min(max(sigma, 0.0), 1.0))
