@@ -149,6 +149,18 @@ def start_vllm(
     return _start("vllm", served_name, command, env, port, timeout_s)
 
 
+def require(reason: str | None, what: str = "") -> None:
+    """For tests: nothing when ``reason`` is None; else skip, or fail under ``CI=true`` (CI
+    installs every real backend, so there a missing one is a defect, never a skip)."""
+    if reason is None:
+        return
+    import pytest  # here: the benchmarks import this module without pytest
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true{' and ' + what if what else ''}: {reason}")
+    pytest.skip(reason)
+
+
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -37,12 +37,11 @@ nothing about the model: it is skipped, or fails under ``CI=true``.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
-from real_backends import vllm_available
+from real_backends import require, vllm_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
@@ -57,25 +56,17 @@ TRACE_ITL_TOL = 0.60  # see the module docstring; TTFT keeps 40%
 MAX_OTHER_CORES = 0.5
 
 
-def _require(reason: str | None) -> None:
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true: {reason}")
-    pytest.skip(reason)
-
-
 @pytest.mark.timeout(420)
 def test_estimator_predicts_real_vllm_capacity_and_latency(
     require_vllm: None, tmp_path: Path
 ) -> None:
-    _require(vllm_available(ea.MODEL_DIR))
+    require(vllm_available(ea.MODEL_DIR))
     out = ea.run(ea.Settings.test(), keep_dir=tmp_path)
     table = ea.render(out)
     print(table)
     busy = max(st.other_cpu_cores for st in [out.low, *out.steps])
     if busy > MAX_OTHER_CORES:
-        _require(f"other processes used {busy:.2f} cores during the run:\n{table}")
+        require(f"other processes used {busy:.2f} cores during the run:\n{table}")
     assert out.prediction.fit_source == "calibrated", table
     assert all(st.n_ok == st.n for st in [out.low, *out.steps]), table
     assert out.measured_capacity_rps is not None, f"no SLO crossing measured\n{table}"
