@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,13 +66,11 @@ def config(**kw: object) -> EstimatorConfig:
     return EstimatorConfig(**base)  # type: ignore[arg-type]
 
 
-def test_observe_is_cheap_and_never_raises() -> None:
+def test_observe_never_raises() -> None:  # its cost: bench/estimator_cost.py
     est = Estimator(config(), catalog=CATALOG)
     rec = RequestRecord(request_id="x", model="m", arrival_epoch=T0)
-    start = time.perf_counter()
-    for _ in range(20000):
+    for _ in range(200):
         est.observe(rec)
-    assert (time.perf_counter() - start) / 20000 < 5e-6
     est.observe("not a record")  # type: ignore[arg-type]
     est.observe_backend(BackendSnapshot(backend="b0", time_s=1.0))
     report = est.refresh(now=T0 + 10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +43,6 @@ def stats_of(times: np.ndarray, **kw: float) -> TrafficStats:
     for t in times:
         s.observe(rec(float(t)))
     return s
-
-
-def test_observe_is_fast() -> None:
-    s = TrafficStats()
-    recs = [rec(T0 + i * 0.01) for i in range(20000)]
-    start = time.perf_counter()
-    for r in recs:
-        s.observe(r)
-    per = (time.perf_counter() - start) / len(recs)
-    assert per < 5e-6, f"observe took {per * 1e6:.2f} us"
 
 
 @pytest.mark.parametrize(("rate", "window"), [(2.0, 60.0), (2.0, 300.0), (0.5, 3600.0)],
