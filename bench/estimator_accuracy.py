@@ -157,7 +157,7 @@ class Settings:
     def test(cls, **kw: Any) -> Settings:
         """The integration test's run: 4-6 minutes (the steps take longer on a slower engine).
         Its low-rate phase is slower than the full run's (0.8 req/s) so that it stays below
-        capacity on the slowest machines of this kind seen (capacity 1.2 req/s)."""
+        capacity on the slowest machines of this kind seen (capacity 1.0-1.4 req/s)."""
         base: dict[str, Any] = dict(
             low_requests=80,
             low_rate=0.8,
