@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Self
@@ -184,15 +184,22 @@ def _set_affinity(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(task.name), cpus)
 
 
-def isolate_vllm_engine(server: RunningServer, front_pids: Sequence[int]) -> dict[str, list[int]]:
-    """Give the vLLM CPU engine a core of its own, as an engine has its GPU to itself.
+@contextlib.contextmanager
+def isolated_vllm_engine(
+    server: RunningServer, front_pids: Sequence[int]
+) -> Iterator[dict[str, list[int]]]:
+    """Give the vLLM CPU engine a core of its own, as an engine has its GPU to itself, while
+    the ``with`` block runs.
 
     vLLM's CPU worker binds itself to one core; its engine-core process (which alternates
     with the worker, step by step) joins it there. The API server, the other ``front_pids``
     (the proxy, the client) and their threads go to the remaining cores, so per-token HTTP
-    work never preempts a step. Returns the two core sets; empty when not possible (fewer
-    than two cores, or no pinned worker found)."""
+    work never preempts a step. Yields the two core sets; empty when not possible (fewer
+    than two cores, or no pinned worker found). On exit every thread of ``front_pids`` gets
+    its CPU set back: the caller (a benchmark, the pytest process) must not stay confined,
+    nor start its next server confined, to the front cores."""
     allowed = os.sched_getaffinity(0)
+    before = {pid: _affinities(pid) for pid in front_pids}
     tree = _descendants(server.pid)
     engine: set[int] = set()
     for pid in tree:
@@ -203,7 +210,8 @@ def isolate_vllm_engine(server: RunningServer, front_pids: Sequence[int]) -> dic
                     engine |= cpus
     front = allowed - engine
     if not engine or not front:
-        return {"engine_cpus": [], "front_cpus": []}
+        yield {"engine_cpus": [], "front_cpus": []}
+        return
     for pid in tree:
         with contextlib.suppress(OSError):
             comm = Path(f"/proc/{pid}/comm").read_text()
@@ -211,7 +219,22 @@ def isolate_vllm_engine(server: RunningServer, front_pids: Sequence[int]) -> dic
                 _set_affinity(pid, engine if "EngineCor" in comm else front)  # comm: 15 chars
     for pid in front_pids:
         _set_affinity(pid, front)
-    return {"engine_cpus": sorted(engine), "front_cpus": sorted(front)}
+    try:
+        yield {"engine_cpus": sorted(engine), "front_cpus": sorted(front)}
+    finally:
+        for pid in front_pids:
+            for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task.name), before[pid].get(int(task.name), allowed))
+
+
+def _affinities(pid: int) -> dict[int, set[int]]:
+    """Each thread's CPU set."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            out[int(task.name)] = os.sched_getaffinity(int(task.name))
+    return out
 
 
 def start_llama_server(
