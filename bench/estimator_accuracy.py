@@ -180,6 +180,23 @@ class Settings:
         return cls(**{**base, **kw})
 
     @classmethod
+    def long(cls, **kw: Any) -> Settings:
+        """About 20 minutes at 2-3 req/s: 1200 requests at 0.8 C, 300 at the other steps.
+
+        The issue's 20% bound on a p95 TTFT at 0.8 C can only be told apart from chance with
+        long steps. In the estimator's own simulator (a calibrated model of this server), the
+        p95 TTFT of an N-request step at 0.8 C falls within 20% of its long-run value with
+        probability 0.59 for N = 200 (90% range -28% to +107%), 0.72 for 400, 0.80 for 800
+        and 0.88 for 1200 (-16% to +34%); at 0.5 C 120 requests give -13% to +24%
+        (bench/README.md). A perfect model would fail the full run's 0.8 C check about
+        four times in ten."""
+        base: dict[str, Any] = dict(
+            ramp=((0.5, 300), (0.8, 1200), (0.95, 300), (1.1, 300)),
+            extra_requests=200,
+        )
+        return cls(**{**base, **kw})
+
+    @classmethod
     def quick(cls, **kw: Any) -> Settings:
         """About five minutes."""
         base: dict[str, Any] = dict(
@@ -1187,7 +1204,8 @@ class Pooled:
     runs at the same relative rate is what a longer measurement gives, which is what the
     estimator predicts. Rates are in units of the run's predicted capacity, so the measured
     capacity is a factor ``f`` (prediction error ``1 / f - 1``) and the predicted p95s are
-    averaged over the runs.
+    averaged over the runs. When the pooled steps do not bracket the SLO crossing (the runs
+    extended their ramps differently), ``f`` is the mean of the runs' own crossings.
     """
 
     seeds: list[int]
@@ -1230,6 +1248,11 @@ def pool(outcomes: Sequence[Outcome_]) -> Pooled:
             )
         )  # fmt: skip
     fx, note = crossing(steps)
+    own = [o.measured_capacity_rps / o.prediction.capacity_rps
+           for o in outcomes if o.measured_capacity_rps]  # fmt: skip
+    if fx is None and own:
+        fx = float(np.mean(own))
+        note = f"the mean of {len(own)} of {len(outcomes)} runs' own crossings; pooled: {note}"
     checks: list[dict[str, Any]] = []
     err = 1.0 / fx - 1.0 if fx else math.nan
     mean_c = float(np.mean([o.prediction.capacity_rps for o in outcomes]))
@@ -1300,6 +1323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="shorter phases (about 4 minutes)")
+    ap.add_argument(
+        "--long", action="store_true", help="long steps (about 20 minutes; see Settings.long)"
+    )
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--slo-ttft", type=float, help="p95 TTFT target, s")
     ap.add_argument("--slo-itl", type=float, help="p95 ITL target, s")
@@ -1345,7 +1371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     outcomes = []
     for seed in seeds:
-        s = Settings.quick(seed=seed, **kw) if a.quick else Settings(seed=seed, **kw)
+        preset = Settings.quick if a.quick else Settings.long if a.long else Settings
+        s = preset(seed=seed, **kw)
         keep = Path(a.keep) / f"seed{seed}" if a.keep and len(seeds) > 1 else a.keep
         o = run(s, keep_dir=Path(keep) if keep else None)
         outcomes.append(o)

@@ -140,3 +140,17 @@ def test_pool_judges_the_targets_on_the_pooled_requests() -> None:
     doc = ea._clean({**dataclasses.asdict(p), "steps": [ea._step_json(x) for x in p.steps]})
     assert "ttft_samples" not in doc["steps"][0]
     assert doc["steps"][2]["engine_speed_change"] is None
+
+
+def test_pool_falls_back_on_the_runs_own_crossings() -> None:
+    # every common step meets the SLO; each run crossed in a step of its own extension
+    ok, slow = [0.1] * 40, [3.0] * 40
+    a = outcome(1, 2.0, [step(0.5, ok, [0.01] * 50), step(1.1, ok, [0.01] * 50),
+                         step(1.2, slow, [0.01] * 50)])  # fmt: skip
+    b = outcome(2, 2.0, [step(0.5, ok, [0.01] * 50), step(1.1, ok, [0.01] * 50),
+                         step(1.4, slow, [0.01] * 50)])  # fmt: skip
+    assert a.measured_capacity_rps and b.measured_capacity_rps
+    p = ea.pool([a, b])
+    f = (a.measured_capacity_rps + b.measured_capacity_rps) / 2 / 2.0
+    assert p.crossing_factor == pytest.approx(f) and "2 of 2 runs" in p.crossing_note
+    assert p.checks[0]["rel_error"] == pytest.approx(1 / f - 1)
