@@ -216,8 +216,10 @@ async def relay_plain(
     request: web.Request, ex: Exchange, resp: aiohttp.ClientResponse
 ) -> web.Response:
     """Non-streamed: read the whole body, take usage from it, forward it unchanged."""
+    done = False
     try:
         body = await resp.read()
+        done = True
     except TimeoutError:
         raise UpstreamTimeout(
             f"Backend {ex.backend} did not finish within the read timeout."
@@ -225,7 +227,9 @@ async def relay_plain(
     except aiohttp.ClientError:
         raise UpstreamError(f"Backend {ex.backend} failed while sending its answer.") from None
     finally:
-        resp.release()
+        # a whole body gives the connection back to the pool; a cancelled or failed read
+        # closes it, so the engine stops working for a client that left
+        resp.release() if done else resp.close()
     ex.status = resp.status  # no first-token time: a whole body shows no token timing
     if resp.status < 400:
         obj = _json(body)
@@ -307,13 +311,15 @@ async def relay_stream(
     """Streamed: forward bytes as they come, timing every content event (see module doc)."""
     out = web.StreamResponse(status=resp.status, headers=_response_headers(resp, ex.request_id))
     ex.status = resp.status
-    await out.prepare(request)
     st = StreamState()
     clean = False
     carry = b""
     reader = resp.content
     perf = time.perf_counter
     try:
+        # inside the try: a client that leaves while the headers go out cancels us here,
+        # and the upstream response must still be closed (else the engine generates on)
+        await out.prepare(request)
         while True:
             data = await reader.readany()
             if not data:
