@@ -60,6 +60,20 @@ the records that jitter most) varied by +-30% from minute to minute, and its pre
 at other rates erred by up to 69%. The median of uninterrupted records erred by at most 24%
 on the same data (bench/README.md).
 
+Speed drift: ``drift_sigma`` and ``drift_tau_s`` (``StepModel``) from the ITL rows' log
+residuals ``r_i = ln(y_i / x_i c)`` (robustly centred, clipped at 3 robust sd): records that
+run at the same time share the engine's speed, so their residuals covary, and the covariance
+fades with the distance ``L`` between the records' mid-times. With ``D`` the median decode
+duration, ``C0`` = mean ``r_i r_j`` over pairs with ``L < D`` and ``C1`` over ``D <= L < 3 D``;
+``tau = (L1 - L0) / ln(C0 / C1)`` (at least ``D / 4``, at most ``10 D`` when ``C1 <= 0``) and
+``sigma^2 = C0 exp(L0 / tau)`` (the covariance brought back to lag 0), capped at the
+residuals' own variance and at ``sigma = 0.5``. Each bin needs 30 pairs, else no drift. On the
+real vLLM CPU server of a noisy 2-core host the low-rate phase gave ``C`` of +0.016 below
+2 s, +0.007 at 2-4 s and 0.000 beyond 4 s: a speed that wanders by about 13% (log sd) over
+a few seconds. The same covariance also holds load effects the formula misses (records that
+overlap share their batch), so the drift is an upper bound of the host's own wandering.
+On a steady engine it comes out near zero.
+
 Fit error: median and p90 of ``|predicted - observed| / observed`` over the window's rows
 (age-weighted), separately for TTFT and ITL. ``trusted`` needs ``min_records`` effective
 records and medians under ``max_ttft_mare`` and ``max_itl_mare``.
@@ -84,6 +98,9 @@ _MIN_SPREAD_GAPS = 20  # gaps a record needs for its ITL p95 / p50 to count
 _MIN_CLEAN = 10  # records with uninterrupted decodes needed to use only those for the jitter
 _Z95 = 1.6448536
 _NPARAM = 5  # c0, c_p, c_d, c_kv, q (queue)
+_DRIFT_MIN_PAIRS = 30
+_DRIFT_MAX_ROWS = 600  # most recent ITL rows used for the drift (pairs grow as n^2)
+_DRIFT_MAX_SIGMA = 0.5
 _SCALE_SAMPLE = 20_000  # rows used for robust scale and error quantiles
 _MAX_UNSEEN_LOAD = 3.0  # proxy in-flight counts up to 3x what the ring's records explain
 _SUBSETS = [
@@ -253,7 +270,7 @@ def fit_rows(
     if not keep.all():
         rows, w = rows[keep], w[keep]
     stride = -(-rows.shape[0] // max(1, config.max_fit_records))
-    xt, yt, wt, xi, yi, wi, spread = _design(rows, w, max_num_seqs, max(1, stride))
+    xt, yt, wt, xi, yi, wi, spread, span = _design(rows, w, max_num_seqs, max(1, stride))
     p = np.array([*prior.coefficients(), 0.0])
     coef = _robust_fit(np.hstack([xt, xi]), np.concatenate([yt, yi]),
                        np.concatenate([wt, wi]), p, tau, config)  # fmt: skip
@@ -268,7 +285,13 @@ def fit_rows(
         and i_mare <= config.max_itl_mare
     )
     step = StepModel.from_coefficients(coef[:4].tolist())
-    step = dataclasses.replace(step, jitter_sigma=_jitter(spread, xi[1], wi))
+    drift_sigma, drift_tau = _drift(np.log(yi / np.maximum(coef @ xi, 1e-12)), span, wi)
+    step = dataclasses.replace(
+        step,
+        jitter_sigma=_jitter(spread, xi[1], wi),
+        drift_sigma=drift_sigma,
+        drift_tau_s=drift_tau,
+    )
     return Calibration(
         step=step, prior=prior,
         n_records=int(rows.shape[0]), n_ttft=int(yt.size), n_itl=int(yi.size), n_effective=n_eff,
@@ -281,11 +304,12 @@ def _design(
     all_rows: np.ndarray, all_w: np.ndarray, max_num_seqs: int | None, stride: int
 ) -> tuple[np.ndarray, ...]:
     """TTFT and ITL design matrices (feature-major: one row per coefficient), targets and
-    weights (see the module docstring) for every ``stride``-th record, and the ITL rows'
-    ``ln(itl.p95 / itl.p50)`` (NaN where unknown)."""
+    weights (see the module docstring) for every ``stride``-th record, the ITL rows'
+    ``ln(itl.p95 / itl.p50)`` (NaN where unknown) and their (first token, end) times (2 x n)."""
     if all_rows.shape[0] == 0:
         z = np.zeros((_NPARAM, 0))
-        return z, np.zeros(0), np.zeros(0), z, np.zeros(0), np.zeros(0), np.zeros(0)
+        e = np.zeros(0)
+        return z, e, e, z, e, e, e, np.zeros((2, 0))
     rows, w = all_rows[::stride], all_w[::stride]
     m = float(max_num_seqs) if max_num_seqs else math.inf
     first, end, disp = rows[:, _FIRST], rows[:, _END], rows[:, _DISPATCH]
@@ -307,7 +331,8 @@ def _design(
     dd = np.minimum(_decode_concurrency(all_rows, rows), m)
     xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, np.zeros_like(r)])
     oki = (comp >= 2) & np.isfinite(yi) & (yi > 1e-7)
-    return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki], rows[oki, _SPREAD]
+    span = np.stack([first[oki], end[oki]])
+    return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki], rows[oki, _SPREAD], span
 
 
 def _jitter(spread: np.ndarray, interrupting: np.ndarray, w: np.ndarray) -> float:
@@ -320,6 +345,42 @@ def _jitter(spread: np.ndarray, interrupting: np.ndarray, w: np.ndarray) -> floa
     use = clean if int(clean.sum()) >= _MIN_CLEAN else ok
     sigma = _weighted_median(spread[use], w[use]) / _Z95
     return float(min(max(sigma, 0.0), 1.0))
+
+
+def _drift(resid: np.ndarray, span: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """``(drift_sigma, drift_tau_s)`` from the ITL rows' log residuals and (first token, end)
+    times (module docstring); ``(0.0, 60.0)`` when there is too little to tell."""
+    none = (0.0, 60.0)
+    ok = np.isfinite(resid) & (w > 0) & np.isfinite(span).all(axis=0) & (span[1] > span[0])
+    if int(ok.sum()) < 10:
+        return none
+    r, s, e, w = resid[ok], span[0, ok], span[1, ok], w[ok]
+    if r.size > _DRIFT_MAX_ROWS:
+        keep = np.argsort(e)[-_DRIFT_MAX_ROWS:]
+        r, s, e, w = r[keep], s[keep], e[keep], w[keep]
+    r = r - _weighted_median(r, w)
+    sd = 1.4826 * _weighted_median(np.abs(r), w)
+    if not sd > 0:
+        return none
+    r = np.clip(r, -3 * sd, 3 * sd)
+    dur = float(np.median(e - s))
+    mid = (s + e) / 2
+    i, j = np.triu_indices(r.size, 1)
+    lag = np.abs(mid[i] - mid[j])
+    prod, pw = r[i] * r[j], w[i] * w[j]
+    near, next_ = lag < dur, (lag >= dur) & (lag < 3 * dur)
+    if int(near.sum()) < _DRIFT_MIN_PAIRS or int(next_.sum()) < _DRIFT_MIN_PAIRS:
+        return none
+    c0 = float(np.average(prod[near], weights=pw[near]))
+    c1 = float(np.average(prod[next_], weights=pw[next_]))
+    if not c0 > 0:
+        return none
+    l0 = float(np.average(lag[near], weights=pw[near]))
+    l1 = float(np.average(lag[next_], weights=pw[next_]))
+    tau = (l1 - l0) / math.log(c0 / c1) if 0 < c1 < c0 else 10 * dur
+    tau = min(max(tau, dur / 4), 10 * dur)
+    var = min(c0 * math.exp(l0 / tau), float(np.average(r * r, weights=w)))
+    return min(math.sqrt(var), _DRIFT_MAX_SIGMA), tau
 
 
 def _decode_concurrency(all_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -36,6 +36,15 @@ work, HTTP chunking between the engine and the client). ``jitter_sigma`` is the 
 deviation of a mean-one lognormal factor on each step's duration; it leaves throughput (and so
 capacity by rate) unchanged and widens the ITL quantiles the simulator reports
 (``estimator.simulate``). The calibrator learns it from the records' own ITL spread.
+
+Speed drift: besides step-to-step jitter, an engine's speed wanders over seconds to minutes
+(the host's other tenants, CPU frequency and thermal limits, memory-bandwidth contention,
+background work in the serving process). ``drift_sigma`` is the log-standard deviation of a
+slowly varying, mean-one speed factor on every step (an Ornstein-Uhlenbeck process in the
+log, correlation time ``drift_tau_s``). Unlike jitter it does move TTFT and capacity: a slow
+spell near capacity builds a queue that a fast one does not drain as quickly. The calibrator
+learns it from how much the records' mean ITL residuals covary across records that do not
+overlap in time (``estimator.calibrate``).
 """
 
 from __future__ import annotations
@@ -70,12 +79,19 @@ class StepModel:
     kv_s_per_token: float
     jitter_sigma: float = 0.0
     """Log-standard deviation of a mean-one lognormal factor on each step (module docstring)."""
+    drift_sigma: float = 0.0
+    """Log-standard deviation of the slowly varying speed factor (module docstring)."""
+    drift_tau_s: float = 60.0
+    """Correlation time of that factor, seconds."""
 
     def __post_init__(self) -> None:
-        for name in (*COEFFICIENT_NAMES, "jitter_sigma"):
+        for name in (*COEFFICIENT_NAMES, "jitter_sigma", "drift_sigma"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
                 raise ValueError(f"StepModel.{name} must be finite and >= 0, got {value!r}")
+        if not (math.isfinite(self.drift_tau_s) and self.drift_tau_s > 0.0):
+            tau = self.drift_tau_s
+            raise ValueError(f"StepModel.drift_tau_s must be finite and > 0, got {tau!r}")
 
     def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
         """Seconds for one engine step (see the module docstring)."""

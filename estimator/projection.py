@@ -259,6 +259,8 @@ def fit_report(cal: Calibration | None, source: str, transfer: advisor.Transfer)
         trusted=bool(cal and cal.trusted),
         scale_vs_prior=transfer.decode if transfer.calibrated and transfer.has_prior else None,
         step_jitter_sigma=cal.step.jitter_sigma if cal else None,
+        step_drift_sigma=cal.step.drift_sigma if cal else None,
+        step_drift_tau_s=cal.step.drift_tau_s if cal else None,
     )  # fmt: skip
 
 
@@ -338,7 +340,8 @@ def project(
                            max_model_len=cfg.max_model_len)  # fmt: skip
     limits, lim_notes = engine_limits(snapshots, plan, cfg, t.cached_ratio())
     p90 = float(np.percentile(workload.prompt_tokens, 90))
-    key = ("capacity", *_bins(*step.coefficients(), step.jitter_sigma, workload.mean_prompt,
+    key = ("capacity", *_bins(*step.coefficients(), step.jitter_sigma, step.drift_sigma,
+                              step.drift_tau_s, workload.mean_prompt,
                               workload.mean_output, p90), limits, cfg.slo)  # fmt: skip
     cap = dep.sims.get(key)
     if not isinstance(cap, CapacityResult):
@@ -443,7 +446,8 @@ class _Base:
         at_rate: SimResult | None = None
         if rate > 0:
             w = c.workload
-            key = ("at_rate", *_bins(*step.coefficients(), step.jitter_sigma, w.mean_prompt,
+            key = ("at_rate", *_bins(*step.coefficients(), step.jitter_sigma, step.drift_sigma,
+                                     step.drift_tau_s, w.mean_prompt,
                                      w.mean_output, rate / c.replicas), c.limits)  # fmt: skip
             hit = c.dep.sims.get(key)
             at_rate = hit if isinstance(hit, SimResult) else None

@@ -103,6 +103,8 @@ class FitReport:
     trusted: bool
     scale_vs_prior: float | None = None  # observed/prior step-time ratio carried to other GPUs
     step_jitter_sigma: float | None = None  # lognormal sigma of step-to-step noise, learned
+    step_drift_sigma: float | None = None  # lognormal sigma of the slowly wandering speed
+    step_drift_tau_s: float | None = None  # its correlation time
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,6 +19,17 @@ token-weighted step durations, binned on a log grid, convolved with the factor's
 Jitter does not move TTFT or throughput here: on a queue, step noise averages out over the
 many steps a request waits, and its mean is the formula.
 
+Speed drift (``StepModel.drift_sigma``, ``drift_tau_s``): every step's duration is multiplied
+by a factor ``exp(x(t))`` where ``x`` is a stationary Gaussian AR(1) path (the discretised
+Ornstein-Uhlenbeck process), constant over blocks of ``tau / 8`` seconds of simulated time. Its
+median is one, as the calibrator's robust fit centres the records (sampled uniformly in time)
+on the typical speed; so a wandering engine does a little more work per second than a steady
+one at the median speed (fast spells hold more steps), yet its tails are worse: a slow spell
+near capacity builds a queue. The path depends on the seed and the time only, not on the
+rate, so the common random numbers of ``Workload.draw`` still make results smooth in the
+rate. Runs of identical decode steps are cut at block edges. The drift makes each simulation
+cost about 1.5x as much (more steps are simulated one by one).
+
 Prefix caching: a fraction ``prefix_cache_hit_ratio`` of each prompt skips prefill (its KV
 blocks are still counted, a conservative simplification).
 
@@ -61,6 +72,8 @@ import numpy as np
 from estimator.engine import StepModel
 
 _ITL_POINTS_PER_RUN = 8
+_DRIFT_BLOCKS_PER_TAU = 8
+_MIN_DRIFT = 1e-3  # below: no drift (the factor is 1)
 _MIN_JITTER = 1e-3  # below: the exact quantiles of the mean step durations
 
 
@@ -232,7 +245,7 @@ def simulate_trace(
         raise ValueError("simulate needs rate > 0 and n_requests >= 1")
     prompts, outputs, gaps = workload.draw(n_requests, seed)
     arrivals = np.cumsum(gaps) / rate
-    sim = _Sim(step, limits, arrivals.tolist(), prompts.tolist(), outputs.tolist())
+    sim = _Sim(step, limits, arrivals.tolist(), prompts.tolist(), outputs.tolist(), seed=seed)
     sim.run()
     trace = sim.trace()
     return _summarise(sim, trace, rate, quantile, warmup_fraction), trace
@@ -262,17 +275,52 @@ def replay(
     arrival_s: Sequence[float],
     prompt_tokens: Sequence[int],
     output_tokens: Sequence[int],
+    *,
+    seed: int = 0,
 ) -> Replay:
     """Simulate exactly these requests (arrival times in seconds, ascending) instead of draws
     from a ``Workload``: to compare the model with a measured run request by request, without
-    the sampling noise of fresh arrivals."""
+    the sampling noise of fresh arrivals (``seed`` draws only the speed drift's path, when the
+    step model has one)."""
     arr = [float(a) for a in arrival_s]
     if any(b < a for a, b in itertools.pairwise(arr)):
         raise ValueError("replay needs ascending arrival times")
     sim = _Sim(step, limits, arr, [max(1, int(p)) for p in prompt_tokens],
-               [max(1, int(o)) for o in output_tokens])  # fmt: skip
+               [max(1, int(o)) for o in output_tokens], seed=seed)  # fmt: skip
     sim.run()
     return Replay(trace=sim.trace(), decode_runs=list(sim.runs), jitter_sigma=step.jitter_sigma)
+
+
+class _Drift:
+    """The speed drift's factor path (module docstring), drawn lazily block by block."""
+
+    __slots__ = ("_factors", "_phi", "_rng", "_sigma", "_x", "block_s")
+
+    def __init__(self, sigma: float, tau_s: float, seed: int) -> None:
+        self._sigma = sigma
+        self.block_s = tau_s / _DRIFT_BLOCKS_PER_TAU
+        self._phi = math.exp(-1.0 / _DRIFT_BLOCKS_PER_TAU)
+        self._rng = np.random.default_rng([seed, 0xD41F7])
+        self._x = float(self._rng.normal(0.0, sigma))
+        self._factors: list[float] = []
+
+    def factor(self, t: float) -> float:
+        """The factor of the block holding time ``t`` (seconds, >= 0 in practice)."""
+        k = max(0, int(t // self.block_s))
+        f = self._factors
+        if k >= len(f):
+            n = k + 1 - len(f) + 64
+            eps = self._rng.normal(0.0, 1.0, n)
+            s, phi, x = self._sigma, self._phi, self._x
+            c = s * math.sqrt(1.0 - phi * phi)
+            for e in eps.tolist():
+                f.append(math.exp(x))
+                x = phi * x + c * e
+            self._x = x
+        return f[k]
+
+    def block_end(self, t: float) -> float:
+        return (max(0, int(t // self.block_s)) + 1) * self.block_s
 
 
 class _Sim:
@@ -285,8 +333,15 @@ class _Sim:
         arrivals: list[float],
         prompts: list[int],
         outputs: list[int],
+        *,
+        seed: int = 0,
     ) -> None:
         n = len(arrivals)
+        self.drift = (
+            _Drift(step.drift_sigma, step.drift_tau_s, seed)
+            if step.drift_sigma >= _MIN_DRIFT
+            else None
+        )
         self.step, self.lim = step, limits
         self.bs, self.total_blocks = limits.block_size, limits.num_blocks
         self.arr, self.prompt, self.out = arrivals, prompts, outputs
@@ -370,6 +425,8 @@ class _Sim:
         prefill = sum(c for _, c in chunks)
         d = self.n_dec
         dt = self.step.step_time(prefill, d, self.ctx_base + d * self.G)
+        if self.drift is not None:
+            dt *= self.drift.factor(self.t)
         self._account(dt, d + len(self.prefilling))
         self.t += dt
         self.steps += 1
@@ -504,12 +561,19 @@ class _Sim:
         ):
             a, b = self._decode_ab()
             k = min(k, _steps_to_reach(a, b, self.arr[self.next_arrival] - self.t))
+        if self.drift is not None:  # the factor is constant within a block only
+            a, b = self._decode_ab()
+            k = min(k, _steps_to_reach(a, b, self.drift.block_end(self.t) - self.t))
         return k
 
     def _decode_ab(self) -> tuple[float, float]:
         d, base = self.n_dec, self.ctx_base
         a = self.step.step_time(0, d, base + d * self.G)
-        return a, self.step.step_time(0, d, base + d * (self.G + 1)) - a
+        b = self.step.step_time(0, d, base + d * (self.G + 1)) - a
+        if self.drift is not None:
+            f = self.drift.factor(self.t)
+            return a * f, b * f
+        return a, b
 
     def _jump(self, k: int) -> None:
         a, b = self._decode_ab()

@@ -335,3 +335,19 @@ def test_learns_the_step_jitter_from_the_records_itl_spread(sigma: float) -> Non
 
 def test_no_itl_spread_means_no_jitter() -> None:
     assert fitted(exact(TRUE, 200, seed=6), prior=TRUE).fit().step.jitter_sigma == 0.0
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.1, 0.2])
+def test_learns_the_speed_drift_from_residuals_shared_in_time(sigma: float) -> None:
+    """Records of a simulated engine whose speed wanders (log sd ``sigma``, 5 s correlation):
+    the drift comes back within -50%/+30% (a record's mean ITL averages the wandering over its
+    decode, so the estimate runs low), the step coefficients stay close, and a steady engine
+    shows (almost) none."""
+    true = dataclasses.replace(TRUE, drift_sigma=sigma, drift_tau_s=5.0)
+    step = fitted(simulated(true, [3.0]), prior=TRUE, config=NO_FORGET).fit(max_num_seqs=64).step
+    if sigma == 0.0:
+        assert step.drift_sigma < 0.04
+    else:
+        assert 0.5 * sigma <= step.drift_sigma <= 1.3 * sigma
+        assert 0.5 <= step.drift_tau_s <= 30.0
+    assert rel(step.overhead_s, TRUE.overhead_s) < 0.25

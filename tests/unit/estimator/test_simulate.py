@@ -263,3 +263,49 @@ def test_step_jitter_widens_itl_quantiles_only() -> None:
     assert noisy.itl_p50_s == pytest.approx(step * math.exp(-(sigma**2) / 2), rel=0.02)
     assert noisy.ttft_p95_s == plain.ttft_p95_s
     assert noisy.throughput_rps == plain.throughput_rps
+
+
+def test_speed_drift_path_is_a_median_one_ar1_with_the_given_sigma_and_tau() -> None:
+    from estimator.simulate import _Drift
+
+    sigma, tau = 0.2, 8.0
+    d = _Drift(sigma, tau, seed=3)
+    x = np.log([d.factor(k * d.block_s) for k in range(40_000)])
+    assert np.median(x) == pytest.approx(0.0, abs=0.01)  # median one
+    assert x.std() == pytest.approx(sigma, rel=0.05)
+    lag = round(tau / d.block_s)  # one correlation time: correlation 1/e
+    assert np.corrcoef(x[:-lag], x[lag:])[0, 1] == pytest.approx(math.exp(-1), abs=0.03)
+    assert d.factor(5.0) == _Drift(sigma, tau, seed=3).factor(5.0)  # reproducible by seed
+    assert d.block_end(5.0) == pytest.approx((int(5.0 // d.block_s) + 1) * d.block_s)
+
+
+def test_speed_drift_moves_tail_latency_near_capacity_not_throughput_at_low_load() -> None:
+    """A wandering speed leaves a lightly loaded engine's throughput alone but, near capacity,
+    a slow spell builds a queue: p95 TTFT and ITL rise; with the same seed, runs repeat."""
+    drifting = dataclasses.replace(STEP, drift_sigma=0.25, drift_tau_s=20.0)
+    wl = lognormal_workload()
+    light = (simulate(STEP, BIG, wl, 1.0, n_requests=600, seed=2),
+             simulate(drifting, BIG, wl, 1.0, n_requests=600, seed=2))  # fmt: skip
+    assert light[1].throughput_rps == pytest.approx(light[0].throughput_rps, rel=0.02)
+    near = (simulate(STEP, BIG, wl, 6.0, n_requests=2000, seed=2),
+            simulate(drifting, BIG, wl, 6.0, n_requests=2000, seed=2))  # fmt: skip
+    assert near[1].ttft_p95_s > 1.1 * near[0].ttft_p95_s
+    assert near[1].itl_p95_s > 1.15 * near[0].itl_p95_s
+    again = simulate(drifting, BIG, wl, 6.0, n_requests=2000, seed=2)
+    assert again.ttft_p95_s == near[1].ttft_p95_s
+
+
+def test_speed_drift_agrees_with_the_naive_per_step_product() -> None:
+    """Closed-form decode runs are cut at the drift's block edges: a lone request's decode
+    takes the sum of its step times, each times the factor of the block it starts in."""
+    from estimator.simulate import _Drift
+
+    drifting = dataclasses.replace(STEP, drift_sigma=0.3, drift_tau_s=0.4)
+    _, tr = simulate_trace(drifting, BIG, Workload.fixed(100, 400), 1e-6, n_requests=1, seed=5)
+    d = _Drift(0.3, 0.4, seed=5)
+    t = float(tr.arrival_s[0])
+    t += STEP.step_time(100, 0, 0) * d.factor(t)
+    assert tr.first_token_s[0] == pytest.approx(t)
+    for g in range(399):
+        t += STEP.step_time(0, 1, 100 + g) * d.factor(t)
+    assert tr.finish_s[0] == pytest.approx(t, rel=1e-9)
