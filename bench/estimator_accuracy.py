@@ -742,6 +742,8 @@ def predict(
                 )
             ),
             "jitter_sigma": step.jitter_sigma,
+            "drift_sigma": step.drift_sigma,
+            "drift_tau_s": step.drift_tau_s,
         },
         records=len(records),
         mean_prompt=workload.mean_prompt,
