@@ -177,11 +177,16 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+def _tasks(pid: int) -> list[int]:
+    """The thread ids of ``pid`` (empty once it has gone)."""
+    return [int(t.name) for t in Path(f"/proc/{pid}/task").glob("[0-9]*")]
+
+
 def _set_affinity(pid: int, cpus: set[int]) -> None:
     """Every thread of ``pid`` onto ``cpus`` (``sched_setaffinity`` takes one thread)."""
-    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+    for tid in _tasks(pid):
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(task.name), cpus)
+            os.sched_setaffinity(tid, cpus)
 
 
 @contextlib.contextmanager
@@ -223,17 +228,17 @@ def isolated_vllm_engine(
         yield {"engine_cpus": sorted(engine), "front_cpus": sorted(front)}
     finally:
         for pid in front_pids:
-            for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+            for tid in _tasks(pid):
                 with contextlib.suppress(OSError):
-                    os.sched_setaffinity(int(task.name), before[pid].get(int(task.name), allowed))
+                    os.sched_setaffinity(tid, before[pid].get(tid, allowed))
 
 
 def _affinities(pid: int) -> dict[int, set[int]]:
     """Each thread's CPU set."""
     out = {}
-    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+    for tid in _tasks(pid):
         with contextlib.suppress(OSError):
-            out[int(task.name)] = os.sched_getaffinity(int(task.name))
+            out[tid] = os.sched_getaffinity(tid)
     return out
 
 
