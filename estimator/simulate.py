@@ -13,11 +13,15 @@ Per step (times from ``StepModel.step_time(prefill_tokens, decode_seqs, context_
 4. a sequence whose prefill completes emits its first token at the step's end (TTFT); each
    decoding sequence emits one token at the step's end (ITL = step duration).
 
-Step jitter (``StepModel.jitter_sigma``): the engine runs on the formula's mean step times;
-the ITL quantiles are those of each step's duration times a mean-one lognormal factor (the
-token-weighted step durations, binned on a log grid, convolved with the factor's density).
-Jitter does not move TTFT or throughput here: on a queue, step noise averages out over the
-many steps a request waits, and its mean is the formula.
+Step jitter (``StepModel.jitter_sigma``): decode steps run on the formula's mean step
+times, and the ITL quantiles are those of each step's duration times a mean-one lognormal
+factor (the token-weighted step durations, binned on a log grid, convolved with the factor's
+density). A step that carries prefill is drawn: its duration is multiplied by such a factor
+(seeded, so common across rates). A request's TTFT is made of its own one or few prefill
+steps, and their noise does not average out the way a queue's many steps do: at low load the
+p95 TTFT is the p95 of that factor on the prefill. The mean is the formula, so throughput
+keeps it. (The ITL quantiles take those steps' mean durations, not the drawn ones, so the
+jitter is not counted twice.)
 
 Speed drift (``StepModel.drift_sigma``, ``drift_tau_s``): every step's duration is multiplied
 by a factor ``exp(x(t))`` where ``x`` is a stationary Gaussian AR(1) path (the discretised
@@ -337,6 +341,9 @@ class _Sim:
         seed: int = 0,
     ) -> None:
         n = len(arrivals)
+        self.jitter = step.jitter_sigma if step.jitter_sigma >= _MIN_JITTER else 0.0
+        self._jrng = np.random.default_rng([seed, 0x717])
+        self._jitters: list[float] = []
         self.drift = (
             _Drift(step.drift_sigma, step.drift_tau_s, seed)
             if step.drift_sigma >= _MIN_DRIFT
@@ -427,12 +434,14 @@ class _Sim:
         dt = self.step.step_time(prefill, d, self.ctx_base + d * self.G)
         if self.drift is not None:
             dt *= self.drift.factor(self.t)
-        self._account(dt, d + len(self.prefilling))
-        self.t += dt
+        took = dt * self._jitter_factor() if prefill and self.jitter else dt
+        self._account(took, d + len(self.prefilling))
+        start = self.t
+        self.t += took
         self.steps += 1
         if d:
             self.free -= need
-            self.runs.append((self.t - dt, dt, 0.0, 1, d))
+            self.runs.append((start, dt, 0.0, 1, d))
             self.tokens_out += d
             self.G += 1
             self._finish_decoders()
@@ -440,6 +449,14 @@ class _Sim:
             self.done_pre[i] += c
             if self.done_pre[i] >= self._uncached(i):
                 self._prefill_done(i)
+
+    def _jitter_factor(self) -> float:
+        """The next mean-one lognormal step factor (drawn in batches)."""
+        if not self._jitters:
+            sig = self.jitter
+            z = self._jrng.normal(-0.5 * sig * sig, sig, 256)
+            self._jitters = np.exp(z).tolist()[::-1]
+        return self._jitters.pop()
 
     def _prefill_chunks(self, budget: int) -> tuple[list[tuple[int, int]], int]:
         chunks: list[tuple[int, int]] = []

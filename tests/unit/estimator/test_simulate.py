@@ -249,20 +249,25 @@ def test_workload_validation_and_bursts() -> None:
     assert bursty.ttft_p95_s > simulate(STEP, BIG, lognormal_workload(), 4.0).ttft_p95_s
 
 
-def test_step_jitter_widens_itl_quantiles_only() -> None:
+def test_step_jitter_widens_itl_quantiles_and_the_prefills_ttft() -> None:
     """Sparse requests decode alone at an almost constant step: the jittered ITL quantiles are
-    those of a mean-one lognormal factor on that step; TTFT, throughput and p50 barely move."""
+    those of a mean-one lognormal factor on that step, and each TTFT is one prefill step drawn
+    with that factor (its noise does not average out); throughput does not move."""
     sigma = 0.2
     jittery = dataclasses.replace(STEP, jitter_sigma=sigma)
     args = (BIG, Workload.fixed(300, 120), 0.01)
-    plain, noisy = simulate(STEP, *args, n_requests=40), simulate(jittery, *args, n_requests=40)
-    step = STEP.step_time(0, 1, 360)
+    plain, noisy = simulate(STEP, *args, n_requests=400), simulate(jittery, *args, n_requests=400)
+    step, prefill = STEP.step_time(0, 1, 360), STEP.step_time(300, 0, 0)
     assert plain.itl_p95_s == pytest.approx(step, rel=0.01)
     z95 = 1.6448536
     assert noisy.itl_p95_s == pytest.approx(step * math.exp(z95 * sigma - sigma**2 / 2), rel=0.02)
     assert noisy.itl_p50_s == pytest.approx(step * math.exp(-(sigma**2) / 2), rel=0.02)
-    assert noisy.ttft_p95_s == plain.ttft_p95_s
-    assert noisy.throughput_rps == plain.throughput_rps
+    assert plain.ttft_p95_s == pytest.approx(prefill, rel=1e-6)
+    assert noisy.ttft_p95_s == pytest.approx(
+        prefill * math.exp(z95 * sigma - sigma**2 / 2), rel=0.08
+    )
+    assert noisy.ttft_p50_s == pytest.approx(prefill * math.exp(-(sigma**2) / 2), rel=0.05)
+    assert noisy.throughput_rps == pytest.approx(plain.throughput_rps, rel=1e-3)
 
 
 def test_speed_drift_path_is_a_median_one_ar1_with_the_given_sigma_and_tau() -> None:
