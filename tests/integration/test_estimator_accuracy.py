@@ -4,7 +4,7 @@ The procedure of ``bench/estimator_accuracy.py`` (read its docstring) with short
 (``Settings.test``): vLLM CPU with the 84M model and ``--max-num-seqs 8`` behind the proxy; a
 low-rate phase whose request-log records are replayed into an ``Estimator``; its predicted
 capacity at the SLO; then a measured open-loop ramp at 0.5, 0.8, 1.0 and 1.25 times that
-capacity (50-60 requests per step). 4-6 minutes, depending on the machine's speed.
+capacity (50-60 requests per step). 4-6 minutes per run, depending on the machine's speed.
 
 What is asserted, and why it is not the issue's 15% / 20% (the full benchmark reports those).
 A p95 of a 50-60-request step is its third-largest value, and near capacity one burst of
@@ -25,6 +25,16 @@ where a short run can tell:
   of the measured one, and the estimator's own prediction (fresh simulated traffic, so with
   the arrivals' chance on top) within ``CAPACITY_FACTOR``: sanity bounds that a units error,
   a missing term or a wrong engine limit would break.
+
+The host must not change the engine's speed between the phases. The benchmark's "engine vs
+the low phase" column measures it per step (``engine_speed_change``: a step model fitted on
+the step's own records against one fitted on the low phase's). At 0.5 C the batches are like
+the low phase's, so a change beyond ``MAX_HOST_DRIFT`` there is the host, not the model's
+extrapolation: on one machine of this kind the same engine measured a capacity of 0.70, 1.28
+and 2.0 req/s within 80 minutes, and one CI run met an engine 12% slower at 0.5 C than in
+its low phase (bench/README.md). Such a run cannot judge the model; the test then runs the
+whole procedure again on a fresh server, up to ``ATTEMPTS`` times, judges the first run whose
+engine held its speed, and fails (skips outside CI) if none did.
 
 The engine gets a core of its own (``Settings.isolate``): vLLM's pinned CPU worker and its
 engine-core process on one core, the API server, the proxy and the client on the other, as a
@@ -52,16 +62,29 @@ TRACE_P95_TOL = 0.45
 TRACE_CAPACITY_FACTOR = 1.6
 CAPACITY_FACTOR = 2.0
 MAX_OTHER_CORES = 0.5
+MAX_HOST_DRIFT = 0.08
+ATTEMPTS = 3
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2400)  # up to ATTEMPTS runs of 4-6 minutes (8 on the slowest engines)
 def test_estimator_predicts_real_vllm_capacity_and_latency(
     require_vllm: None, tmp_path: Path
 ) -> None:
     require(vllm_available(ea.MODEL_DIR))
-    out = ea.run(ea.Settings.test(), keep_dir=tmp_path)
-    table = ea.render(out)
-    print(table)
+    drifted: list[str] = []
+    for attempt in range(1, ATTEMPTS + 1):
+        out = ea.run(ea.Settings.test(), keep_dir=tmp_path / f"attempt{attempt}")
+        table = ea.render(out)
+        print(table)
+        half = ea._step_at(out.steps, 0.5)
+        change = half.engine_speed_change if half else float("nan")
+        if not abs(change) > MAX_HOST_DRIFT:  # NaN (no fit) counts as held: judge the run
+            break
+        drifted.append(f"attempt {attempt}: engine {change:+.0%} at 0.5 C vs its low phase")
+        print(f"the host changed the engine's speed ({drifted[-1]}); running again")
+    else:
+        require("the engine's speed changed between the phases in every attempt:\n"
+                + "\n".join(drifted) + "\n" + table)  # fmt: skip
     busy = max(st.other_cpu_cores for st in [out.low, *out.steps])
     if busy > MAX_OTHER_CORES:
         require(f"other processes used {busy:.2f} cores during the run:\n{table}")
