@@ -40,11 +40,11 @@ capacity by rate) unchanged and widens the ITL quantiles the simulator reports
 Speed drift: besides step-to-step jitter, an engine's speed wanders over seconds to minutes
 (the host's other tenants, CPU frequency and thermal limits, memory-bandwidth contention,
 background work in the serving process). ``drift_sigma`` is the log-standard deviation of a
-slowly varying, mean-one speed factor on every step (an Ornstein-Uhlenbeck process in the
+slowly varying, median-one speed factor on every step (an Ornstein-Uhlenbeck process in the
 log, correlation time ``drift_tau_s``). Unlike jitter it does move TTFT and capacity: a slow
 spell near capacity builds a queue that a fast one does not drain as quickly. The calibrator
-learns it from how much the records' mean ITL residuals covary across records that do not
-overlap in time (``estimator.calibrate``).
+learns it from how the records' mean ITL residuals covary with the time between the records
+(``estimator.calibrate``).
 """
 
 from __future__ import annotations

@@ -342,7 +342,8 @@ class _Sim:
     ) -> None:
         n = len(arrivals)
         self.jitter = step.jitter_sigma if step.jitter_sigma >= _MIN_JITTER else 0.0
-        self._jrng = np.random.default_rng([seed, 0x717])
+        self._seed = seed
+        self._jrng: np.random.Generator | None = None  # made on the first prefill step
         self._jitters: list[float] = []
         self.drift = (
             _Drift(step.drift_sigma, step.drift_tau_s, seed)
@@ -453,6 +454,8 @@ class _Sim:
     def _jitter_factor(self) -> float:
         """The next mean-one lognormal step factor (drawn in batches)."""
         if not self._jitters:
+            if self._jrng is None:
+                self._jrng = np.random.default_rng([self._seed, 0x717])
             sig = self.jitter
             z = self._jrng.normal(-0.5 * sig * sig, sig, 256)
             self._jitters = np.exp(z).tolist()[::-1]
@@ -570,17 +573,19 @@ class _Sim:
             heapq.heappop(heap)
         k = heap[0][0] - self.G
         k = min(k, (self.free // self.n_dec) * self.bs)
+        gap = math.inf
         # an arrival changes the batch only if it can be admitted at once
         if (
             self.next_arrival < len(self.arr)
             and not self.waiting
             and (self.n_dec < self.lim.max_num_seqs)
         ):
-            a, b = self._decode_ab()
-            k = min(k, _steps_to_reach(a, b, self.arr[self.next_arrival] - self.t))
+            gap = self.arr[self.next_arrival] - self.t
         if self.drift is not None:  # the factor is constant within a block only
+            gap = min(gap, self.drift.block_end(self.t) - self.t)
+        if gap < math.inf:
             a, b = self._decode_ab()
-            k = min(k, _steps_to_reach(a, b, self.drift.block_end(self.t) - self.t))
+            k = min(k, _steps_to_reach(a, b, gap))
         return k
 
     def _decode_ab(self) -> tuple[float, float]:
