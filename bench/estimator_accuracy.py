@@ -167,15 +167,19 @@ class Settings:
 
     @classmethod
     def test(cls, **kw: Any) -> Settings:
-        """The integration test's run: 4-6 minutes (the steps take longer on a slower engine).
-        Its low-rate phase is slower than the full run's (0.8 req/s) so that it stays below
-        capacity on the slowest machines of this kind seen (capacity 1.0-1.4 req/s)."""
+        """The integration test's run: 5-12 minutes (the steps take longer on a slower engine).
+        Its low-rate phase (0.6 req/s) is slower than the full run's (1.0) so that it stays
+        near or below capacity on the slowest machines of this kind seen (capacity 0.63-2.0
+        req/s; at 0.8 req/s one CI run's low phase missed the SLO). Up to three steps are
+        added above 1.25 C (1.44, 1.65, 1.90 C) when the ramp has not crossed the SLO: one CI
+        run met an engine 30% faster during its ramp than while the estimator learned, and
+        none of its steps up to 1.44 C missed the SLO."""
         base: dict[str, Any] = dict(
             low_requests=80,
-            low_rate=0.8,
+            low_rate=0.6,
             ramp=((0.5, 50), (0.8, 60), (1.0, 60), (1.25, 50)),
             extra_requests=50,
-            max_extra_steps=1,
+            max_extra_steps=3,
         )
         return cls(**{**base, **kw})
 

@@ -4,7 +4,8 @@ The procedure of ``bench/estimator_accuracy.py`` (read its docstring) with short
 (``Settings.test``): vLLM CPU with the 84M model and ``--max-num-seqs 8`` behind the proxy; a
 low-rate phase whose request-log records are replayed into an ``Estimator``; its predicted
 capacity at the SLO; then a measured open-loop ramp at 0.5, 0.8, 1.0 and 1.25 times that
-capacity (50-60 requests per step). 4-6 minutes per run, depending on the machine's speed.
+capacity (50-60 requests per step), and up to three more steps above that when none missed
+the SLO. 5-12 minutes per run, depending on the machine's speed.
 
 What is asserted, and why it is not the issue's 15% / 20% (the full benchmark reports those).
 A p95 of a 50-60-request step is its third-largest value, and near capacity one burst of
@@ -28,13 +29,16 @@ where a short run can tell:
 
 The host must not change the engine's speed between the phases. The benchmark's "engine vs
 the low phase" column measures it per step (``engine_speed_change``: a step model fitted on
-the step's own records against one fitted on the low phase's). At 0.5 C the batches are like
-the low phase's, so a change beyond ``MAX_HOST_DRIFT`` there is the host, not the model's
-extrapolation: on one machine of this kind the same engine measured a capacity of 0.70, 1.28
-and 2.0 req/s within 80 minutes, and one CI run met an engine 12% slower at 0.5 C than in
-its low phase (bench/README.md). Such a run cannot judge the model; the test then runs the
-whole procedure again on a fresh server, up to ``ATTEMPTS`` times, and judges the first run
-whose engine held its speed; when none did, the last run, on the same bounds.
+the step's own records against one fitted on the low phase's). Up to the predicted capacity
+the batches stay within what the low phase's fit covers (on a steady machine the column read
+-3%, +0% and +4% at 0.5, 0.8 and 0.95 C), so a change beyond ``MAX_HOST_DRIFT`` there is the
+host, not the model's extrapolation: on one machine of this kind the same engine measured a
+capacity of 0.70, 1.28 and 2.0 req/s within 80 minutes; one CI run met an engine 12% slower
+at 0.5 C than in its low phase, another one +6% at 0.5 C and then 27-32% faster from 0.8 C
+on, so that no step up to 1.44 C missed the SLO (bench/README.md). Such a run cannot judge
+the model; the test then runs the whole procedure again on a fresh server, up to
+``ATTEMPTS`` times, and judges the first run whose engine held its speed at every step up to
+1.0 C; when none did, the run whose engine moved least, on the same bounds.
 
 The engine gets a core of its own (``Settings.isolate``): vLLM's pinned CPU worker and its
 engine-core process on one core, the API server, the proxy and the client on the other, as a
@@ -45,6 +49,7 @@ half a core during a step) says nothing about the model: it is skipped, or fails
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -62,29 +67,40 @@ TRACE_P95_TOL = 0.45
 TRACE_CAPACITY_FACTOR = 1.6
 CAPACITY_FACTOR = 2.0
 MAX_OTHER_CORES = 0.5
-MAX_HOST_DRIFT = 0.08
+MAX_HOST_DRIFT = 0.10
 ATTEMPTS = 3
 
 
-@pytest.mark.timeout(2400)  # up to ATTEMPTS runs of 4-6 minutes (8 on the slowest engines)
+def host_drift(out: ea.Outcome_) -> tuple[float, str]:
+    """The largest engine speed change against the low phase among the steps up to the
+    predicted capacity (a step without a fit counts as held), and where it was."""
+    moved = [
+        (abs(st.engine_speed_change), f"{st.engine_speed_change:+.0%} at {st.factor:.2f} C")
+        for st in out.steps
+        if st.factor <= 1.0 + 1e-9 and not math.isnan(st.engine_speed_change)
+    ]
+    return max(moved, default=(0.0, "no step fitted"))
+
+
+@pytest.mark.timeout(3000)  # up to ATTEMPTS runs of 5-12 minutes, depending on the engine
 def test_estimator_predicts_real_vllm_capacity_and_latency(
     require_vllm: None, tmp_path: Path
 ) -> None:
     require(vllm_available(ea.MODEL_DIR))
-    drifted: list[str] = []
+    runs: list[tuple[float, str, ea.Outcome_, str]] = []
     for attempt in range(1, ATTEMPTS + 1):
         out = ea.run(ea.Settings.test(), keep_dir=tmp_path / f"attempt{attempt}")
         table = ea.render(out)
         print(table)
-        half = ea._step_at(out.steps, 0.5)
-        change = half.engine_speed_change if half else float("nan")
-        if not abs(change) > MAX_HOST_DRIFT:  # NaN (no fit) counts as held: judge the run
+        drift, where = host_drift(out)
+        runs.append((drift, f"attempt {attempt}: engine {where} vs its low phase", out, table))
+        if drift <= MAX_HOST_DRIFT:
             break
-        drifted.append(f"attempt {attempt}: engine {change:+.0%} at 0.5 C vs its low phase")
-        print(f"the host changed the engine's speed ({drifted[-1]}); running again")
-    else:  # the host moved the engine in every run: judge the last one on the same bounds
+        print(f"the host changed the engine's speed ({runs[-1][1]}); running again")
+    else:  # the host moved the engine in every run: judge the steadiest on the same bounds
         print("the engine's speed changed between the phases in every attempt:\n"
-              + "\n".join(drifted))  # fmt: skip
+              + "\n".join(r[1] for r in runs))  # fmt: skip
+    _, _, out, table = min(runs, key=lambda r: r[0])
     busy = max(st.other_cpu_cores for st in [out.low, *out.steps])
     if busy > MAX_OTHER_CORES:
         require(f"other processes used {busy:.2f} cores during the run:\n{table}")
