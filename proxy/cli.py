@@ -22,6 +22,7 @@ from aiohttp import web
 
 from .app import Deps
 from .config import ConfigError, ProxyConfig, load_config
+from .errors import JsonErrorRunner
 
 log = logging.getLogger("rightsizer")
 
@@ -50,7 +51,7 @@ async def run_site(
     ``handler_cancellation``: a client that disconnects cancels its handler at once, which
     closes the upstream request (the engine must not keep generating for nobody).
     """
-    runner = web.AppRunner(
+    runner = JsonErrorRunner(
         app,
         handler_cancellation=True,
         shutdown_timeout=grace_s,

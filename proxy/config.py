@@ -80,7 +80,7 @@ class ServerConfig:
     port: int = doc("Port to listen on.", 8080)
     max_body_bytes: int = doc("Largest request body accepted; larger gets 413.", 4 * 1024 * 1024)
     max_header_bytes: int = doc("Largest single request header accepted (larger: 431).", 16 * 1024)
-    max_headers: int = doc("Most request headers accepted.", 128)
+    max_headers: int = doc("Most request headers accepted (more: 431).", 128)
     admin_token: str | None = doc(
         "Bearer token required on /admin/* (the estimator report); None: open. Prefer the "
         "RIGHTSIZER_SERVER__ADMIN_TOKEN env var over a file.", None,

@@ -31,6 +31,7 @@ from estimator.service import Estimator, EstimatorConfig
 from .app import Deps, build_app
 from .config import load_config
 from .emulate import EmulatorConfig, EmulatorServer, TimingModel
+from .errors import JsonErrorRunner
 
 
 def _bound_socket() -> socket.socket:
@@ -40,7 +41,7 @@ def _bound_socket() -> socket.socket:
 
 
 async def start_site(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = JsonErrorRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     sock = _bound_socket()
     await web.SockSite(runner, sock).start()

@@ -2,7 +2,8 @@
 
     ProxyError
     ├── InvalidRequest          400  invalid_request_error   (also a ValueError)
-    │   └── BodyTooLarge        413  invalid_request_error
+    │   ├── BodyTooLarge        413  invalid_request_error
+    │   └── HeaderFieldsTooLarge 431 invalid_request_error
     ├── Unauthorized            401  authentication_error
     ├── ModelNotFound           404  invalid_request_error   code=model_not_found
     ├── MethodNotAllowed        405  invalid_request_error
@@ -12,15 +13,19 @@
     └── UpstreamTimeout         504  upstream_timeout        (also a TimeoutError)
 
 This module is the only place HTTP statuses for errors are chosen. Messages say what was
-wrong; they never carry ``str(exc)`` of an unexpected exception.
+wrong; they never carry ``str(exc)`` of an unexpected exception. ``JsonErrorRunner`` extends
+the same body to the errors aiohttp answers itself, before a request reaches the app.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from http import HTTPStatus
+from typing import Any, ClassVar
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 
 class ProxyError(Exception):
@@ -47,6 +52,10 @@ class InvalidRequest(ProxyError, ValueError):
 
 class BodyTooLarge(InvalidRequest):
     status = 413
+
+
+class HeaderFieldsTooLarge(InvalidRequest):
+    status = 431
 
 
 class Unauthorized(ProxyError):
@@ -128,3 +137,61 @@ def error_response(err: ProxyError, request_id: str | None = None) -> web.Respon
 def sse_error_event(err: ProxyError) -> bytes:
     """The final event of a stream that failed after it started."""
     return b"data: " + orjson.dumps(err.body()) + b"\n\n"
+
+
+def protocol_error(status: int, exc: BaseException | None, message: str | None) -> ProxyError:
+    """The error for a request aiohttp could not parse or serve (``status`` is aiohttp's own).
+
+    A header or request line over ``server.max_header_bytes``, or more headers than
+    ``server.max_headers``, is 431 (Request Header Fields Too Large, RFC 6585); any other
+    unparsable request is 400 with the parser's own words, which say what and where
+    (``Invalid header token: b'Host x'``); a failure of the server itself is 500 (504 for
+    aiohttp's own timeout) without details.
+    """
+    if isinstance(exc, LineTooLong):
+        line, limit = (*exc.args, "", "")[:2]
+        return HeaderFieldsTooLarge(
+            f"a request header or the request line is longer than {limit} bytes (the proxy's "
+            f"server.max_header_bytes): {str(line)[:60]}"
+        )
+    if status < 500 and "too many headers" in (message or "").lower():
+        return HeaderFieldsTooLarge("too many request headers (the proxy's server.max_headers)")
+    if status < 500:
+        return InvalidRequest(f"malformed HTTP request: {message or HTTPStatus(status).phrase}")
+    if status == 504:
+        return UpstreamTimeout("the request timed out")
+    return ProxyError("internal error while handling the request")
+
+
+class _JsonErrorHandler(RequestHandler):
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises once a reply began
+        resp = error_response(protocol_error(status, exc, message))
+        resp.force_close()  # as aiohttp does: the connection's framing may be lost
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer a request aiohttp rejects before the app
+    sees it (a malformed request line or header, a header over the limits) with the
+    OpenAI-style JSON body every other error of the proxy has, where aiohttp answers
+    ``text/plain``. aiohttp has no hook for that answer but ``RequestHandler.handle_error``;
+    its ``Server`` makes the handlers, so the server the app made is given the subclass
+    that makes ours (``tests/integration/test_proxy_emulated.py`` checks it end to end).
+    """
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer
+        return server

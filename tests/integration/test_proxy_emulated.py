@@ -317,18 +317,52 @@ def test_no_healthy_backend_is_503_with_retry_after(tmp_path: Path) -> None:
         p.stop()
 
 
+def _raw_exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (no HTTP client would send a malformed request) and read the
+    reply up to the server's close."""
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
 def test_admin_token_and_header_limits(emus: tuple[Proc, Proc]) -> None:
     p = start_proxy([emus[0].url], env={"RIGHTSIZER_SERVER__ADMIN_TOKEN": "s3cret"},
-                    config={"server": {"max_header_bytes": 2048}})  # fmt: skip
+                    config={"server": {"max_header_bytes": 2048, "max_headers": 20}})  # fmt: skip
     try:
         r = httpx.get(p.url + "/admin/estimator")
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         r = httpx.get(p.url + "/admin/estimator", headers={"Authorization": "Bearer s3cret"})
         assert r.status_code in (200, 503)  # 503 until the estimator's first refresh
         assert "s3cret" not in p.metrics_text()
-        r = httpx.post(p.url + "/v1/completions", headers={"x-big": "a" * 4096},
-                       content=b'{"model":"emu","prompt":"x","max_tokens":1}')  # fmt: skip
-        assert r.status_code in (400, 431)
+        body = b'{"model":"emu","prompt":"x","max_tokens":1}'
+        r = httpx.post(p.url + "/v1/completions", headers={"x-big": "a" * 4096}, content=body)
+        assert r.status_code == 431, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error"
+        assert "server.max_header_bytes" in err["message"]
+        many = {f"x-h{i}": "v" for i in range(30)}
+        r = httpx.post(p.url + "/v1/completions", headers=many, content=body)
+        assert r.status_code == 431 and "server.max_headers" in r.json()["error"]["message"]
+        # what aiohttp's parser rejects before the app sees it: the same JSON errors
+        for raw, status, words in [
+            (b"POST /v1/completions HTTP/1.1\r\nHost x\r\n\r\n", 400, "Invalid header token"),
+            (b"GARBAGE\r\n\r\n", 400, "Invalid method"),
+            (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: ab\r\n\r\n", 400,
+             "Content-Length"),
+            (b"GET /" + b"a" * 4096 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431, "request line"),
+        ]:  # fmt: skip
+            got, headers, reply = _raw_exchange(p.url, raw)
+            assert got == status and headers["content-type"].startswith("application/json"), reply
+            err = orjson.loads(reply)["error"]
+            assert err["type"] == "invalid_request_error" and words in err["message"], err
+        r = httpx.post(p.url + "/v1/completions", content=body)  # the proxy still serves
+        assert r.status_code == 200
     finally:
         p.stop()
 
