@@ -13,10 +13,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from estimator.records import GpuSample
-from proxy.gpu import GpuSampler
+from proxy.gpu import GpuSampler, samples_from_metrics
 from proxy.telemetry import StateCollector
 
 GIB = 1 << 30
@@ -271,3 +271,23 @@ def test_shutdown_failure_is_not_raised() -> None:
     s = GpuSampler(FakeNvml([FakeGpu()], fail={"nvmlShutdown": 1}))
     s.close()
     assert not s.available
+
+
+def test_samples_round_trip_through_a_gpu_exporters_metrics_text() -> None:
+    """What a proxy on another node reads from a ``rightsizer gpu-exporter``'s /metrics is
+    what the exporter's sampler read, every field (and a field NVML did not give stays None)."""
+    nv = FakeNvml([
+        FakeGpu(power_mw=70_960, used=503_316_480, total=85_520_809_984, util=25, reasons=1),
+        FakeGpu(used=GIB, fail={"nvmlDeviceGetUtilizationRates": 3,
+                                "nvmlDeviceGetPowerUsage": 3}),
+    ])  # fmt: skip
+    s = GpuSampler(nv)
+    samples = s.sample()
+    assert samples[1].utilization is None and samples[1].power_watts is None
+    registry = CollectorRegistry()
+    registry.register(StateCollector(s.gauges))
+    assert samples_from_metrics(generate_latest(registry).decode()) == samples
+
+
+def test_no_gpu_metrics_gives_no_samples() -> None:
+    assert samples_from_metrics("# TYPE foo gauge\nfoo 1\n") == ()
