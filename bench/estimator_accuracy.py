@@ -104,7 +104,7 @@ import numpy as np
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-for _p in (str(ROOT), str(ROOT / "tests" / "integration")):
+for _p in (str(ROOT),):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -677,7 +677,7 @@ class Prediction:
 def estimator_config(s: Settings) -> EstimatorConfig:
     kw: dict[str, Any] = {}
     if s.use_prior:
-        from real_backends import MODELS
+        from tests.support.real_backends import MODELS
 
         kw = dict(gpu="cpu", model_configs={SERVED: str(MODELS / MODEL_DIR / "config.json")})
     return EstimatorConfig(
@@ -934,8 +934,8 @@ def _step_at(steps: Sequence[StepResult], factor: float) -> StepResult | None:
 
 def run(s: Settings, *, log: Any = print, keep_dir: Path | None = None) -> Outcome_:
     """Start vLLM and the proxy, run the phases, stop everything; see the module docstring."""
-    from procs import start_proxy
-    from real_backends import isolated_vllm_engine, start_vllm
+    from tests.support.procs import start_proxy
+    from tests.support.real_backends import isolated_vllm_engine, start_vllm
 
     phases: dict[str, float] = {}
     load0 = os.getloadavg()

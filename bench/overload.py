@@ -163,7 +163,7 @@ def summarize(results: list[Result], window: float) -> dict[str, Any]:
 
 
 def body(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
-    from procs import start_emulator, start_proxy
+    from tests.support.procs import start_emulator, start_proxy
 
     quick = args.quick
     duration = args.duration or (15.0 if quick else 60.0)

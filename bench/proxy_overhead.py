@@ -5,7 +5,7 @@
     python3 bench/proxy_overhead.py --json out.json --scenarios A,C
 
 Per scenario it starts ``bench/stub_backend.py`` (pinned, with the load generator, to
-``--client-core``) and ``python3 -m proxy.cli serve`` (pinned to ``--proxy-core``), warms
+``--client-core``) and ``python3 -m proxy serve`` (pinned to ``--proxy-core``), warms
 both paths up, then runs passes alternating direct and proxied, direct first and last
 (D P D P D P D; ``--quick``: D P D). Each pass is one ``bench/loadgen.py`` process: a
 closed loop with a warm-up and a measurement window, bounded in time and request count.
@@ -268,7 +268,7 @@ def start_pair(sc: Scenario, procs: Processes, setup: Setup) -> tuple[str, str, 
     stub_url = f"http://127.0.0.1:{stub_port}"
     wait_http(stub_url + "/health", stub)
     proxy = procs.start(f"proxy-{sc.name}", [
-        sys.executable, "-m", "proxy.cli", "serve", "--backend", stub_url,
+        sys.executable, "-m", "proxy", "serve", "--backend", stub_url,
         "--host", "127.0.0.1", "--port", str(proxy_port), *setup.proxy_args,
     ], setup.proxy_core, setup.proxy_root)  # fmt: skip
     proxy_url = f"http://127.0.0.1:{proxy_port}"
@@ -479,7 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--proxy-core", type=int, default=0)
     p.add_argument("--client-core", type=int, default=1, help="for the stub and load generator")
     p.add_argument("--proxy-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for 'proxy.cli serve' (repeatable)")  # fmt: skip
+                   help="extra argument for 'proxy serve' (repeatable)")  # fmt: skip
     p.add_argument("--nice", type=int, default=0,
                    help="priority for the stub, proxy and load generator (e.g. -10 as root, "
                         "on a machine busy with other work)")  # fmt: skip

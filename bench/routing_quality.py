@@ -206,8 +206,8 @@ def summarize(results: list[Result], window: float) -> dict[str, Any]:
 
 
 def body(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
-    from procs import start_proxy
-    from real_backends import start_vllm, vllm_available
+    from tests.support.procs import start_proxy
+    from tests.support.real_backends import start_vllm, vllm_available
 
     if reason := vllm_available(MODEL):
         print(f"cannot run: {reason}", file=sys.stderr)

@@ -103,7 +103,7 @@ async def closed_pass(
 
 
 def start_redis(stack: contextlib.ExitStack) -> int:
-    from procs import free_port
+    from tests.support.procs import free_port
 
     exe = shutil.which("redis-server")
     if exe is None:
@@ -137,7 +137,8 @@ def start_redis(stack: contextlib.ExitStack) -> int:
 
 def body(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     import redis
-    from procs import start_emulator, start_proxy
+
+    from tests.support.procs import start_emulator, start_proxy
 
     quick = args.quick
     passes = args.passes or (3 if quick else 7)

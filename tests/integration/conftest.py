@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from real_backends import (
+
+from tests.support.real_backends import (
     RunningServer,
     llama_available,
     require,

@@ -54,7 +54,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from real_backends import require, vllm_available
+
+from tests.support.real_backends import require, vllm_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 

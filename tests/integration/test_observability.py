@@ -47,10 +47,18 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-from procs import Proc, free_port, http_get, metric_value, start_emulator, start_proxy, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.gpu import GPU_METRICS
+from tests.support.procs import (
+    Proc,
+    free_port,
+    http_get,
+    metric_value,
+    start_emulator,
+    start_proxy,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 

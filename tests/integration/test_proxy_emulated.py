@@ -13,7 +13,8 @@ import httpx2 as httpx  # the openai SDK's own HTTP client
 import openai
 import orjson
 import pytest
-from procs import (
+
+from tests.support.procs import (
     Proc,
     http_get,
     metric_value,

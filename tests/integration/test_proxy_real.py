@@ -12,8 +12,9 @@ from pathlib import Path
 
 import openai
 import pytest
-from procs import Proc, metric_value, read_records, start_proxy, wait_for
-from real_backends import RunningServer, start_llama_server
+
+from tests.support.procs import Proc, metric_value, read_records, start_proxy, wait_for
+from tests.support.real_backends import RunningServer, start_llama_server
 
 pytestmark = pytest.mark.integration
 
@@ -233,10 +234,10 @@ def test_predicted_kv_capacity_matches_vllm(vllm_server: RunningServer) -> None:
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
-    from real_backends import MODELS
 
     from estimator.memory import cpu_plan
     from estimator.modelarch import load_model_arch
+    from tests.support.real_backends import MODELS
 
     text = urllib.request.urlopen(vllm_server.url + "/metrics", timeout=5).read().decode()
     info = next(s.labels for f in text_string_to_metric_families(text) for s in f.samples

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
-from real_backends import BackendStartError, RunningServer, start_llama_server
+
+from tests.support.real_backends import BackendStartError, RunningServer, start_llama_server
 
 pytestmark = pytest.mark.real_backend
 

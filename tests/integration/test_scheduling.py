@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx2 as httpx
 import orjson
 import pytest
-from procs import metric_value, read_records, start_emulator, start_proxy
+
+from tests.support.procs import metric_value, read_records, start_emulator, start_proxy
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,8 @@ import openai
 import orjson
 import pytest
 import redis
-from procs import (
+
+from tests.support.procs import (
     Proc,
     free_port,
     http_get,
@@ -216,7 +217,7 @@ def test_redis_outage_fails_no_request(
 def test_standalone_estimator_sees_all_replicas(
     fleet: tuple[list[Proc], list[Proc]], redis_server: RedisServer
 ) -> None:
-    from procs import start_estimator
+    from tests.support.procs import start_estimator
 
     proxies, _ = fleet
     assert asyncio.run(_load([p.url for p in proxies], 60, 8, max_tokens=4)) == [4] * 60

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from estimator.records import RequestRecord
 from proxy.app import Deps, build_app
 from proxy.config import load_config
-from proxy.demo import start_site
+from proxy.programs.demo import start_site
 
 
 def chunk(i: int) -> bytes:

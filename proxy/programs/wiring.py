@@ -10,12 +10,11 @@ from typing import Any
 
 from estimator.catalog import CatalogError
 from estimator.service import Estimator, EstimatorConfig
-
-from .app import Deps
-from .config import ConfigError, ProxyConfig
-from .emulate import EmulatorConfig, FixedPace, TimingModel
-from .gpu import GpuSampler
-from .telemetry import GaugeRow
+from proxy.app import Deps
+from proxy.config import ConfigError, ProxyConfig
+from proxy.gpu import GpuSampler
+from proxy.programs.emulator import EmulatorConfig, FixedPace, TimingModel
+from proxy.telemetry import GaugeRow
 
 
 def build_estimator(config: ProxyConfig, source: str = "config") -> Estimator:

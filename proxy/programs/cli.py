@@ -20,9 +20,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .app import Deps
-from .config import ConfigError, ProxyConfig, load_config
-from .errors import JsonErrorRunner
+from proxy.app import Deps
+from proxy.config import ConfigError, ProxyConfig, load_config
+from proxy.errors import JsonErrorRunner
 
 log = logging.getLogger("rightsizer")
 
@@ -106,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from .wiring import estimator_deps
+    from proxy.programs.wiring import estimator_deps
 
     try:
         deps = estimator_deps(config, args.config or "flags")
@@ -120,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: ProxyConfig, deps: Deps) -> None:
-    from .app import build_app
+    from proxy.app import build_app
 
     app = build_app(config, deps)
     # Long-lived start-up objects leave the GC's view, and young-generation collections run
@@ -136,8 +136,8 @@ async def _serve(config: ProxyConfig, deps: Deps) -> None:
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
-    from .emulate import EmulatorServer
-    from .wiring import emulator_from_args
+    from proxy.programs.emulator import EmulatorServer
+    from proxy.programs.wiring import emulator_from_args
 
     cfg, timing = emulator_from_args(args)
     _install_uvloop()
@@ -147,15 +147,15 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from proxy.programs.demo import run_demo
 
     _install_uvloop()
     return asyncio.run(run_demo(duration_s=args.duration, requests=args.requests))
 
 
 def cmd_estimator(args: argparse.Namespace) -> int:
-    from .estimator_server import build_estimator_app
-    from .wiring import build_estimator
+    from proxy.programs.estimator_server import build_estimator_app
+    from proxy.programs.wiring import build_estimator
 
     try:
         config = load_config(args.config)
@@ -175,7 +175,7 @@ def cmd_estimator(args: argparse.Namespace) -> int:
 
 
 def cmd_gpu_exporter(args: argparse.Namespace) -> int:
-    from .gpu_exporter import build_exporter_app
+    from proxy.programs.gpu_exporter import build_exporter_app
 
     _install_uvloop()
     asyncio.run(run_site(build_exporter_app(args.interval), args.host, args.port, grace_s=1.0))
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("emulate", help="run an emulated OpenAI-compatible engine")
-    from .wiring import add_emulator_arguments
+    from proxy.programs.wiring import add_emulator_arguments
 
     add_emulator_arguments(e)
     e.set_defaults(func=cmd_emulate)

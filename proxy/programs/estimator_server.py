@@ -22,8 +22,7 @@ from redis.exceptions import RedisError
 
 from estimator.records import RequestRecord
 from estimator.service import Estimator
-
-from .telemetry import GaugeRow, StateCollector
+from proxy.telemetry import GaugeRow, StateCollector
 
 log = logging.getLogger("rightsizer.estimator")
 EST: web.AppKey[Estimator] = web.AppKey("estimator", Estimator)

@@ -80,7 +80,7 @@ def _spawn(name: str, args: Sequence[str], port: int, env: dict[str, str] | None
     log_path = Path(tempfile.mkstemp(prefix=f"rightsizer-{name}-", suffix=".log")[1])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", *args],
+            [sys.executable, "-m", "proxy", *args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})},
         )  # fmt: skip

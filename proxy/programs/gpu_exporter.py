@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .gpu import GpuSampler
-from .telemetry import StateCollector
+from proxy.gpu import GpuSampler
+from proxy.telemetry import StateCollector
 
 
 def build_exporter_app(interval_s: float, sampler: GpuSampler | None = None) -> web.Application:

@@ -27,11 +27,10 @@ from estimator.modelarch import load_model_arch
 from estimator.records import Outcome, RequestRecord
 from estimator.report import Report
 from estimator.service import Estimator, EstimatorConfig
-
-from .app import Deps, build_app
-from .config import load_config
-from .emulate import EmulatorConfig, EmulatorServer, TimingModel
-from .errors import JsonErrorRunner
+from proxy.app import Deps, build_app
+from proxy.config import load_config
+from proxy.errors import JsonErrorRunner
+from proxy.programs.emulator import EmulatorConfig, EmulatorServer, TimingModel
 
 
 def _bound_socket() -> socket.socket:
