@@ -31,6 +31,8 @@ class Outcome(enum.StrEnum):
     SHED = "shed"  # rejected by admission (429/503), never sent upstream
     TIMEOUT = "timeout"  # upstream did not answer in time (504)
     CLIENT_CANCELLED = "client_cancelled"  # the client went away; upstream was cancelled
+    SHUTDOWN = "shutdown"  # still open when the proxy's shutdown grace ran out (503 / SSE error)
+    INTERNAL_ERROR = "internal_error"  # a fault in the proxy itself (500), never the client's
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

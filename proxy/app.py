@@ -1,4 +1,11 @@
-"""``build_app(config, deps) -> web.Application``: routes, middlewares and lifetimes; no logic."""
+"""``build_app(config, deps) -> web.Application``: builds every component with explicit
+arguments, wires them, and registers routes, the error middleware and the lifetimes; no logic.
+
+Wiring, in one place: the backend pool tells admission (``on_change``: re-check the queue;
+``on_snapshot``: learn in-flight limits) and the estimator (``on_snapshot``); the router's
+prefix scorer and the shared view exchange prefix blocks; the recorder feeds metrics, the
+request log, the estimator (served models only) and the shared view's records stream.
+"""
 
 from __future__ import annotations
 
@@ -6,72 +13,66 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from estimator.records import BackendSnapshot, RequestRecord
+from estimator.records import RequestRecord
 
 from . import handlers as h
-from .admission import Scheduler
-from .backends import BackendPool
+from .admission import Limits, Scheduler, TenantLedger
 from .config import ProxyConfig
 from .errors import MethodNotAllowed, ProxyError, error_body, error_response
+from .estimation import EstimatorRunner
 from .gpu import GpuSampler
 from .recorder import Recorder, RequestLog
-from .relay import Upstream
-from .routing import make_router
-from .shared import SharedState
-from .telemetry import GaugeRow, Metrics
-from .tenants import TenantLedger
+from .routing import PluginDeps, Router, build_router
+from .state import LocalView, RedisView, SharedView
+from .telemetry import Metrics, metrics_handler
+from .upstream.backends import BackendPool
+from .upstream.relay import Drain
+from .upstream.transport import Transport
 
 log = logging.getLogger("rightsizer.app")
 
 
-class EstimatorLike(Protocol):
-    def observe(self, record: RequestRecord) -> None: ...
-    def observe_backend(self, snapshot: BackendSnapshot) -> None: ...
-    def refresh(self) -> Any: ...
-
-
 @dataclass(slots=True, kw_only=True)
 class Deps:
-    """What the app is built with; tests inject their own registry and subscribers."""
+    """What the app is built with besides its config; tests inject their own."""
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    estimator: EstimatorLike | None = None
-    report_dict: Callable[[], dict[str, Any] | None] | None = None
-    report_gauges: Callable[[], Iterable[GaugeRow]] | None = None
+    estimator: EstimatorRunner | None = None
     subscribers: list[tuple[str, Callable[[RequestRecord], None]]] = field(default_factory=list)
     gpu: GpuSampler | None = None
+    source: str = "config"  # where the config came from, for errors naming keys
 
 
 def _request_id(request: web.Request) -> str:
     rid = request.headers.get("x-request-id", "")
-    if 0 < len(rid) <= 128 and rid.isprintable():
+    if 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable():
         return rid
     return os.urandom(12).hex()
 
 
 @web.middleware
 async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Any]
+    request: web.Request, handler: Callable[[web.Request], object]
 ) -> web.StreamResponse:
     rid = request[h.REQUEST_ID] = _request_id(request)
     try:
-        return await handler(request)  # type: ignore[no-any-return]
+        return await handler(request)  # type: ignore[misc, no-any-return]
     except ProxyError as err:
+        if err.status >= 500 and type(err) is ProxyError:
+            log.error("internal error in request %s: %s", rid, err.message)
         return error_response(err, rid)
     except web.HTTPException as exc:  # router-level: unknown path, wrong method, body too big
         if exc.status == 405:
             return error_response(
                 MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}."), rid
             )
-        message = exc.reason if exc.status != 404 else f"Unknown path {request.path}."
+        message = exc.reason if exc.status != 404 else f"Unknown path {request.path[:200]}."
         return web.json_response(
             error_body(message, "invalid_request_error"),
             status=exc.status,
@@ -94,86 +95,153 @@ def build_app(config: ProxyConfig, deps: Deps | None = None) -> web.Application:
         middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
     )
     metrics = Metrics(deps.registry, max_tenants=config.metrics.max_tenants)
-    est = deps.estimator
+    gpu = deps.gpu if deps.gpu is not None and deps.gpu.available else None
+    gpu_backend = config.gpu.backend
     pool = BackendPool(
-        config.backends, config.health, metrics, on_snapshot=est.observe_backend if est else None
+        config.backends,
+        config.health,
+        metrics,
+        gpu_source=(lambda name: gpu.last if name == gpu_backend else ()) if gpu else None,
     )
-    gpu = deps.gpu
-    if gpu is not None and gpu.available:
-        metrics.add_state(gpu.gauges)
-        if config.gpu.backend is not None:
-            gpu_backend = config.gpu.backend
-            pool.gpu_source = lambda name: gpu.last if name == gpu_backend else ()
+    # the shared view and admission need each other: the view's callbacks name components
+    # built below (late-bound closures), so nothing is patched after construction
+    view = _view(
+        config,
+        backend_inflight=lambda: {b.name: b.inflight for b in pool.backends},
+        tenant_inflight=lambda: dict(tenants.inflight),
+        tenant_tokens=lambda: dict(tenants.tokens_this_minute()),
+        learn_prefix=lambda b, hs, t: _learn_prefix(router, pool, b, hs, t),
+        on_change=lambda: scheduler.pump(),
+        on_dropped=lambda n: metrics.records_dropped.labels("redis_stream").inc(n),
+    )
+    tenants = TenantLedger(config.tenants, config.auth, view)
+    limits = Limits(config.scheduling, view)
+    router = build_router(
+        config.routing,
+        PluginDeps(load=limits.load, inflight=limits.inflight, headroom=limits.has_headroom),  # type: ignore[arg-type]
+        timer=metrics.plugin_timer,
+        source=deps.source,
+    )
+    scheduler = Scheduler(
+        config.scheduling, pool, router, tenants, limits, metrics,
+        retry_after_s=config.health.interval_s,
+    )  # fmt: skip
+    transport = Transport(
+        config.timeouts, on_stale=lambda b: metrics.retries.labels(b, "stale_connection").inc()
+    )
     request_log = RequestLog(config.request_log, metrics) if config.request_log.path else None
     recorder = Recorder(metrics, request_log)
-    if est is not None:
-        recorder.subscribe("estimator", est.observe)
+    est = deps.estimator
+    _wire(config, pool, limits, scheduler, router, view, recorder, metrics, est, gpu)
     for name, fn in deps.subscribers:
         recorder.subscribe(name, fn)
-    if deps.report_gauges is not None:
-        metrics.add_state(deps.report_gauges)
+    px = h.Proxy(
+        config=config, pool=pool, transport=transport, recorder=recorder, router=router,
+        scheduler=scheduler, tenants=tenants, drain=Drain(),
+        report=est.report if est is not None else None,
+        deny_headers=frozenset(x.lower() for x in config.server.forward_headers_deny),
+    )  # fmt: skip
+    app[h.PROXY] = px
     app[_DEPS] = deps
-    app[_POOL] = pool
-    app[_RECORDER] = recorder
-    app[_CONFIG] = config
-    app[_METRICS] = metrics
+    app[_VIEW] = view
     app.cleanup_ctx.append(_lifetime)
-    _routes(app)
+    _routes(app, px, metrics)
     return app
 
 
+def _view(config: ProxyConfig, **hooks: Callable[..., object]) -> SharedView:
+    if not config.shared.redis_url:
+        return LocalView()
+
+    class _Local:  # this replica's own counts, read by the sync
+        backend_inflight = staticmethod(hooks["backend_inflight"])
+        tenant_inflight = staticmethod(hooks["tenant_inflight"])
+        tenant_tokens = staticmethod(hooks["tenant_tokens"])
+
+    return RedisView(
+        config.shared,
+        _Local(),  # type: ignore[arg-type]
+        learn_prefix=hooks["learn_prefix"],  # type: ignore[arg-type]
+        prefix_ttl_s=config.routing.prefix_ttl_s,
+        on_change=hooks["on_change"],  # type: ignore[arg-type]
+        on_dropped=hooks["on_dropped"],  # type: ignore[arg-type]
+    )
+
+
+def _learn_prefix(
+    router: Router, pool: BackendPool, backend: str, hashes: Sequence[bytes], t: float
+) -> None:
+    """Another replica's routing decision, for this replica's prefix scorer."""
+    prefix = router.plugin("prefix")
+    if prefix is not None and backend in pool.by_name:
+        prefix.learn(backend, hashes, t)
+
+
+def _wire(
+    config: ProxyConfig,
+    pool: BackendPool,
+    limits: Limits,
+    scheduler: Scheduler,
+    router: Router,
+    view: SharedView,
+    recorder: Recorder,
+    metrics: Metrics,
+    est: EstimatorRunner | None,
+    gpu: GpuSampler | None,
+) -> None:
+    pool.on_change(scheduler.pump)
+    pool.on_snapshot(limits.observe)
+    metrics.watch_backends(pool.backends)
+    metrics.watch_limits(lambda: limits.rows(pool.backends))
+    metrics.watch_queue(scheduler.depths)
+    metrics.watch_slo(config.estimator.slo_ttft_p95_s, config.estimator.slo_itl_p95_s)
+    if gpu is not None:
+        metrics.watch_gpus(lambda: gpu.last)
+    if isinstance(view, RedisView):
+        prefix = router.plugin("prefix")
+        if prefix is not None:
+            prefix.subscribe(view.on_routed)
+        recorder.subscribe("redis_stream", view.on_record)
+        metrics.watch_shared(lambda: view.up, lambda: dict(view.remote_by_backend()))
+    if est is not None:
+        pool.on_snapshot(lambda _b, snap: est.observe_backend(snap))
+        recorder.subscribe("estimator", lambda rec: _served(pool, rec) and est.observe(rec))
+        metrics.watch_estimator(est)
+
+
+def _served(pool: BackendPool, rec: RequestRecord) -> bool:
+    """Only requests for a model a backend serves reach the estimator (no state per name a
+    client made up)."""
+    return rec.backend is not None and pool.knows(rec.model)
+
+
 _DEPS: web.AppKey[Deps] = web.AppKey("deps", Deps)
-_POOL: web.AppKey[BackendPool] = web.AppKey("pool", BackendPool)
-_RECORDER: web.AppKey[Recorder] = web.AppKey("recorder", Recorder)
-_CONFIG: web.AppKey[ProxyConfig] = web.AppKey("config", ProxyConfig)
-_METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+_VIEW: web.AppKey[SharedView] = web.AppKey("view", object)  # type: ignore[arg-type]
 
 
-def _routes(app: web.Application) -> None:
+def _routes(app: web.Application, px: h.Proxy, metrics: Metrics) -> None:
     app.router.add_post("/v1/chat/completions", h.chat_completions)
     app.router.add_post("/v1/completions", h.completions)
     app.router.add_get("/v1/models", h.list_models)
-    app.router.add_route("*", "/v1/{tail:.+}", h.other_v1)
+    app.router.add_route("*", "/v1/{tail:.*}", h.other_v1)
     app.router.add_get("/health", h.health)
     app.router.add_get("/ready", h.ready)
-    app.router.add_get("/metrics", h.metrics)
-    app.router.add_get("/admin/estimator", h.estimator_report)
+    app.router.add_get("/metrics", metrics_handler(metrics.registry))
+    app.router.add_get(
+        "/admin/estimator", h.estimator_report_handler(px.report, px.config.server.admin_token)
+    )
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
-    config, pool, deps = app[_CONFIG], app[_POOL], app[_DEPS]
-    connector = aiohttp.TCPConnector(
-        limit=0, ttl_dns_cache=300, keepalive_timeout=config.timeouts.keepalive_s
-    )
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-    metrics = app[_METRICS]
-    upstream = Upstream(session, pool, config.timeouts, metrics)
-    tenants = TenantLedger(config.tenants, config.auth, metrics)
-    router = make_router(config.routing, load=lambda b: b.total_inflight / max(1, b.limit))
-    scheduler = Scheduler(config.scheduling, pool, router, tenants, metrics)
-    app[h.STATE] = h.ProxyState(
-        config=config,
-        pool=pool,
-        upstream=upstream,
-        recorder=app[_RECORDER],
-        metrics=metrics,
-        router=router,
-        scheduler=scheduler,
-        tenants=tenants,
-        report=deps.report_dict,
-    )
-    await pool.start(session)
+    px, deps, view = app[h.PROXY], app[_DEPS], app[_VIEW]
+    await px.transport.start()
+    await px.pool.start(px.transport.session)
     background: list[asyncio.Task[None]] = []
     if deps.gpu is not None and deps.gpu.available:
-        background.append(asyncio.create_task(deps.gpu.run(config.gpu.interval_s)))
-    shared = None
-    if config.shared.redis_url:
-        shared = SharedState(config.shared, pool, router, tenants, metrics)
-        router.listeners.append(shared.on_routed)
-        app[_RECORDER].subscribe("redis_stream", shared.on_record)
-        await shared.start()
+        background.append(asyncio.create_task(deps.gpu.run(px.config.gpu.interval_s)))
+    await view.start()
     if deps.estimator is not None:
-        background.append(asyncio.create_task(_refresh_loop(deps.estimator, config)))
+        background.append(asyncio.create_task(deps.estimator.run()))
     try:
         yield
     finally:
@@ -182,23 +250,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if shared is not None:
-            await shared.stop()
-        await pool.stop()
-        await upstream.close()
-        await session.close()
-        app[_RECORDER].close()
-
-
-async def _refresh_loop(est: EstimatorLike, config: ProxyConfig) -> None:
-    """Refit and re-project off the event loop, on a timer."""
-    interval = config.estimator.refresh_interval_s
-    failed_once = False
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await asyncio.to_thread(est.refresh)
-        except Exception:  # the estimator must never take the proxy down; logged once
-            if not failed_once:
-                log.exception("estimator refresh failed (further failures not logged)")
-                failed_once = True
+        await view.stop()
+        await px.pool.stop()
+        await px.transport.close()
+        px.recorder.close()

@@ -64,8 +64,13 @@ class BackendConfig:
     )  # fmt: skip
     max_inflight: int | None = doc(
         "Requests in flight on this backend at most (None: the engine's max_num_seqs, else "
-        "scheduling.default_max_inflight).",
+        "the limit learned from the engine's own signals).",
         None,
+    )
+    forward_client_auth: bool = doc(
+        "Forward the client's own Authorization header to this backend when it has no api_key "
+        "(off: the client's key never leaves the proxy).",
+        False,
     )
 
     def __post_init__(self) -> None:
@@ -82,10 +87,39 @@ class ServerConfig:
     max_header_bytes: int = doc("Largest single request header accepted (larger: 431).", 16 * 1024)
     max_headers: int = doc("Most request headers accepted (more: 431).", 128)
     admin_token: str | None = doc(
-        "Bearer token required on /admin/* (the estimator report); None: open. Prefer the "
+        "Bearer token required on /admin/* (the estimator report); None: open, which is only "
+        "allowed on a loopback address unless allow_open_admin. Prefer the "
         "RIGHTSIZER_SERVER__ADMIN_TOKEN env var over a file.", None,
     )  # fmt: skip
-    shutdown_grace_s: float = doc("How long in-flight requests may finish on shutdown.", 10.0)
+    allow_open_admin: bool = doc(
+        "Start on a non-loopback address without admin_token (the admin endpoints open to "
+        "anyone who reaches the port).",
+        False,
+    )
+    shutdown_grace_s: float = doc(
+        "After SIGTERM, how long in-flight requests may finish; streams still open then end "
+        "with an SSE error event (code shutdown).",
+        10.0,
+    )
+    drain_delay_s: float = doc(
+        "After SIGTERM, keep accepting requests this long while /ready answers 503, so load "
+        "balancers see the drain before the listener closes.",
+        0.0,
+    )
+    header_timeout_s: float = doc(
+        "Longest time a client may take to send a request's headers (slowloris guard).", 10.0
+    )
+    body_timeout_s: float = doc("Longest time a client may take to send a request body.", 30.0)
+    keepalive_s: float = doc("Idle client keep-alive connections are closed after this.", 30.0)
+    max_connections: int = doc(
+        "Client connections open at once at most; more are answered 503 and closed.", 4096
+    )
+    forward_headers_deny: tuple[str, ...] = doc(
+        "Client headers never forwarded upstream, besides hop-by-hop headers, the proxy's own "
+        "controls (x-priority, x-tenant, x-request-deadline-ms, x-rightsizer-*) and "
+        "credentials (see backends[].forward_client_auth). Case-insensitive.",
+        (),
+    )
 
 
 @dataclass(**_FROZEN)
@@ -100,6 +134,15 @@ class TimeoutConfig:
         " timeout (uvicorn/vLLM and llama-server close after 5 s) so the proxy rarely picks a"
         " connection the server is closing.",
         4.0,
+    )
+
+
+@dataclass(**_FROZEN)
+class RelayConfig:
+    max_event_bytes: int = doc(
+        "Largest server-sent event (or unterminated tail) the relay holds; past it the stream "
+        "ends with an SSE error event.",
+        4 * 1024 * 1024,
     )
 
 
@@ -164,20 +207,40 @@ class TenantConfig:
     tokens_per_minute: int | None = doc(
         "Most prompt + completion tokens per minute (None: no limit).", None
     )
+    max_priority: str = doc(
+        "Highest priority class this tenant may ask for with x-priority when it is identified "
+        "by its API key (higher asks are lowered to it).",
+        "critical",
+    )
 
 
 @dataclass(**_FROZEN)
 class AuthConfig:
     required: bool = doc("Refuse requests whose API key matches no tenant (401).", False)
+    anonymous_max_priority: str = doc(
+        "Highest priority class a client not identified by an API key may ask for (x-tenant "
+        "and the body's user are claims, not proof).",
+        "normal",
+    )
 
 
 @dataclass(**_FROZEN)
 class SchedulingConfig:
     enabled: bool = doc("Hold requests in the proxy's queue instead of flooding the engines.", True)
     default_max_inflight: int = doc(
-        "Requests in flight per backend when neither the backend config nor the engine "
-        "(max_num_seqs) gives a limit.",
+        "Starting in-flight limit per backend when neither the backend config nor the engine "
+        "(max_num_seqs) gives one; it is then learned from the engine's own metrics: raised "
+        "while the engine runs everything it gets without queueing, set to what it runs once "
+        "it queues (see README, Scheduling).",
         64,
+    )
+    max_inflight_ceiling: int = doc(
+        "Highest in-flight limit the learning may reach per backend.", 1024
+    )
+    probe_hold_s: float = doc(
+        "After the engine showed its limit (it queued), wait this long before probing above "
+        "it again.",
+        60.0,
     )
     engine_waiting_high: float = doc(
         "Engine-reported waiting requests above which a backend gets no new request.", 4.0
@@ -221,6 +284,10 @@ class RoutingConfig:
     imbalance_abs: float = doc("Load guard: in-flight difference that may override affinity.", 8.0)
     imbalance_rel: float = doc("Load guard: relative excess over the least-loaded backend.", 0.5)
     session_header: str = doc("Header naming a session for session affinity.", "x-session-id")
+    session_memory_bytes: int = doc(
+        "Memory for remembered sessions (hashed ids; the least recently used are forgotten).",
+        8 * 1024 * 1024,
+    )
 
 
 @dataclass(**_FROZEN)
@@ -251,6 +318,7 @@ class ProxyConfig:
     server: ServerConfig = section("Listener settings.", ServerConfig)
     backends: tuple[BackendConfig, ...] = doc("Inference servers behind the proxy.", ())
     timeouts: TimeoutConfig = section("Upstream timeouts.", TimeoutConfig)
+    relay: RelayConfig = section("Streaming relay limits.", RelayConfig)
     health: HealthConfig = section("Health checks, ejection and scraping.", HealthConfig)
     request_log: RequestLogConfig = section("Request log.", RequestLogConfig)
     metrics: MetricsConfig = section("Prometheus metrics.", MetricsConfig)
@@ -339,20 +407,19 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
         key = f"{prefix}.{f.name}" if prefix else f.name
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
             raise ConfigError(source, key, f"must not be negative, got {value}")
-    if isinstance(obj, TenantConfig) and obj.priority not in PRIORITY_CLASSES:
-        raise ConfigError(source, f"{prefix}.priority", f"unknown class {obj.priority!r}")
-    if isinstance(obj, RoutingConfig):
-        from .routing import POLICIES, SCORERS
-
-        if obj.policy not in POLICIES:
+    for name, value in _class_fields(obj):
+        if value not in PRIORITY_CLASSES:
             raise ConfigError(
                 source,
-                f"{prefix}.policy",
-                f"unknown policy {obj.policy!r} (known: {', '.join(POLICIES)})",
+                f"{prefix}.{name}" if prefix else name,
+                f"unknown class {value!r} (known: {', '.join(PRIORITY_CLASSES)})",
             )
-        for name in obj.scorers:
-            if name not in SCORERS:
-                raise ConfigError(source, f"{prefix}.scorers.{name}", "unknown scorer")
+    if isinstance(obj, RoutingConfig):
+        from .routing.registry import policy_problem  # names only: no import cycle
+
+        problem = policy_problem(obj.policy, dict(obj.scorers))
+        if problem is not None:
+            raise ConfigError(source, f"{prefix}.{problem[0]}", problem[1])
     if isinstance(obj, SchedulingConfig):
         for name in obj.deadline_s:
             if name not in PRIORITY_CLASSES:
@@ -361,8 +428,24 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
         parts = urlsplit(obj.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(source, f"{prefix}.url", f"not an http(s) URL: {obj.url!r}")
-        if obj.dialect not in ("auto", "vllm", "sglang", "tgi", "llamacpp", "none"):
-            raise ConfigError(source, f"{prefix}.dialect", f"unknown dialect {obj.dialect!r}")
+        from .upstream.dialects import DIALECTS  # parsers only: no import cycle
+
+        known = ("auto", "none", *DIALECTS)
+        if obj.dialect not in known:
+            raise ConfigError(
+                source,
+                f"{prefix}.dialect",
+                f"unknown dialect {obj.dialect!r} (known: {', '.join(known)})",
+            )
+
+
+def _class_fields(obj: Any) -> list[tuple[str, str]]:
+    """The priority-class fields of a config object (checked against PRIORITY_CLASSES)."""
+    if isinstance(obj, TenantConfig):
+        return [("priority", obj.priority), ("max_priority", obj.max_priority)]
+    if isinstance(obj, AuthConfig):
+        return [("anonymous_max_priority", obj.anonymous_max_priority)]
+    return []
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

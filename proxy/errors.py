@@ -4,28 +4,29 @@
     ├── InvalidRequest          400  invalid_request_error   (also a ValueError)
     │   ├── BodyTooLarge        413  invalid_request_error
     │   └── HeaderFieldsTooLarge 431 invalid_request_error
+    │   └── RequestTimeout      408  invalid_request_error   (the client was too slow)
     ├── Unauthorized            401  authentication_error
     ├── ModelNotFound           404  invalid_request_error   code=model_not_found
     ├── MethodNotAllowed        405  invalid_request_error
     ├── Shed                    429  rate_limit_error        + Retry-After, x-rightsizer-shed-reason
     ├── NoHealthyBackend        503  service_unavailable     + Retry-After
+    ├── ShuttingDown            503  service_unavailable     code=shutdown, + Retry-After
     ├── UpstreamError           502  upstream_error          (also a ConnectionError)
     └── UpstreamTimeout         504  upstream_timeout        (also a TimeoutError)
 
 This module is the only place HTTP statuses for errors are chosen. Messages say what was
-wrong; they never carry ``str(exc)`` of an unexpected exception. ``JsonErrorRunner`` extends
-the same body to the errors aiohttp answers itself, before a request reaches the app.
+wrong; they never carry ``str(exc)`` of an unexpected exception (``ProxyError`` itself is the
+500 for those). ``protocol_error`` gives the same body to the errors aiohttp answers itself,
+before a request reaches the app (``proxy.server``).
 """
 
 from __future__ import annotations
 
-from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
-from aiohttp.web_protocol import RequestHandler
 
 
 class ProxyError(Exception):
@@ -56,6 +57,10 @@ class BodyTooLarge(InvalidRequest):
 
 class HeaderFieldsTooLarge(InvalidRequest):
     status = 431
+
+
+class RequestTimeout(InvalidRequest):
+    status = 408
 
 
 class Unauthorized(ProxyError):
@@ -106,6 +111,14 @@ class NoHealthyBackend(_RetryAfter):
     type = "service_unavailable"
 
 
+class ShuttingDown(_RetryAfter):
+    status = 503
+    type = "service_unavailable"
+
+    def __init__(self, message: str = "The proxy is shutting down.") -> None:
+        super().__init__(message, reason="shutdown", retry_after_s=1.0)
+
+
 class UpstreamError(ProxyError, ConnectionError):
     status = 502
     type = "upstream_error"
@@ -144,54 +157,48 @@ def protocol_error(status: int, exc: BaseException | None, message: str | None) 
 
     A header or request line over ``server.max_header_bytes``, or more headers than
     ``server.max_headers``, is 431 (Request Header Fields Too Large, RFC 6585); any other
-    unparsable request is 400 with the parser's own words, which say what and where
-    (``Invalid header token: b'Host x'``); a failure of the server itself is 500 (504 for
-    aiohttp's own timeout) without details.
+    unparsable request is 400 naming the kind of problem. The message never quotes what the
+    client sent: a malformed header may hold a credential. A failure of the server itself is
+    500 (504 for aiohttp's own timeout) without details.
     """
     if isinstance(exc, LineTooLong):
-        line, limit = (*exc.args, "", "")[:2]
+        limit = exc.args[1] if len(exc.args) > 1 else "the"
         return HeaderFieldsTooLarge(
-            f"a request header or the request line is longer than {limit} bytes (the proxy's "
-            f"server.max_header_bytes): {str(line)[:60]}"
+            f"A request header or the request line is longer than {limit} bytes (the proxy's "
+            "server.max_header_bytes).",
+            code="header_too_large",
         )
     if status < 500 and "too many headers" in (message or "").lower():
-        return HeaderFieldsTooLarge("too many request headers (the proxy's server.max_headers)")
+        return HeaderFieldsTooLarge(
+            "Too many request headers (the proxy's server.max_headers).", code="too_many_headers"
+        )
     if status < 500:
-        return InvalidRequest(f"malformed HTTP request: {message or HTTPStatus(status).phrase}")
+        return InvalidRequest(
+            f"Malformed HTTP request: {_parser_words(exc, message)}.", code="malformed_request"
+        )
     if status == 504:
-        return UpstreamTimeout("the request timed out")
-    return ProxyError("internal error while handling the request")
+        return UpstreamTimeout("The request timed out.")
+    return ProxyError("Internal error while handling the request.")
 
 
-class _JsonErrorHandler(RequestHandler):
-    def handle_error(
-        self,
-        request: Any,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs; raises once a reply began
-        resp = error_response(protocol_error(status, exc, message))
-        resp.force_close()  # as aiohttp does: the connection's framing may be lost
-        return resp
+def _parser_words(exc: BaseException | None, message: str | None) -> str:
+    """What aiohttp's parser said was wrong, without the bytes it quotes after it
+    ("Invalid header token:\n\n  b'Host x'" -> "Invalid header token")."""
+    words = (message or "").split(":\n", 1)[0].split("\n", 1)[0]
+    for quote in ("'", '"', "b'"):
+        words = words.split(quote, 1)[0]
+    words = words.strip().rstrip(":").strip()
+    if words and len(words) <= 80 and words.isprintable():
+        return words
+    return _MALFORMED.get(type(exc).__name__, "malformed HTTP request")
 
 
-class _JsonErrorServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
-
-
-class JsonErrorRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer a request aiohttp rejects before the app
-    sees it (a malformed request line or header, a header over the limits) with the
-    OpenAI-style JSON body every other error of the proxy has, where aiohttp answers
-    ``text/plain``. aiohttp has no hook for that answer but ``RequestHandler.handle_error``;
-    its ``Server`` makes the handlers, so the server the app made is given the subclass
-    that makes ours (``tests/integration/test_proxy_emulated.py`` checks it end to end).
-    """
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _JsonErrorServer
-        return server
+_MALFORMED = {
+    "InvalidHeader": "a header is malformed",
+    "BadStatusLine": "the request line is malformed",
+    "BadHttpMethod": "the request line has an invalid method",
+    "InvalidURLError": "the request target (URL) is malformed",
+    "TransferEncodingError": "the Transfer-Encoding framing is invalid",
+    "ContentLengthError": "the Content-Length is invalid or does not match the body",
+    "ContentEncodingError": "the Content-Encoding is invalid",
+}

@@ -3,8 +3,9 @@
 ``GpuSampler`` reads every GPU of the node it runs on (beside an engine, or inside the proxy
 when it shares the engine's node). ``run`` samples in a worker thread every ``interval_s``
 (NVML calls block for up to milliseconds each) and hands the samples to ``on_samples`` (to
-attach them to a ``BackendSnapshot``); ``gauges`` exposes the latest samples at scrape time
-without touching NVML, so ``/metrics`` never blocks on the driver.
+attach them to a ``BackendSnapshot``); ``last`` holds the latest samples, which
+``telemetry`` exports at scrape time without touching NVML, so ``/metrics`` never blocks on
+the driver.
 
 Failure handling, by NVML phase:
 
@@ -25,13 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 from estimator.records import GpuSample
 
-from .telemetry import GaugeRow
+from .telemetry import GPU_GAUGES
 
 log = logging.getLogger("rightsizer.gpu")
 
@@ -40,21 +41,6 @@ _NOT_SUPPORTED = 3
 _DEVICE_GONE = frozenset({15, 1, 9})  # GPU_IS_LOST, UNINITIALIZED, DRIVER_NOT_LOADED
 
 OnSamples = Callable[[tuple[GpuSample, ...]], None]
-
-_GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("rightsizer_gpu_memory_used_bytes", "GPU memory in use (NVML).", "memory_used_bytes"),
-    ("rightsizer_gpu_memory_total_bytes", "GPU memory installed (NVML).", "memory_total_bytes"),
-    ("rightsizer_gpu_utilization_ratio", "Fraction of the last sample period a kernel ran.",
-     "utilization"),
-    ("rightsizer_gpu_power_watts", "GPU board power draw.", "power_watts"),
-    ("rightsizer_gpu_temperature_celsius", "GPU core temperature.", "temperature_c"),
-    ("rightsizer_gpu_throttle_reasons", "NVML clocks-event (throttle) reasons bitmask; 0: none.",
-     "throttle_reasons"),
-)  # fmt: skip
-
-
-GPU_METRICS: dict[str, tuple[str, ...]] = {name: ("gpu", "name") for name, _, _ in _GAUGES}
-"""Every metric ``gauges`` exports, with its label names (for dashboards and alert checks)."""
 
 
 def _load_pynvml() -> ModuleType | None:
@@ -184,16 +170,6 @@ class GpuSampler:
         fn = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
         return fn or nv.nvmlDeviceGetCurrentClocksThrottleReasons  # type: ignore[no-any-return]
 
-    def gauges(self) -> Iterable[GaugeRow]:
-        """The latest samples as gauges (no NVML call; nothing when unavailable)."""
-        samples = self._last
-        if not samples:
-            return
-        for metric, doc, attr in _GAUGES:
-            rows = [((str(s.index), s.name or "unknown"), float(v))
-                    for s in samples if (v := getattr(s, attr)) is not None]  # fmt: skip
-            yield GaugeRow(metric, doc, ("gpu", "name"), rows)
-
     async def run(self, interval_s: float, on_samples: OnSamples | None = None) -> None:
         """Sample every ``interval_s`` in a worker thread until cancelled; returns at once
         when unavailable. NVML is shut down when the loop ends."""
@@ -231,7 +207,7 @@ def samples_from_metrics(text: str) -> tuple[GpuSample, ...]:
     running beside an engine on another node)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    attrs = {metric: attr for metric, _, attr in _GAUGES}
+    attrs = {metric: attr for metric, _, attr in GPU_GAUGES}
     by_gpu: dict[int, dict[str, Any]] = {}
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:

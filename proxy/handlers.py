@@ -1,24 +1,30 @@
-"""Request handlers, thin: parse -> route -> relay -> record (exactly once, in ``finally``)."""
+"""Request handlers, thin: parse -> admit -> dispatch -> relay -> record (exactly once).
+
+``recorded`` wraps every proxied request: whatever happens, the request ends in exactly one
+``RequestRecord`` with a truthful outcome and status, its admission ticket is released, and it
+is known to the shutdown drain while it runs.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
+import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from estimator.records import Outcome
 
-from .admission import Scheduler
-from .backends import BackendPool
+from .admission import Scheduler, TenantLedger, Ticket
+from .admission.tenants import bearer_token
 from .config import ProxyConfig
+from .dispatch import dispatch
 from .errors import (
     BodyTooLarge,
     InvalidRequest,
@@ -26,68 +32,212 @@ from .errors import (
     ModelNotFound,
     NoHealthyBackend,
     ProxyError,
+    RequestTimeout,
     Shed,
+    ShuttingDown,
     Unauthorized,
     UpstreamError,
     UpstreamTimeout,
+    error_response,
 )
-from .exchange import Exchange
-from .prefix import block_hashes, canonical_text
 from .recorder import Recorder
-from .relay import Upstream, forward_other, relay_plain, relay_stream
-from .routing import RouteCtx, Router
-from .telemetry import Metrics
-from .tenants import TenantLedger
-from .validate import parse_body, parse_deadline_ms, parse_priority, upstream_body
+from .request import InferenceRequest, Measurement
+from .routing import RouteCtx, Router, block_hashes, canonical_text
+from .routing.scorers.session import session_key
+from .upstream.backends import BackendPool
+from .upstream.relay import Drain, relay_plain, relay_raw, relay_stream
+from .upstream.transport import Transport
+from .validate import (
+    ParsedRequest,
+    cap_priority,
+    parse_body,
+    parse_deadline_ms,
+    parse_json_object,
+    parse_priority,
+    upstream_body,
+    upstream_headers,
+    upstream_path,
+)
+
+log = logging.getLogger("rightsizer.handlers")
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
-_FORWARD_HEADERS = ("authorization", "x-request-id", "openai-organization", "openai-project")
-_INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_INFERENCE = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 DEFAULT_OUTPUT_ESTIMATE = 256  # tokens assumed for in-flight accounting when max_tokens is unset
 
 
-@dataclass(slots=True, kw_only=True)
-class ProxyState:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Proxy:
+    """The components a handler uses, built once by ``proxy.app.build_app``."""
+
     config: ProxyConfig
     pool: BackendPool
-    upstream: Upstream
+    transport: Transport
     recorder: Recorder
-    metrics: Metrics
     router: Router
     scheduler: Scheduler
     tenants: TenantLedger
-    report: Any = None  # callable returning the estimator's latest report (dict) or None
+    drain: Drain
+    report: Any = None  # () -> the estimator's latest report (dict) or None
+    deny_headers: frozenset[str] = field(default_factory=frozenset)
 
 
-STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
+PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
 
 
-def _outcome(err: ProxyError) -> Outcome:
+def outcome_of(err: ProxyError) -> Outcome:
+    if isinstance(err, ShuttingDown):
+        return Outcome.SHUTDOWN
     if isinstance(err, Shed | NoHealthyBackend):
         return Outcome.SHED
     if isinstance(err, UpstreamTimeout):
         return Outcome.TIMEOUT
     if isinstance(err, UpstreamError):
         return Outcome.UPSTREAM_ERROR
+    if err.status >= 500:
+        return Outcome.INTERNAL_ERROR
     return Outcome.CLIENT_ERROR
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+class Exchange:
+    """One proxied request in flight: what ``recorded`` needs to end it truthfully."""
+
+    __slots__ = ("endpoint", "meas", "req", "started", "ticket")
+
+    def __init__(self, request_id: str, endpoint: str) -> None:
+        self.meas = Measurement(request_id)
+        self.endpoint = endpoint
+        self.req: InferenceRequest | None = None
+        self.ticket: Ticket | None = None
+        self.started = False  # the response (status line) went to the client
+
+
+@contextlib.asynccontextmanager
+async def recorded(px: Proxy, request: web.Request, endpoint: str) -> AsyncIterator[Exchange]:
+    """Every request ends in exactly one record, whatever happens (see module docstring)."""
+    ex = Exchange(request[REQUEST_ID], endpoint)
+    meas = ex.meas
+    task = asyncio.current_task()
+    if task is not None:
+        px.drain.tasks.add(task)
+    try:
+        yield ex
+    except ProxyError as err:
+        meas.fail(outcome_of(err), err.status)
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        if meas.outcome is Outcome.SHUTDOWN:
+            pass  # the relay ended the stream with the shutdown event
+        elif meas.last_event_sent:
+            meas.outcome = Outcome.OK  # the client left after the last event: complete
+        else:
+            meas.fail(Outcome.CLIENT_CANCELLED, 499)
+        raise
+    except Exception:
+        meas.fail(Outcome.INTERNAL_ERROR, 500)
+        raise
+    finally:
+        if task is not None:
+            px.drain.tasks.discard(task)
+        meas.end_s = time.perf_counter()
+        if ex.ticket is not None:
+            total = None
+            if meas.prompt_tokens is not None or meas.completion_tokens is not None:
+                total = (meas.prompt_tokens or 0) + (meas.completion_tokens or 0)
+            ex.ticket.release(total)
+        req = ex.req
+        px.recorder.submit(meas, req, endpoint, req.body if req is not None else None)
+
+
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(
             f"The request body is {request.content_length} bytes; the limit is {limit}."
         )
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout_s:g}s (server.body_timeout_s).",
+            code="body_timeout",
+        ) from None
 
 
-def _upstream_headers(request: web.Request, request_id: str) -> dict[str, str]:
-    h = {k: v for k in _FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
-    h["x-request-id"] = request_id
-    h["Content-Type"] = "application/json"
-    return h
+def _check_headers(headers: Mapping[str, str]) -> None:
+    """Header values must be valid UTF-8 (aiohttp keeps other bytes as surrogates)."""
+    for name, value in headers.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                f"Header '{name[:64]}' is not valid UTF-8.", param=name[:64]
+            ) from None
+
+
+def _model_or_error(pool: BackendPool, model: str) -> None:
+    if pool.knows(model):
+        return
+    pending = pool.undiscovered()
+    if pending:
+        raise NoHealthyBackend(
+            "No backend that could serve this model has answered yet "
+            f"({', '.join(b.name for b in pending[:5])}); retry shortly.",
+            reason="no_backend",
+            retry_after_s=pool.health.interval_s,
+        )
+    raise ModelNotFound(model, pool.models())
+
+
+def _route_ctx(router: Router, request: web.Request, body: Mapping[str, Any], endpoint: str,
+               model: str, session_header: str) -> RouteCtx:  # fmt: skip
+    hashes = (
+        tuple(block_hashes(canonical_text(body, endpoint), router.block_chars))  # type: ignore[arg-type]
+        if router.uses_prefix
+        else ()
+    )
+    raw_session = request.headers.get(session_header) if router.uses_session else None
+    session = session_key(raw_session) if raw_session else None
+    return RouteCtx(model=model, hashes=hashes, session=session, now=time.monotonic())
+
+
+def _build_request(
+    px: Proxy, request: web.Request, ex: Exchange, parsed: ParsedRequest, endpoint: str
+) -> InferenceRequest:
+    _model_or_error(px.pool, parsed.model)
+    who = px.tenants.identify(request.headers, parsed.body)
+    priority = parse_priority(request.headers.get("x-priority"), who.default_class or "normal")
+    data, strip = upstream_body(parsed)
+    return InferenceRequest(
+        request_id=ex.meas.request_id,
+        endpoint=endpoint,
+        method="POST",
+        path=request.path,
+        model=parsed.model,
+        stream=parsed.stream,
+        body=parsed.body,
+        data=data,
+        strip_usage=strip,
+        max_tokens=parsed.max_tokens,
+        est_prompt_tokens=parsed.est_prompt_tokens,
+        est_tokens=parsed.est_prompt_tokens + (parsed.max_tokens or DEFAULT_OUTPUT_ESTIMATE),
+        tenant=who.tenant,
+        priority=cap_priority(priority, who.ceiling),
+        deadline_s=parse_deadline_ms(request.headers.get("x-request-deadline-ms")),
+        headers=upstream_headers(
+            request.headers.items(), request_id=ex.meas.request_id, deny=px.deny_headers
+        ),
+        client_auth=request.headers.get("authorization"),
+    )
+
+
+def _loop_deadline(meas: Measurement, total_s: float | None) -> float | None:
+    """The request's total-time limit on the event loop's clock."""
+    if total_s is None:
+        return None
+    return asyncio.get_running_loop().time() + (meas.arrival_s + total_s - time.perf_counter())
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -99,141 +249,122 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
-    st = request.app[STATE]
-    ex = Exchange(request[REQUEST_ID], endpoint=endpoint)
-    with _recorded(st, ex):
-        raw = await read_body(request, st.config.server.max_body_bytes)
-        parsed = parse_body(raw, endpoint)
-        ex.request_body = body = parsed.body
-        ex.model, ex.streamed, ex.max_tokens = parsed.model, parsed.stream, parsed.max_tokens
-        ex.tenant, default_class = st.tenants.identify(request.headers, body)
-        ex.priority = parse_priority(request.headers.get("x-priority"), default_class or "normal")
-        deadline_s = parse_deadline_ms(request.headers.get("x-request-deadline-ms"))
-        ex.est_prompt_tokens = parsed.est_prompt_tokens
-        ex.est_tokens = ex.est_prompt_tokens + (parsed.max_tokens or DEFAULT_OUTPUT_ESTIMATE)
-        candidates = _candidates(st.pool, parsed.model)
-        ctx = _route_ctx(st, request, body, endpoint)
-        decision = await st.scheduler.admit(ex, candidates, ctx, deadline_s)
+    px = request.app[PROXY]
+    srv = px.config.server
+    async with recorded(px, request, endpoint) as ex:
         try:
-            return await _relay(
-                request, st, ex, parsed.stream, decision.ordered, upstream_body(parsed)
-            )
-        finally:
-            st.scheduler.release(ex)
+            _check_headers(request.headers)
+            raw = await read_body(request, srv.max_body_bytes, srv.body_timeout_s)
+            parsed = parse_body(raw, endpoint)
+            ex.req = req = _build_request(px, request, ex, parsed, endpoint)
+            ctx = _route_ctx(px.router, request, parsed.body, endpoint, req.model,
+                             px.config.routing.session_header)  # fmt: skip
+            ex.ticket = await px.scheduler.admit(req, ctx)
+            return await _forward(px, request, ex, req)
+        except asyncio.CancelledError:
+            if px.drain.expired and not ex.started and ex.meas.outcome is not Outcome.SHUTDOWN:
+                ex.meas.fail(Outcome.SHUTDOWN, 503)
+                return error_response(ShuttingDown(), ex.meas.request_id)
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover  (recorded re-raises)
 
 
-@contextlib.contextmanager
-def _recorded(st: ProxyState, ex: Exchange) -> Iterator[None]:
-    """Every request ends in exactly one record, whatever happens."""
-    try:
-        yield
-    except ProxyError as err:
-        ex.fail(_outcome(err), err.status)
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
-        ex.fail(Outcome.CLIENT_CANCELLED, 499)
-        raise
-    finally:
-        ex.end_s = time.perf_counter()
-        st.recorder.submit(ex, ex.request_body)
-
-
-def _route_ctx(
-    st: ProxyState, request: web.Request, body: dict[str, Any], endpoint: str
-) -> RouteCtx:
-    r = st.router
-    hashes = block_hashes(canonical_text(body, endpoint), r.block_chars) if r.uses_prefix else ()
-    session = request.headers.get(st.config.routing.session_header)
-    return RouteCtx(hashes=hashes, session=session, now=time.monotonic())
-
-
-async def _relay(
-    request: web.Request,
-    st: ProxyState,
-    ex: Exchange,
-    stream: bool,
-    ordered: list[Any],
-    data_strip: tuple[bytes, bool],
+async def _forward(
+    px: Proxy, request: web.Request, ex: Exchange, req: InferenceRequest
 ) -> web.StreamResponse:
-    data, strip = data_strip
-    headers = _upstream_headers(request, ex.request_id)
-    _, resp = await st.upstream.dispatch(
-        ex, ordered, request.path, data, headers, st.scheduler.move
-    )
-    if stream and resp.status == 200 and resp.content_type == "text/event-stream":
-        total = st.config.timeouts.total_s
-        return await relay_stream(
-            request,
-            ex,
-            resp,
-            strip_usage=strip,
-            read_timeout_s=st.config.timeouts.read_s,
-            deadline=None if total is None else ex.arrival_s + total,
-        )
-    return await relay_plain(request, ex, resp)
-
-
-def _candidates(pool: BackendPool, model: str) -> list[Any]:
-    candidates = pool.candidates(model)
-    if candidates:
-        return candidates
-    if model not in pool.known_models():
-        raise ModelNotFound(model, pool.models())
-    raise NoHealthyBackend(
-        f"Every backend serving model '{model}' is down or ejected.",
-        reason="no_backend",
-        retry_after_s=pool.health.interval_s,
-    )
+    """Dispatch, then relay; ``timeouts.total_s`` bounds both (a stream enforces its part)."""
+    assert ex.ticket is not None
+    cfg, meas = px.config, ex.meas
+    total = cfg.timeouts.total_s
+    try:
+        async with asyncio.timeout_at(_loop_deadline(meas, total)):
+            resp = await dispatch(req, ex.ticket, meas, transport=px.transport, pool=px.pool,
+                                  metrics=px.recorder.metrics)  # fmt: skip
+            streamed = (
+                req.stream and resp.status == 200 and resp.content_type == "text/event-stream"
+            )
+            if not streamed:
+                return await relay_plain(request, meas, resp)
+    except TimeoutError:
+        raise UpstreamTimeout("The request exceeded the proxy's total time limit.") from None
+    ex.started = True
+    return await relay_stream(
+        request, meas, resp, strip_usage=req.strip_usage,
+        est_prompt_tokens=req.est_prompt_tokens, read_timeout_s=cfg.timeouts.read_s,
+        max_event_bytes=cfg.relay.max_event_bytes,
+        deadline=None if total is None else meas.arrival_s + total, drain=px.drain,
+    )  # fmt: skip
 
 
 async def other_v1(request: web.Request) -> web.StreamResponse:
-    """Other /v1 paths (embeddings, tokenize, ...): forwarded, measured as plain requests."""
-    if request.path in _INFERENCE_PATHS:
+    """Other /v1 paths (embeddings, tokenize, files, ...): forwarded with the client's method,
+    measured as plain requests. Paths that leave /v1/ are refused."""
+    px = request.app[PROXY]
+    path = upstream_path(request.raw_path.split("?", 1)[0], request.query_string)
+    if request.path in _INFERENCE:
         raise MethodNotAllowed(
             f"Method {request.method} is not allowed on {request.path}; use POST."
         )
-    st = request.app[STATE]
-    ex = Exchange(request[REQUEST_ID], endpoint=request.path.rsplit("/", 1)[-1] or "other")
-    with _recorded(st, ex):
-        raw = await read_body(request, st.config.server.max_body_bytes)
-        model = _model_of(raw)
+    srv = px.config.server
+    endpoint = request.path.rstrip("/").rsplit("/", 1)[-1] or "other"
+    async with recorded(px, request, endpoint[:64]) as ex:
+        _check_headers(request.headers)
+        raw = await read_body(request, srv.max_body_bytes, srv.body_timeout_s)
+        model = _model_of(raw, request.content_type)
         if model is not None:
-            ex.model = model
-            candidates = _candidates(st.pool, model)
+            _model_or_error(px.pool, model)
+            candidates = px.pool.serving(model)
         else:
-            candidates = [b for b in st.pool.backends if b.available(time.monotonic())]
+            now = time.monotonic()
+            candidates = [b for b in px.pool.backends if b.available(now)]
         if not candidates:
             raise NoHealthyBackend("No healthy backend.", reason="no_backend")
-        ordered = sorted(candidates, key=st.scheduler.utilization)
-        st.scheduler.hold(ex, ordered[0])
-        headers = _upstream_headers(request, ex.request_id)
+        ex.req = req = InferenceRequest(
+            request_id=ex.meas.request_id,
+            endpoint=endpoint[:64],
+            method=request.method,
+            path=path,
+            model=model or "",
+            data=raw,
+            headers=upstream_headers(
+                request.headers.items(),
+                request_id=ex.meas.request_id,
+                deny=px.deny_headers,
+                json_body=False,
+            ),
+            client_auth=request.headers.get("authorization"),
+        )
+        ex.ticket = px.scheduler.hold(req, candidates)
+        total = px.config.timeouts.total_s
         try:
-            return await forward_other(
-                request, ex, st.upstream, ordered, raw, headers, st.scheduler.move
-            )
-        finally:
-            st.scheduler.unhold(ex)
+            async with asyncio.timeout_at(_loop_deadline(ex.meas, total)):
+                resp = await dispatch(req, ex.ticket, ex.meas, transport=px.transport,
+                                      pool=px.pool, metrics=px.recorder.metrics)  # fmt: skip
+                if resp.content_type == "application/json":
+                    return await relay_plain(request, ex.meas, resp)
+        except TimeoutError:
+            raise UpstreamTimeout("The request exceeded the proxy's total time limit.") from None
+        ex.started = True
+        return await relay_raw(
+            request, ex.meas, resp, deadline=None if total is None else ex.meas.arrival_s + total
+        )
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _model_of(raw: bytes) -> str | None:
-    if not raw:
+def _model_of(raw: bytes, content_type: str) -> str | None:
+    if not raw or content_type not in ("application/json", "application/octet-stream", ""):
         return None
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    model = obj.get("model") if isinstance(obj, dict) else None
-    return model if isinstance(model, str) and model else None
+    body = parse_json_object(raw)
+    model = body.get("model")
+    if model is not None and not (isinstance(model, str) and model):
+        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    return model
 
 
 async def list_models(request: web.Request) -> web.Response:
-    pool = request.app[STATE].pool
-    data = [
-        {"id": m, "object": "model", "created": 0, "owned_by": "rightsizer"} for m in pool.models()
-    ]
-    return web.json_response(
-        {"object": "list", "data": data}, dumps=lambda o: orjson.dumps(o).decode()
-    )
+    pool = request.app[PROXY].pool
+    body = {"object": "list", "data": pool.model_list()}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -241,40 +372,40 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    pool = request.app[STATE].pool
+    px = request.app[PROXY]
     now = time.monotonic()
     backends = {
-        b.name: {"up": b.available(now), "models": sorted(b.models), "inflight": b.inflight}
-        for b in pool.backends
-    }
-    ok = pool.ready()
-    return web.json_response(
-        {"status": "ready" if ok else "not_ready", "backends": backends}, status=200 if ok else 503
-    )
+        b.name: {"up": b.available(now), "models": sorted(b.models), "inflight": b.inflight,
+                 **({"error": b.last_error} if b.last_error else {})}
+        for b in px.pool.backends
+    }  # fmt: skip
+    if px.drain.draining:
+        status, ok = "draining", False
+    else:
+        ok = px.pool.ready()
+        status = "ready" if ok else "not_ready"
+    return web.json_response({"status": status, "backends": backends}, status=200 if ok else 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[STATE].metrics.registry
-    resp = web.Response(body=generate_latest(registry))
-    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-    return resp
-
-
-def _check_admin(request: web.Request) -> None:
-    token = request.app[STATE].config.server.admin_token
+def check_admin(request: web.Request, token: str | None) -> None:
+    """``Authorization: Bearer <token>`` (scheme case-insensitive) on /admin/*."""
     if token is None:
         return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    given = bearer_token(request.headers.get("authorization", "")) or ""
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
         raise Unauthorized("The admin endpoints need 'Authorization: Bearer <admin token>'.")
 
 
-async def estimator_report(request: web.Request) -> web.Response:
-    _check_admin(request)
-    report = request.app[STATE].report
-    data = report() if report is not None else None
-    if data is None:
-        return web.json_response(
-            {"status": "no_report", "detail": "The estimator has no report yet."}, status=503
-        )
-    return web.Response(body=orjson.dumps(data), content_type="application/json")
+def estimator_report_handler(report: Any, token: str | None) -> Any:
+    """The ``/admin/estimator`` handler of every program that runs an estimator."""
+
+    async def handle(request: web.Request) -> web.Response:
+        check_admin(request, token)
+        data = report() if report is not None else None
+        if data is None:
+            return web.json_response(
+                {"status": "no_report", "detail": "The estimator has no report yet."}, status=503
+            )
+        return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+    return handle

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import orjson
 from estimator.records import RequestRecord
 
 from .config import RequestLogConfig
-from .exchange import Exchange
+from .request import InferenceRequest, Measurement
 from .telemetry import Metrics
 
 log = logging.getLogger("rightsizer.recorder")
@@ -45,7 +45,7 @@ class RequestLog:
         self._handler = handler
         self._listener.start()
 
-    def write(self, rec: RequestRecord, body: dict[str, Any] | None) -> None:
+    def write(self, rec: RequestRecord, body: Mapping[str, Any] | None) -> None:
         if self.cfg.log_prompts and body is not None:
             line = orjson.dumps({**rec.to_dict(), "request_body": body}).decode()
         else:
@@ -74,9 +74,15 @@ class Recorder:
     def subscribe(self, name: str, fn: Subscriber) -> None:
         self._subscribers.append((name, fn))
 
-    def submit(self, ex: Exchange, body: dict[str, Any] | None = None) -> RequestRecord:
-        rec = ex.to_record()
-        self.metrics.record(rec, ex.gaps)
+    def submit(
+        self,
+        meas: Measurement,
+        req: InferenceRequest | None,
+        endpoint: str,
+        body: Mapping[str, Any] | None = None,
+    ) -> RequestRecord:
+        rec = meas.to_record(req, endpoint)
+        self.metrics.record(rec, meas.gaps)
         if self.request_log is not None:
             self.request_log.write(rec, body)
         for name, fn in self._subscribers:

@@ -1,90 +1,96 @@
-"""Every Prometheus metric the proxy exports, defined once, on an injected registry.
+"""Every Prometheus metric rightsizer exports, defined once, on an injected registry.
 
-Names: ``rightsizer_`` prefix, base units. Label sets are bounded: ``model`` and ``backend``
-come from config/discovery, ``priority`` and ``outcome`` are enums, ``tenant`` is capped
-(beyond ``metrics.max_tenants`` distinct values, the rest become ``other``). Never an API
-key, never a prompt.
+Names: ``rightsizer_`` prefix, base units. Label sets are bounded: ``model`` carries only a
+model a backend announced or the config names (others are ``unknown``, decided where the
+request is parsed), ``backend`` comes from config, ``priority`` and ``outcome`` are enums,
+``tenant`` is capped (beyond ``metrics.max_tenants`` distinct values, the rest become
+``other``), and every label value is cut to ``MAX_LABEL_CHARS``. Never an API key, never a
+prompt.
 
-The per-token histogram (inter-token latency) is a bulk collector: a request's gaps are
-binned with one numpy call when the request ends, instead of one ``observe`` per chunk.
-State owned elsewhere (backend health, engine gauges, in-flight counts) is exposed by
-collectors read at scrape time.
+Two kinds of metric live here:
+
+* request metrics (counters and histograms), updated once per request when it ends
+  (``Metrics.record``); the per-token histogram (inter-token latency) is a bulk collector: a
+  request's gaps are binned with one numpy call instead of one ``observe`` per chunk;
+* state owned elsewhere (backend health, engine gauges and counters, queue depth, shared
+  state, GPU samples, the estimator's projections, routing plugin timings), read by
+  collectors at scrape time from the owning component's read-only API (``watch_*``).
+
+``metrics_handler`` is the one ``/metrics`` handler every program serves.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from estimator.records import Outcome, RequestRecord
+from estimator.records import GpuSample, Outcome, RequestRecord
 
-TTFT_BUCKETS = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.5,
-    0.75,
-    1.0,
-    1.5,
-    2.0,
-    3.0,
-    5.0,
-    10.0,
-    20.0,
-    60.0,
-)
-ITL_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.0075,
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.04,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.5,
-    1.0,
-    2.5,
-)
+if TYPE_CHECKING:
+    from estimator.records import BackendSnapshot
+
+MAX_LABEL_CHARS = 128
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
+                2.0, 3.0, 5.0, 10.0, 20.0, 60.0)  # fmt: skip
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
+               0.15, 0.2, 0.3, 0.5, 1.0, 2.5)  # fmt: skip
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-TOKEN_BUCKETS = (
-    1,
-    8,
-    16,
-    32,
-    64,
-    128,
-    256,
-    512,
-    1024,
-    2048,
-    4096,
-    8192,
-    16384,
-    32768,
-    65536,
-    131072,
+QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                 30.0)  # fmt: skip
+TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536,
+                 131072)  # fmt: skip
+
+GPU_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("rightsizer_gpu_memory_used_bytes", "GPU memory in use (NVML).", "memory_used_bytes"),
+    ("rightsizer_gpu_memory_total_bytes", "GPU memory installed (NVML).", "memory_total_bytes"),
+    ("rightsizer_gpu_utilization_ratio", "Fraction of the last sample period a kernel ran.",
+     "utilization"),
+    ("rightsizer_gpu_power_watts", "GPU board power draw.", "power_watts"),
+    ("rightsizer_gpu_temperature_celsius", "GPU core temperature.", "temperature_c"),
+    ("rightsizer_gpu_throttle_reasons", "NVML clocks-event (throttle) reasons bitmask; 0: none.",
+     "throttle_reasons"),
+)  # fmt: skip
+"""``(metric, doc, GpuSample field)`` of every GPU gauge; labels ``gpu`` (index), ``name``."""
+
+GPU_METRICS: dict[str, tuple[str, ...]] = {name: ("gpu", "name") for name, _, _ in GPU_GAUGES}
+"""Every GPU metric, with its label names (for dashboards and alert checks)."""
+
+ESTIMATOR_PREFIX = "rightsizer_"
+"""Prefix of the estimator report's gauge families (``Report.gauge_families()`` names them)."""
+
+_ENGINE_GAUGES = (
+    ("running", "rightsizer_engine_running_requests", "Engine-reported running requests."),
+    ("waiting", "rightsizer_engine_waiting_requests", "Engine-reported queued requests."),
+    ("kv_usage", "rightsizer_engine_kv_cache_usage_ratio", "Engine KV-cache usage, 0..1."),
 )
+_ENGINE_COUNTERS = (
+    ("prefix_cache_hits", "rightsizer_engine_prefix_cache_hits",
+     "Engine counter of prefix-cache hits (tokens), as the engine reports it."),
+    ("prefix_cache_queries", "rightsizer_engine_prefix_cache_queries",
+     "Engine counter of prefix-cache queries (tokens), as the engine reports it."),
+    ("preemptions", "rightsizer_engine_preemptions", "Engine counter of preemptions."),
+)  # fmt: skip
+
+
+def label(value: str) -> str:
+    """A label value cut to ``MAX_LABEL_CHARS`` (a bounded series name whatever the input)."""
+    return value if len(value) <= MAX_LABEL_CHARS else value[:MAX_LABEL_CHARS]
 
 
 class BulkHistogram(Collector):
@@ -128,6 +134,8 @@ class BulkHistogram(Collector):
 
 @dataclass(frozen=True, slots=True)
 class GaugeRow:
+    """One gauge family computed at scrape time: name, doc, label names, samples."""
+
     name: str
     doc: str
     labelnames: tuple[str, ...]
@@ -135,19 +143,22 @@ class GaugeRow:
 
 
 class StateCollector(Collector):
-    """Gauges computed at scrape time from state owned elsewhere (backends, queues, estimator)."""
+    """Metric families computed at scrape time from state owned elsewhere."""
 
-    def __init__(self, source: Callable[[], Iterable[GaugeRow]]) -> None:
+    def __init__(self, source: Callable[[], Iterable[Metric | GaugeRow]]) -> None:
         self._source = source
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         for row in self._source():
+            if isinstance(row, Metric):
+                yield row
+                continue
             fam = GaugeMetricFamily(row.name, row.doc, labels=row.labelnames)
             for labels, value in row.samples:
-                fam.add_metric(list(labels), value)
+                fam.add_metric([label(v) for v in labels], value)
             yield fam
 
-    def describe(self) -> Iterable[GaugeMetricFamily]:
+    def describe(self) -> Iterable[Metric]:
         return []
 
 
@@ -166,12 +177,51 @@ class TenantLabels:
         return "other"
 
 
+# --- read-only views of the components whose state is exported at scrape time ------------
+
+
+class BackendView(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def inflight(self) -> int: ...
+    @property
+    def inflight_tokens(self) -> int: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def snapshot(self) -> BackendSnapshot | None: ...
+    def available(self, now: float) -> bool: ...
+
+
+class EstimatorView(Protocol):
+    @property
+    def stats(self) -> Any: ...
+    def families(self) -> Iterable[Any]: ...
+
+
+class PluginTimer:
+    """Cumulative time and calls per routing plugin (plain floats on the request path; read
+    as counters at scrape time)."""
+
+    __slots__ = ("calls", "seconds")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def add(self, plugin: str, seconds: float) -> None:
+        self.seconds[plugin] = self.seconds.get(plugin, 0.0) + seconds
+        self.calls[plugin] = self.calls.get(plugin, 0) + 1
+
+
 class Metrics:
     """The proxy's metrics. Build one per registry (tests use a fresh registry each)."""
 
     def __init__(self, registry: CollectorRegistry, *, max_tenants: int = 50) -> None:
         self.registry = registry
         self.tenant_label = TenantLabels(max_tenants)
+        self.plugin_timer = PluginTimer()
         r = registry
         self.requests = Counter(
             "rightsizer_requests",
@@ -188,7 +238,7 @@ class Metrics:
         )
         self.itl = BulkHistogram(
             "rightsizer_inter_token_latency_seconds",
-            "Gaps between content-bearing chunks as the proxy received them.",
+            "Gaps between content-bearing chunks as the proxy received them (pooled over gaps).",
             ["model", "backend"],
             ITL_BUCKETS,
         )
@@ -259,7 +309,7 @@ class Metrics:
         )
         self.records_dropped = Counter(
             "rightsizer_records_dropped",
-            "Request records dropped by a full sink.",
+            "Request records dropped by a full or failing sink.",
             ["sink"],
             registry=r,
         )
@@ -288,31 +338,206 @@ class Metrics:
             ["backend", "result"],
             registry=r,
         )
+        self.client_errors = Counter(
+            "rightsizer_client_protocol_errors",
+            "Connections or requests refused before the app saw them, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        r.register(StateCollector(self._plugin_families))
 
-    def add_state(self, source: Callable[[], Iterable[GaugeRow]]) -> None:
+    def add_state(self, source: Callable[[], Iterable[Metric | GaugeRow]]) -> None:
         self.registry.register(StateCollector(source))
 
     def record(self, rec: RequestRecord, itl_gaps: Sequence[float] = ()) -> None:
-        """Everything per request, once, when it ends."""
+        """Everything per request, once, when it ends. ``rec.model`` is already bounded (a
+        served or configured model, else ``unknown``); values are length-capped here too."""
+        model = label(rec.model)
         backend = rec.backend or "none"
-        tenant = self.tenant_label(rec.tenant)
-        self.requests.labels(rec.model, backend, tenant, rec.priority, rec.outcome.value).inc()
+        tenant = self.tenant_label(label(rec.tenant))
+        outcome = rec.outcome.value
+        self.requests.labels(model, backend, tenant, rec.priority, outcome).inc()
         if rec.e2e_s is not None:
-            self.e2e.labels(rec.model, backend, rec.outcome.value).observe(rec.e2e_s)
+            self.e2e.labels(model, backend, outcome).observe(rec.e2e_s)
         if rec.queue_wait_s is not None:
-            self.queue_wait.labels(rec.model, rec.priority).observe(rec.queue_wait_s)
+            self.queue_wait.labels(model, rec.priority).observe(rec.queue_wait_s)
         if rec.outcome is not Outcome.OK:
             return
         if rec.streamed and rec.ttft_s is not None:
-            self.ttft.labels(rec.model, backend).observe(rec.ttft_s)
-        self.itl.observe_many((rec.model, backend), itl_gaps)
+            self.ttft.labels(model, backend).observe(rec.ttft_s)
+        self.itl.observe_many((model, backend), itl_gaps)
         if rec.prompt_tokens is not None:
-            self.prompt_tokens.labels(rec.model, backend, tenant).inc(rec.prompt_tokens)
-            self.prompt_len.labels(rec.model).observe(rec.prompt_tokens)
+            self.prompt_tokens.labels(model, backend, tenant).inc(rec.prompt_tokens)
+            self.prompt_len.labels(model).observe(rec.prompt_tokens)
         if rec.completion_tokens is not None:
-            self.completion_tokens.labels(rec.model, backend, tenant).inc(rec.completion_tokens)
-            self.completion_len.labels(rec.model).observe(rec.completion_tokens)
+            self.completion_tokens.labels(model, backend, tenant).inc(rec.completion_tokens)
+            self.completion_len.labels(model).observe(rec.completion_tokens)
         if rec.cached_tokens:
-            self.cached_tokens.labels(rec.model, backend).inc(rec.cached_tokens)
+            self.cached_tokens.labels(model, backend).inc(rec.cached_tokens)
         if rec.tokens_estimated:
-            self.estimated_tokens.labels(rec.model, backend).inc()
+            self.estimated_tokens.labels(model, backend).inc()
+
+    def _plugin_families(self) -> Iterator[Metric]:
+        t = self.plugin_timer
+        seconds = CounterMetricFamily(
+            "rightsizer_routing_plugin_seconds",
+            "Time spent in each routing plugin (filters, scorers, picker).",
+            labels=["plugin"],
+        )
+        calls = CounterMetricFamily(
+            "rightsizer_routing_plugin_calls", "Calls of each routing plugin.", labels=["plugin"]
+        )
+        for name in sorted(t.seconds):
+            seconds.add_metric([name], t.seconds[name])
+            calls.add_metric([name], t.calls[name])
+        yield seconds
+        yield calls
+
+    # --- state owned elsewhere ------------------------------------------------------------
+
+    def watch_backends(self, backends: Sequence[BackendView]) -> None:
+        """Backend health, the proxy's in-flight counts and the engine's own /metrics."""
+        self.add_state(lambda: backend_families(backends, time.monotonic()))
+
+    def watch_queue(self, depths: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """Requests waiting in the proxy's queue: ``depths()`` gives (model, class, n)."""
+
+        def rows() -> Iterator[GaugeRow]:
+            yield GaugeRow(
+                "rightsizer_queue_depth",
+                "Requests waiting in the proxy's queue.",
+                ("model", "priority"),
+                [((m, c), float(n)) for m, c, n in depths()],
+            )
+
+        self.add_state(rows)
+
+    def watch_limits(self, limits: Callable[[], Iterable[tuple[str, int, str]]]) -> None:
+        """The in-flight limit admission applies per backend: (backend, limit, source)."""
+
+        def rows() -> Iterator[GaugeRow]:
+            yield GaugeRow(
+                "rightsizer_backend_inflight_limit",
+                "In-flight requests admission allows on the backend, and where the limit "
+                "comes from (config, engine, learned, probing).",
+                ("backend", "source"),
+                [((b, src), float(n)) for b, n, src in limits()],
+            )
+
+        self.add_state(rows)
+
+    def watch_shared(self, up: Callable[[], bool], remote: Callable[[], dict[str, int]]) -> None:
+        def rows() -> Iterator[GaugeRow]:
+            yield GaugeRow(
+                "rightsizer_shared_state_up",
+                "1 when the shared state (Redis) is reachable (0: serving on local state).",
+                (),
+                [((), 1.0 if up() else 0.0)],
+            )
+            yield GaugeRow(
+                "rightsizer_shared_state_remote_inflight",
+                "Requests other proxy replicas have in flight on each backend.",
+                ("backend",),
+                [((b,), float(n)) for b, n in remote().items()],
+            )
+
+        self.add_state(rows)
+
+    def watch_gpus(self, samples: Callable[[], Sequence[GpuSample]]) -> None:
+        self.add_state(lambda: gpu_families(samples()))
+
+    def watch_estimator(self, runner: EstimatorView) -> None:
+        """The estimator report's gauge families ``(name, doc, labelnames, samples)`` and the
+        runner's own counters."""
+        self.add_state(lambda: estimator_families(runner))
+
+    def watch_slo(self, ttft_p95_s: float, itl_p95_s: float) -> None:
+        """The SLO targets, so alert rules and dashboards read them instead of repeating them."""
+        self.add_state(lambda: slo_families(ttft_p95_s, itl_p95_s))
+
+
+def estimator_families(runner: EstimatorView) -> Iterator[Metric | GaugeRow]:
+    for name, doc, labelnames, samples in runner.families():
+        yield GaugeRow(ESTIMATOR_PREFIX + name, doc, tuple(labelnames), samples)
+    st = runner.stats
+    for name, doc, value in (
+        ("rightsizer_estimator_refreshes", "Estimator refreshes completed.", st.refreshes),
+        ("rightsizer_estimator_refresh_seconds", "Time spent in estimator refreshes (in the "
+         "estimator's own process unless it runs in the proxy's).", st.refresh_seconds),
+        ("rightsizer_estimator_refresh_failures", "Estimator refreshes that failed (each is "
+         "logged, at most once a minute).", st.failures),
+        ("rightsizer_estimator_records_dropped", "Records the estimator never saw (its input "
+         "buffer was full).", st.dropped),
+    ):  # fmt: skip
+        fam = CounterMetricFamily(name, doc)
+        fam.add_metric([], float(value))
+        yield fam
+
+
+def slo_families(ttft_p95_s: float, itl_p95_s: float) -> Iterator[GaugeRow]:
+    yield GaugeRow("rightsizer_slo_ttft_p95_seconds", "SLO target: p95 TTFT.", (),
+                   [((), ttft_p95_s)])  # fmt: skip
+    yield GaugeRow("rightsizer_slo_itl_p95_seconds", "SLO target: p95 ITL.", (),
+                   [((), itl_p95_s)])  # fmt: skip
+
+
+def backend_families(backends: Sequence[BackendView], now: float) -> Iterator[Metric | GaugeRow]:
+    lb = ("backend",)
+    yield GaugeRow(
+        "rightsizer_backend_up",
+        "1 when the backend passes health checks and is not ejected.",
+        lb,
+        [((b.name,), float(b.available(now))) for b in backends],
+    )
+    yield GaugeRow(
+        "rightsizer_backend_inflight_requests",
+        "Requests this proxy has in flight upstream.",
+        lb,
+        [((b.name,), float(b.inflight)) for b in backends],
+    )
+    yield GaugeRow(
+        "rightsizer_backend_inflight_tokens",
+        "Estimated tokens (prompt + max output) this proxy has in flight upstream.",
+        lb,
+        [((b.name,), float(b.inflight_tokens)) for b in backends],
+    )
+    for attr, name, doc in _ENGINE_GAUGES:
+        rows = [
+            ((b.name,), float(v))
+            for b in backends
+            if b.snapshot is not None and (v := getattr(b.snapshot, attr)) is not None
+        ]
+        yield GaugeRow(name, doc, lb, rows)
+    for attr, name, doc in _ENGINE_COUNTERS:
+        fam = CounterMetricFamily(name, doc, labels=list(lb))
+        for b in backends:
+            if b.snapshot is not None and (v := getattr(b.snapshot, attr)) is not None:
+                fam.add_metric([b.name], float(v))
+        yield fam
+
+
+def gpu_families(samples: Sequence[GpuSample]) -> Iterator[GaugeRow]:
+    """The latest GPU samples as gauges (nothing when there are none)."""
+    if not samples:
+        return
+    for metric, doc, attr in GPU_GAUGES:
+        rows = [((str(s.index), s.name or "unknown"), float(v))
+                for s in samples if (v := getattr(s, attr)) is not None]  # fmt: skip
+        yield GaugeRow(metric, doc, ("gpu", "name"), rows)
+
+
+def generate_latest(registry: CollectorRegistry) -> bytes:
+    return _generate_latest(registry)
+
+
+def metrics_handler(
+    registry: CollectorRegistry,
+) -> Callable[[web.Request], Any]:
+    """The ``/metrics`` handler every program serves."""
+
+    async def handle(request: web.Request) -> web.Response:
+        resp = web.Response(body=_generate_latest(registry))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    return handle

@@ -1,31 +1,44 @@
 """Request parsing and validation: what the proxy must know before routing, with 4xx errors
-that say what was wrong. Everything else in the body is the backend's to validate."""
+that say what was wrong. Everything else in the body is the backend's to validate.
+
+Also the two things a request carries upstream besides its body: the normalised ``/v1`` path
+(``upstream_path``: nothing outside ``/v1/`` is ever reached through the proxy) and the
+forwarded headers (``upstream_headers``: end-to-end headers pass, hop-by-hop headers, the
+proxy's own controls and credentials do not).
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
+from .config import PRIORITY_CLASSES
 from .errors import InvalidRequest
+from .routing.prefix_index import CHARS_PER_TOKEN
 
-PRIORITY_CLASSES = ("critical", "high", "normal", "low", "sheddable")
-_INT_TO_CLASS = {0: "critical", 1: "high", 2: "normal", 3: "low", 4: "sheddable"}
+_INT_TO_CLASS = dict(enumerate(PRIORITY_CLASSES))
+CLASS_INDEX = {name: i for i, name in enumerate(PRIORITY_CLASSES)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ParsedRequest:
     body: dict[str, Any]
+    raw: bytes  # the body as the client sent it
     model: str
     stream: bool
     include_usage: bool  # the client asked for the usage chunk itself
+    has_stream_options: bool
     max_tokens: int | None
     prompt_chars: int
 
     @property
     def est_prompt_tokens(self) -> int:
-        return max(1, self.prompt_chars // 4)
+        return max(1, self.prompt_chars // CHARS_PER_TOKEN)
 
 
 def _require(cond: bool, message: str, param: str) -> None:
@@ -35,6 +48,27 @@ def _require(cond: bool, message: str, param: str) -> None:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _parts_chars(parts: list[Any], i: int) -> int:
+    """Characters of a content-part array; a text part's ``text`` must be a string."""
+    chars = 0
+    for j, p in enumerate(parts):
+        _require(
+            isinstance(p, dict),
+            f"'messages[{i}].content[{j}]' must be an object.",
+            f"messages[{i}].content[{j}]",
+        )
+        text = p.get("text")
+        if text is None and p.get("type") != "text":
+            continue  # an image, audio or file part: no text to count
+        _require(
+            isinstance(text, str),
+            f"'messages[{i}].content[{j}].text' must be a string.",
+            f"messages[{i}].content[{j}].text",
+        )
+        chars += len(text)
+    return chars
 
 
 def _messages_chars(messages: Any) -> int:
@@ -55,7 +89,7 @@ def _messages_chars(messages: Any) -> int:
         if isinstance(content, str):
             chars += len(content)
         elif isinstance(content, list):
-            chars += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+            chars += _parts_chars(content, i)
         else:
             _require(
                 content is None,
@@ -72,9 +106,9 @@ def _prompt_chars(prompt: Any) -> int:
     if ok and all(isinstance(p, str) for p in prompt):
         return sum(len(p) for p in prompt)
     if ok and all(_is_int(t) for t in prompt):
-        return 4 * len(prompt)
+        return CHARS_PER_TOKEN * len(prompt)
     if ok and all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
-        return 4 * sum(len(p) for p in prompt)
+        return CHARS_PER_TOKEN * sum(len(p) for p in prompt)
     raise InvalidRequest(
         "'prompt' must be a string, an array of strings, an array of token ids "
         "or an array of token-id arrays.",
@@ -82,8 +116,7 @@ def _prompt_chars(prompt: Any) -> int:
     )
 
 
-def parse_body(raw: bytes, endpoint: str) -> ParsedRequest:
-    """Parse and check a chat/completions body. ``endpoint``: "chat" or "completions"."""
+def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw:
         raise InvalidRequest("The request body is empty; expected a JSON object.")
     try:
@@ -92,6 +125,12 @@ def parse_body(raw: bytes, endpoint: str) -> ParsedRequest:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+def parse_body(raw: bytes, endpoint: str) -> ParsedRequest:
+    """Parse and check a chat/completions body. ``endpoint``: "chat" or "completions"."""
+    body = parse_json_object(raw)
     model = body.get("model")
     _require(
         isinstance(model, str) and bool(model), "'model' is required and must be a string.", "model"
@@ -120,12 +159,17 @@ def parse_body(raw: bytes, endpoint: str) -> ParsedRequest:
     _require(n is None or (_is_int(n) and n >= 1), "'n' must be a positive integer.", "n")
     return ParsedRequest(
         body=body,
+        raw=raw,
         model=str(model),
         stream=bool(stream),
-        include_usage=include_usage,  # type: ignore[arg-type]
+        include_usage=include_usage,
+        has_stream_options="stream_options" in body,
         max_tokens=max_tokens,
         prompt_chars=chars,
     )
+
+
+_USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
 
 
 def upstream_body(p: ParsedRequest) -> tuple[bytes, bool]:
@@ -133,9 +177,15 @@ def upstream_body(p: ParsedRequest) -> tuple[bytes, bool]:
 
     For streams, the proxy always asks for ``stream_options.include_usage`` so token counts are
     exact; when the client didn't ask, the extra usage chunk is removed from what it sees.
+    The client's bytes are forwarded unchanged when nothing is added; the option is spliced in
+    front of the body's first key when the body has no ``stream_options`` (no re-encoding).
     """
     if not p.stream or p.include_usage:
-        return orjson.dumps(p.body), False
+        return p.raw, False
+    if not p.has_stream_options:
+        raw = p.raw.lstrip()
+        if raw.startswith(b"{"):
+            return _USAGE_OPTION + raw[1:], True
     body = dict(p.body)
     opts = dict(body.get("stream_options") or {})
     opts["include_usage"] = True
@@ -148,7 +198,7 @@ def parse_priority(raw: str | None, default: str = "normal") -> str:
     if raw is None or raw == "":
         return default
     value = raw.strip().lower()
-    if value in PRIORITY_CLASSES:
+    if value in CLASS_INDEX:
         return value
     try:
         n = int(value)
@@ -161,8 +211,20 @@ def parse_priority(raw: str | None, default: str = "normal") -> str:
     return _INT_TO_CLASS.get(min(max(n, 0), 4), "sheddable")
 
 
-def parse_tenant(header: str | None, body: dict[str, Any] | None) -> str:
-    """Tenant: ``x-tenant`` header, else the body's ``user``, else ``default``."""
+def cap_priority(priority: str, ceiling: str) -> str:
+    """``priority`` lowered to ``ceiling`` when it asks for more."""
+    return priority if CLASS_INDEX[priority] >= CLASS_INDEX[ceiling] else ceiling
+
+
+def user_tenant(user: str) -> str:
+    """The tenant name for a body's ``user`` field: a digest, never the raw value (it is a
+    client-chosen string: an e-mail address, a session id)."""
+    digest = hashlib.blake2b(user.encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
+    return f"user-{digest}"
+
+
+def parse_tenant(header: str | None, body: Mapping[str, Any] | None) -> str:
+    """Tenant: ``x-tenant`` header, else a digest of the body's ``user``, else ``default``."""
     if header:
         _require(
             len(header) <= 128 and header.isprintable(),
@@ -172,7 +234,7 @@ def parse_tenant(header: str | None, body: dict[str, Any] | None) -> str:
         return header
     user = body.get("user") if body else None
     if isinstance(user, str) and user:
-        return user[:128]
+        return user_tenant(user)
     return "default"
 
 
@@ -191,3 +253,67 @@ def parse_deadline_ms(raw: str | None) -> float | None:
             param="x-request-deadline-ms",
         )
     return ms / 1000.0
+
+
+def upstream_path(raw_path: str, query: str = "") -> str:
+    """The client's ``/v1/...`` path, checked to stay under ``/v1/``: percent-decoded once,
+    no dot segments, no empty segments, no backslashes or control characters (nginx and Envoy
+    normalise such paths; a proxy that forwards them lets clients reach the backend's other
+    endpoints with the backend's credentials). Raises ``InvalidRequest`` (400) otherwise."""
+    decoded = unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
+    segments = decoded.split("/")
+    bad = (
+        not decoded.startswith("/v1/")
+        or any(s in ("", ".", "..") for s in segments[1:])
+        or "\\" in decoded
+        or not decoded.isprintable()
+    )
+    if bad:
+        raise InvalidRequest(
+            "The path must stay under /v1/ (no '.', '..' or empty segments).", param="path"
+        )
+    return raw_path + (f"?{query}" if query else "")
+
+
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "trailers", "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
+     "expect", "proxy-connection", "authorization"}
+)  # fmt: skip
+"""Request headers never forwarded as they came: hop-by-hop (RFC 9110 §7.6.1), the ones the
+proxy sets itself (host, length, ``accept-encoding: identity``), ``expect``, and credentials
+(the transport adds the backend's key, or the client's where ``forward_client_auth``)."""
+
+PROXY_CONTROLS = frozenset({"x-priority", "x-tenant", "x-request-deadline-ms"})
+
+
+def upstream_headers(
+    headers: Iterable[tuple[str, str]],
+    *,
+    request_id: str,
+    deny: frozenset[str] = frozenset(),
+    json_body: bool = True,
+) -> dict[str, str]:
+    """End-to-end client headers to forward (lower-cased names), plus the proxy's own.
+
+    Dropped: hop-by-hop headers, those named by ``connection``, the proxy's controls
+    (``x-priority``, ``x-tenant``, ``x-request-deadline-ms``, ``x-rightsizer-*``), ``deny``
+    and ``authorization`` (the transport sets it per backend). ``json_body``: the body sent is
+    the proxy's JSON (inference), so the content type is set, not forwarded.
+    """
+    out: dict[str, str] = {}
+    named: set[str] = set()
+    for name, value in headers:
+        k = name.lower()
+        if k == "connection":
+            named.update(t.strip().lower() for t in value.split(","))
+        if k in HOP_BY_HOP or k in PROXY_CONTROLS or k in deny or k.startswith("x-rightsizer-"):
+            continue
+        out[k] = value if k not in out else f"{out[k]}, {value}"
+    for k in named:
+        out.pop(k, None)
+    out["x-request-id"] = request_id
+    if json_body:
+        out["content-type"] = "application/json"
+    out["accept-encoding"] = "identity"
+    return out

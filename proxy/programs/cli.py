@@ -1,9 +1,13 @@
-"""``rightsizer``: argument parsing and start-up only.
+"""rightsizer: an instrumenting, OpenAI-compatible LLM proxy with an online capacity and cost
+estimator.
 
-rightsizer serve     run the proxy in front of OpenAI-compatible backends
-rightsizer emulate   run an emulated engine (no GPU needed)
-rightsizer demo      two emulated engines + the proxy + a short traffic run, then a report
-rightsizer estimate  offline projection from a model config.json and a traffic profile
+commands:
+  serve         run the proxy in front of OpenAI-compatible backends
+  emulate       run an emulated inference engine (no GPU needed)
+  demo          two emulated engines, the proxy and a short traffic run, then a report
+  estimate      offline projection from a model config.json and a traffic profile
+  estimator     run the online estimator alone, fed by the proxies' Redis records stream
+  gpu-exporter  serve this node's GPU samples as metrics, beside an engine
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import signal
 import sys
@@ -22,9 +27,14 @@ from aiohttp import web
 
 from proxy.app import Deps
 from proxy.config import ConfigError, ProxyConfig, load_config
-from proxy.errors import JsonErrorRunner
+from proxy.server import GuardedRunner, Guards
+from proxy.upstream.relay import Drain
 
 log = logging.getLogger("rightsizer")
+
+
+class ListenError(OSError):
+    """The listening socket could not be opened (the port is taken, the address is wrong)."""
 
 
 def _install_uvloop() -> str:
@@ -36,25 +46,38 @@ def _install_uvloop() -> str:
     return "uvloop"
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def run_site(
     app: web.Application,
     host: str,
     port: int,
     *,
     grace_s: float = 10.0,
+    drain: Drain | None = None,
+    drain_delay_s: float = 0.0,
+    guards: Guards | None = None,
     access_log: bool = False,
     max_field_size: int = 16 * 1024,
     max_headers: int = 128,
 ) -> None:
-    """Serve until SIGINT/SIGTERM, then drain in-flight requests for up to ``grace_s``.
+    """Serve until SIGINT/SIGTERM, then shut down gracefully (``shutdown``).
 
     ``handler_cancellation``: a client that disconnects cancels its handler at once, which
     closes the upstream request (the engine must not keep generating for nobody).
     """
-    runner = JsonErrorRunner(
+    runner = GuardedRunner(
         app,
+        guards=guards,
         handler_cancellation=True,
-        shutdown_timeout=grace_s,
+        shutdown_timeout=1.0,
         access_log=logging.getLogger("aiohttp.access") if access_log else None,
         max_field_size=max_field_size,
         max_line_size=max_field_size,
@@ -62,18 +85,64 @@ async def run_site(
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    log.info("listening on http://%s:%d", host, port)
+    where = " (all interfaces)" if host in ("0.0.0.0", "::") else ""
+    log.info("listening on http://%s:%d%s", host, port, where)
     try:
         await stop.wait()
     finally:
-        log.info("shutting down")
-        await runner.cleanup()
+        await shutdown(runner, drain, grace_s=grace_s, drain_delay_s=drain_delay_s)
+
+
+async def shutdown(
+    runner: web.AppRunner, drain: Drain | None, *, grace_s: float, drain_delay_s: float = 0.0
+) -> None:
+    """Graceful stop, the grace counted once from now.
+
+    1. ``/ready`` answers 503 (load balancers stop sending), for ``drain_delay_s`` while the
+       listener still accepts; 2. the listener closes and idle keep-alive connections close;
+    3. requests in flight may finish until the grace ends; 4. those still running then end
+       with an error (streams: a final SSE ``error`` event, code ``shutdown``; others: 503),
+       each recorded as ``shutdown``; 5. the app's resources close.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    log.info("shutting down (grace %.0fs)", grace_s)
+    if drain is not None:
+        drain.draining = True
+    if drain_delay_s > 0:
+        await asyncio.sleep(min(drain_delay_s, grace_s))
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()
+    if drain is not None:
+        await _idle(drain, deadline)
+        if drain.tasks:
+            log.warning(
+                "shutdown grace ran out with %d request(s) in flight; ending them",
+                len(drain.tasks),
+            )
+            drain.expired = True
+            for task in list(drain.tasks):
+                task.cancel()
+            await _idle(drain, loop.time() + 2.0)
+    await runner.cleanup()
+
+
+async def _idle(drain: Drain, deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    while drain.tasks and loop.time() < deadline:
+        await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
 
 
 def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,33 +163,53 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return over
 
 
+def _fail(message: str) -> int:
+    print(f"rightsizer: {message}", file=sys.stderr)
+    return 2
+
+
+def check_exposure(config: ProxyConfig, source: str) -> None:
+    """Refuse to open the admin endpoints to a network without a token."""
+    srv = config.server
+    if srv.admin_token is None and not srv.allow_open_admin and not is_loopback(srv.host):
+        raise ConfigError(
+            source,
+            "server.admin_token",
+            f"required when listening on {srv.host} (not a loopback address): /admin/* would "
+            "be open to anyone who reaches the port. Set RIGHTSIZER_SERVER__ADMIN_TOKEN, or "
+            "server.allow_open_admin: true to accept that.",
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    source = args.config or "flags"
     try:
         config = load_config(args.config, overrides=_serve_overrides(args))
+        check_exposure(config, source)
     except ConfigError as exc:
-        print(f"rightsizer: config error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {exc}")
     if not config.backends:
-        print(
-            "rightsizer: no backends: give --backend URL or a config with backends:",
-            file=sys.stderr,
-        )
-        return 2
+        return _fail("no backends: give --backend URL or a config with backends:")
     from proxy.programs.wiring import estimator_deps
 
     try:
-        deps = estimator_deps(config, args.config or "flags")
+        deps = estimator_deps(config, source)
     except ConfigError as exc:
-        print(f"rightsizer: config error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {exc}")
     loop_name = _install_uvloop()
     log.info("event loop: %s; backends: %s", loop_name, ", ".join(b.url for b in config.backends))
-    asyncio.run(_serve(config, deps))
+    try:
+        asyncio.run(_serve(config, deps))
+    except ListenError as exc:
+        return _fail(str(exc.strerror))
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
     return 0
 
 
 async def _serve(config: ProxyConfig, deps: Deps) -> None:
     from proxy.app import build_app
+    from proxy.handlers import PROXY
 
     app = build_app(config, deps)
     # Long-lived start-up objects leave the GC's view, and young-generation collections run
@@ -129,8 +218,16 @@ async def _serve(config: ProxyConfig, deps: Deps) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     srv = config.server
+    metrics = app[PROXY].recorder.metrics
+    guards = Guards(
+        header_timeout_s=srv.header_timeout_s,
+        keepalive_s=srv.keepalive_s,
+        max_connections=srv.max_connections,
+        on_reject=lambda reason: metrics.client_errors.labels(reason).inc(),
+    )
     await run_site(
-        app, srv.host, srv.port, grace_s=srv.shutdown_grace_s,
+        app, srv.host, srv.port, grace_s=srv.shutdown_grace_s, drain=app[PROXY].drain,
+        drain_delay_s=srv.drain_delay_s, guards=guards,
         max_field_size=srv.max_header_bytes, max_headers=srv.max_headers,
     )  # fmt: skip
 
@@ -142,7 +239,11 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     cfg, timing = emulator_from_args(args)
     _install_uvloop()
     server = EmulatorServer(cfg, timing)
-    asyncio.run(run_site(server.app(), args.host, args.port, grace_s=1.0))
+    log.info("emulating: %s", server.describe())
+    try:
+        asyncio.run(run_site(server.app(), args.host, args.port, grace_s=1.0))
+    except ListenError as exc:
+        return _fail(str(exc.strerror))
     return 0
 
 
@@ -154,23 +255,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_estimator(args: argparse.Namespace) -> int:
+    from proxy.estimation import InProcessEstimator
     from proxy.programs.estimator_server import build_estimator_app
     from proxy.programs.wiring import build_estimator
 
+    source = args.config or "flags"
     try:
-        config = load_config(args.config)
-        est = build_estimator(config, args.config or "flags")
+        config = load_config(args.config, overrides={"server": {"host": args.host}})
+        check_exposure(config, source)
+        est = build_estimator(config, source)
     except ConfigError as exc:
-        print(f"rightsizer: config error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {exc}")
     redis_url = args.redis_url or config.shared.redis_url
     if not redis_url:
-        print("rightsizer: estimator needs --redis-url (or shared.redis_url)", file=sys.stderr)
-        return 2
+        return _fail("estimator needs --redis-url (or shared.redis_url)")
     stream = f"{config.shared.key_prefix}:records"
     _install_uvloop()
-    app = build_estimator_app(est, redis_url, stream, args.from_start)
-    asyncio.run(run_site(app, args.host, args.port, grace_s=2.0))
+    runner = InProcessEstimator(est, config.estimator.refresh_interval_s)
+    app = build_estimator_app(
+        runner, redis_url, stream, args.from_start, admin_token=config.server.admin_token
+    )
+    try:
+        asyncio.run(run_site(app, args.host, args.port, grace_s=2.0))
+    except ListenError as exc:
+        return _fail(str(exc.strerror))
     return 0
 
 
@@ -178,7 +286,10 @@ def cmd_gpu_exporter(args: argparse.Namespace) -> int:
     from proxy.programs.gpu_exporter import build_exporter_app
 
     _install_uvloop()
-    asyncio.run(run_site(build_exporter_app(args.interval), args.host, args.port, grace_s=1.0))
+    try:
+        asyncio.run(run_site(build_exporter_app(args.interval), args.host, args.port, grace_s=1.0))
+    except ListenError as exc:
+        return _fail(str(exc.strerror))
     return 0
 
 
@@ -188,35 +299,52 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return run_estimate(args)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the descriptions' line breaks."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rightsizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="rightsizer", description=__doc__, formatter_class=_Help)
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO or WARNING")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser(
         "serve",
         help="run the proxy",
-        description="Run the proxy. Precedence: flags > RIGHTSIZER_* env vars > config file.",
+        formatter_class=_Help,
+        description="Run the proxy in front of OpenAI-compatible backends.\n"
+        "Precedence: flags > RIGHTSIZER_<SECTION>__<KEY> env vars > config file > defaults.",
     )
     s.add_argument("--config", help="YAML config (see configs/proxy.yaml)")
     s.add_argument("--backend", action="append", help="backend base URL (repeatable)")
-    s.add_argument("--host", help="listen address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, help="listen port (default 8080)")
-    s.add_argument("--request-log", help="write a JSON-lines request log here")
+    s.add_argument("--host", help="listen address (config default: 127.0.0.1)")
+    s.add_argument("--port", type=int, help="listen port (config default: 8080)")
+    s.add_argument("--request-log", help="write a JSON-lines request log to this file")
     s.add_argument("--redis-url", help="share state with other replicas, e.g. redis://host:6379/0")
     s.add_argument("--routing", help="round_robin, least_loaded, prefix (default) or session")
     s.add_argument("--no-estimator", action="store_true", help="don't run the online estimator")
     s.set_defaults(func=cmd_serve)
 
-    e = sub.add_parser("emulate", help="run an emulated OpenAI-compatible engine")
+    e = sub.add_parser(
+        "emulate",
+        help="run an emulated OpenAI-compatible engine",
+        formatter_class=_Help,
+        description="An OpenAI-compatible emulated engine with continuous batching, "
+        "max_num_seqs, a KV-cache limit with preemption, a prefix cache, usage chunks and "
+        "vLLM-named /metrics, for trying the proxy without a GPU.",
+    )
     from proxy.programs.wiring import add_emulator_arguments
 
     add_emulator_arguments(e)
     e.set_defaults(func=cmd_emulate)
 
-    d = sub.add_parser("demo", help="self-contained demo: emulated engines, proxy, traffic, report")
+    d = sub.add_parser(
+        "demo",
+        help="self-contained demo: emulated engines, proxy, traffic, report",
+        formatter_class=_Help,
+        description="Start two emulated engines and the proxy on loopback ports, send a short "
+        "traffic ramp through the proxy, and report what it measured and projected.",
+    )
     d.add_argument("--duration", type=float, default=30.0, help="traffic duration in seconds")
     d.add_argument("--requests", type=int, default=2000, help="maximum requests to send")
     d.set_defaults(func=cmd_demo)
@@ -224,31 +352,39 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "estimator",
         help="run the online estimator alone, fed by the proxies' Redis records stream",
+        formatter_class=_Help,
+        description="The online estimator as its own process: reads the RequestRecords every "
+        "proxy replica publishes to Redis and serves /metrics and /admin/estimator.",
     )
     x.add_argument("--config", help="YAML config (its estimator and shared sections are used)")
     x.add_argument("--redis-url", help="Redis holding the records stream")
-    x.add_argument("--host", default="127.0.0.1")
-    x.add_argument("--port", type=int, default=9100)
+    x.add_argument("--host", default="127.0.0.1", help="listen address")
+    x.add_argument("--port", type=int, default=9100, help="listen port")
     x.add_argument("--from-start", action="store_true", help="replay the stream from its start")
     x.set_defaults(func=cmd_estimator)
 
     g = sub.add_parser(
         "gpu-exporter",
-        help="serve this node's GPU samples (pynvml) as rightsizer_gpu_* metrics, beside an engine",
+        help="serve this node's GPU samples (pynvml) as rightsizer_gpu_* metrics",
+        formatter_class=_Help,
+        description="Serve this node's NVIDIA GPU samples as rightsizer_gpu_* metrics, beside "
+        "an engine on a node without a proxy (backends[].gpu_metrics_url reads them). It "
+        "listens on all interfaces by default, for the proxy on another node to scrape.",
     )
-    g.add_argument("--host", default="0.0.0.0")
-    g.add_argument("--port", type=int, default=9400)
+    g.add_argument("--host", default="0.0.0.0", help="listen address (all interfaces)")
+    g.add_argument("--port", type=int, default=9400, help="listen port")
     g.add_argument("--interval", type=float, default=5.0, help="sampling period, seconds")
     g.set_defaults(func=cmd_gpu_exporter)
 
-    est = sub.add_parser("estimate", help="offline projection from a model config and traffic")
-    try:
-        from estimator.cli import add_estimate_arguments
-    except ImportError:  # the estimator CLI is optional at build time of this parser
-        est.set_defaults(func=lambda a: (print("estimator CLI unavailable", file=sys.stderr), 2)[1])
-    else:
-        add_estimate_arguments(est)
-        est.set_defaults(func=cmd_estimate)
+    est = sub.add_parser(
+        "estimate",
+        help="offline projection from a model config and traffic",
+        formatter_class=_Help,
+    )
+    from estimator.cli import add_estimate_arguments
+
+    add_estimate_arguments(est)
+    est.set_defaults(func=cmd_estimate)
     return p
 
 

@@ -29,8 +29,9 @@ from estimator.report import Report
 from estimator.service import Estimator, EstimatorConfig
 from proxy.app import Deps, build_app
 from proxy.config import load_config
-from proxy.errors import JsonErrorRunner
+from proxy.estimation import InProcessEstimator
 from proxy.programs.emulator import EmulatorConfig, EmulatorServer, TimingModel
+from proxy.server import GuardedRunner
 
 
 def _bound_socket() -> socket.socket:
@@ -40,7 +41,7 @@ def _bound_socket() -> socket.socket:
 
 
 async def start_site(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = JsonErrorRunner(app, handler_cancellation=True, access_log=None)
+    runner = GuardedRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     sock = _bound_socket()
     await web.SockSite(runner, sock).start()
@@ -226,7 +227,10 @@ async def run_demo(*, duration_s: float = 30.0, requests: int = 2000) -> int:
         "health": {"interval_s": 1.0, "scrape_interval_s": 1.0},
         "estimator": {"gpu": DEMO_GPU},
     })  # fmt: skip
-    deps = Deps(estimator=est, subscribers=[("demo", t.records.append)])
+    deps = Deps(
+        estimator=InProcessEstimator(est, est.config.refresh_interval_s),
+        subscribers=[("demo", t.records.append)],
+    )
     proxy_runner, proxy_url = await start_site(build_app(config, deps))
     runners.insert(0, proxy_runner)
     print(f"2 emulated engines (Llama-3.1-8B on {DEMO_GPU}, roofline engine model): "

@@ -49,6 +49,9 @@ class FixedPace:
     def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
         return self.ttft_s if prefill_tokens else self.itl_s
 
+    def describe(self) -> str:
+        return f"fixed pace (prefill step {self.ttft_s:g} s, decode step {self.itl_s:g} s)"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EmulatorConfig:
@@ -246,6 +249,7 @@ def _error(status: int, message: str) -> web.Response:
 class EmulatorServer:
     def __init__(self, cfg: EmulatorConfig, timing: TimingModel) -> None:
         self.cfg = cfg
+        self.timing_name = getattr(timing, "describe", lambda: type(timing).__name__)()
         self.engine = Engine(cfg, timing)
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(self.engine))
@@ -281,6 +285,15 @@ class EmulatorServer:
             }
         ]
         return web.json_response({"object": "list", "data": data})
+
+    def describe(self) -> str:
+        """One line saying what is emulated, for the start-up log."""
+        c = self.cfg
+        return (
+            f"model id '{c.model}', max_num_seqs {c.max_num_seqs}, KV cache "
+            f"{c.kv_capacity_tokens} tokens, max_model_len {c.max_model_len}, "
+            f"default max_tokens {c.default_max_tokens}, timing {self.timing_name}"
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         resp = web.Response(body=generate_latest(self.registry))

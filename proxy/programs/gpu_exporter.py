@@ -10,21 +10,16 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from proxy.gpu import GpuSampler
-from proxy.telemetry import StateCollector
+from proxy.telemetry import StateCollector, gpu_families, metrics_handler
 
 
 def build_exporter_app(interval_s: float, sampler: GpuSampler | None = None) -> web.Application:
     gpu = sampler or GpuSampler()
     registry = CollectorRegistry()
-    registry.register(StateCollector(gpu.gauges))
-
-    async def metrics(request: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest(registry))
-        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return resp
+    registry.register(StateCollector(lambda: gpu_families(gpu.last)))
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "gpus": len(gpu.last), "nvml": gpu.available})
@@ -37,7 +32,7 @@ def build_exporter_app(interval_s: float, sampler: GpuSampler | None = None) -> 
             await task
 
     app = web.Application()
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_handler(registry))
     app.router.add_get("/health", health)
     app.cleanup_ctx.append(lifetime)
     return app

@@ -5,16 +5,14 @@ Kept apart from ``cli.py`` (parsing only) and ``app.py`` (no logic)."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
-from typing import Any
 
 from estimator.catalog import CatalogError
 from estimator.service import Estimator, EstimatorConfig
 from proxy.app import Deps
 from proxy.config import ConfigError, ProxyConfig
+from proxy.estimation import EstimatorProcess, EstimatorRunner, InProcessEstimator
 from proxy.gpu import GpuSampler
 from proxy.programs.emulator import EmulatorConfig, FixedPace, TimingModel
-from proxy.telemetry import GaugeRow
 
 
 def build_estimator(config: ProxyConfig, source: str = "config") -> Estimator:
@@ -45,42 +43,22 @@ def build_estimator(config: ProxyConfig, source: str = "config") -> Estimator:
         ) from None
 
 
-def report_gauges(est: Estimator) -> Iterable[GaugeRow]:
-    report = est.report()
-    if report is None:
-        return
-    for name, doc, labels, samples in report.gauge_families():
-        yield GaugeRow(f"rightsizer_{name}", doc, labels, samples)
-
-
-def report_dict(est: Estimator) -> dict[str, Any] | None:
-    report = est.report()
-    return None if report is None else report.to_dict()
-
-
-def slo_gauges(config: ProxyConfig) -> Iterable[GaugeRow]:
-    """The SLO targets, so alert rules and dashboards read them instead of repeating them."""
-    e = config.estimator
-    yield GaugeRow(
-        "rightsizer_slo_ttft_p95_seconds", "SLO target: p95 TTFT.", (), [((), e.slo_ttft_p95_s)]
-    )
-    yield GaugeRow(
-        "rightsizer_slo_itl_p95_seconds", "SLO target: p95 ITL.", (), [((), e.slo_itl_p95_s)]
-    )
-
-
-def estimator_deps(config: ProxyConfig, source: str = "config") -> Deps:
-    """The app's dependencies: the online estimator when enabled, the GPU sampler."""
+def estimator_deps(
+    config: ProxyConfig, source: str = "config", *, in_process: bool = False
+) -> Deps:
+    """The app's dependencies: the online estimator when enabled (in its own process unless
+    ``in_process``), the GPU sampler. The estimator is built once here so a bad estimator
+    section fails at start-up, naming its key."""
     gpu = GpuSampler() if config.gpu.enabled else None
     if not config.estimator.enabled:
-        return Deps(gpu=gpu, report_gauges=lambda: slo_gauges(config))
+        return Deps(gpu=gpu, source=source)
     est = build_estimator(config, source)
-
-    def gauges() -> Iterable[GaugeRow]:
-        yield from slo_gauges(config)
-        yield from report_gauges(est)
-
-    return Deps(estimator=est, report_dict=lambda: report_dict(est), report_gauges=gauges, gpu=gpu)
+    runner: EstimatorRunner
+    if in_process:
+        runner = InProcessEstimator(est, config.estimator.refresh_interval_s)
+    else:
+        runner = EstimatorProcess(est.config)
+    return Deps(estimator=runner, gpu=gpu, source=source)
 
 
 def add_emulator_arguments(p: argparse.ArgumentParser) -> None:

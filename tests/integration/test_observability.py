@@ -49,7 +49,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.gpu import GPU_METRICS
+from proxy.telemetry import GPU_METRICS
 from tests.support.procs import (
     Proc,
     free_port,

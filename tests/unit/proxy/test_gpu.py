@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from estimator.records import GpuSample
 from proxy.gpu import GpuSampler, samples_from_metrics
-from proxy.telemetry import StateCollector
+from proxy.telemetry import StateCollector, gpu_families
 
 GIB = 1 << 30
 
@@ -150,7 +150,7 @@ def test_init_failures_make_a_clean_no_op(
         assert not s.available
         assert s.reason == reason
         assert s.sample() == ()
-        assert list(s.gauges()) == []
+        assert list(gpu_families(s.last)) == []
         asyncio.run(asyncio.wait_for(s.run(0.01, lambda _: pytest.fail("sampled")), 1.0))
     offs = [r for r in caplog.records if "GPU telemetry off" in r.getMessage()]
     assert len(offs) == 1 and reason in offs[0].getMessage()
@@ -227,11 +227,11 @@ def test_a_lost_gpu_keeps_its_index_and_name_only(code: int) -> None:
 def test_gauges_export_the_latest_samples_without_calling_nvml() -> None:
     nv = FakeNvml([FakeGpu(), FakeGpu(fail={"nvmlDeviceGetPowerUsage": 3})])
     s = GpuSampler(nv)
-    assert list(s.gauges()) == []  # nothing sampled yet
+    assert list(gpu_families(s.last)) == []  # nothing sampled yet
     s.sample()
     n_calls = len(nv.calls)
     reg = CollectorRegistry()
-    reg.register(StateCollector(s.gauges))
+    reg.register(StateCollector(lambda: gpu_families(s.last)))
     v = reg.get_sample_value
     name = "NVIDIA H100 80GB HBM3"
     assert v("rightsizer_gpu_memory_used_bytes", {"gpu": "0", "name": name}) == 10 * GIB
@@ -262,7 +262,7 @@ async def test_run_samples_off_the_loop_until_cancelled_then_shuts_down() -> Non
     with pytest.raises(asyncio.CancelledError):
         await task
     assert nv.calls[-1] == "nvmlShutdown" and not s.available
-    assert list(s.gauges()) == []  # no stale values after shutdown
+    assert list(gpu_families(s.last)) == []  # no stale values after shutdown
     s.close()  # idempotent
     assert nv.calls.count("nvmlShutdown") == 1
 
@@ -285,7 +285,7 @@ def test_samples_round_trip_through_a_gpu_exporters_metrics_text() -> None:
     samples = s.sample()
     assert samples[1].utilization is None and samples[1].power_watts is None
     registry = CollectorRegistry()
-    registry.register(StateCollector(s.gauges))
+    registry.register(StateCollector(lambda: gpu_families(s.last)))
     assert samples_from_metrics(generate_latest(registry).decode()) == samples
 
 

@@ -1,10 +1,16 @@
-"""Backends: health, discovered models, passive ejection, in-flight accounting, /metrics scraping.
+"""Backends: health, discovered models, passive ejection, in-flight counts, /metrics scraping.
 
 Each backend has one background task that, on its own timers, checks ``/health`` (falling back
 to ``/v1/models`` when the server has no ``/health``), refreshes the served models and scrapes
 ``/metrics`` into an immutable ``BackendSnapshot`` (parsed in a worker thread: vLLM's exposition
 text is large). Passive ejection: ``unhealthy_after`` consecutive upstream failures take a
 backend out for at least ``eject_s``; the next successful active check brings it back.
+
+A backend that cannot be reached is logged when it is first checked and at every failed check
+while it stays down (with the reason: connection refused, timeout, HTTP status), so a
+misspelled URL shows at once. Components that react to changes subscribe: ``on_change``
+(health or engine state changed: admission re-checks its queue) and ``on_snapshot`` (every
+scrape: the estimator, the admission limits).
 """
 
 from __future__ import annotations
@@ -13,38 +19,41 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import aiohttp
 import orjson
 
 from estimator.records import BackendSnapshot, GpuSample
 
-from .config import BackendConfig, HealthConfig
+from ..config import BackendConfig, HealthConfig
+from ..gpu import samples_from_metrics
+from ..telemetry import Metrics
 from .dialects import parse_metrics
-from .gpu import samples_from_metrics
-from .telemetry import GaugeRow, Metrics
 
 log = logging.getLogger("rightsizer.backends")
 
+GpuSource = Callable[[str], tuple[GpuSample, ...]]
+
 
 class Backend:
-    """Mutable state of one backend, owned by the event loop."""
+    """State of one backend, owned by the event loop. Its in-flight counts change only through
+    ``acquire``/``release`` (admission's tickets); health and snapshots only through the pool."""
 
     __slots__ = (
         "_models_discovered",
         "config",
         "consecutive_failures",
-        "default_limit",
         "dialect",
         "ejected_until",
         "healthy",
         "inflight",
         "inflight_tokens",
-        "learned_limit",
+        "last_error",
+        "model_entries",
         "models",
         "name",
-        "remote_inflight",
         "snapshot",
         "url",
     )
@@ -54,54 +63,36 @@ class Backend:
         self.name = config.name
         self.url = config.url.rstrip("/")
         self.models: frozenset[str] = frozenset(config.models)
+        self.model_entries: dict[str, dict[str, Any]] = {}  # /v1/models entries, as served
         self._models_discovered = bool(config.models)
         self.healthy = False  # until the first check passes
+        self.last_error: str | None = None
         self.consecutive_failures = 0
         self.ejected_until = 0.0
         self.inflight = 0  # this replica's requests upstream
         self.inflight_tokens = 0
-        self.remote_inflight = 0  # other replicas' (shared state), 0 when running alone
-        self.default_limit = 64
-        self.learned_limit: int | None = None  # engine concurrency seen while it queued
         self.dialect: str | None = None if config.dialect == "auto" else config.dialect
         self.snapshot: BackendSnapshot | None = None
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
 
-    @property
-    def limit(self) -> int:
-        """Requests in flight at most: config, else the engine's max_num_seqs when exposed, else
-        the concurrency the engine was seen running at while it queued, else the default."""
-        if self.config.max_inflight is not None:
-            return self.config.max_inflight
-        snap = self.snapshot
-        if snap is not None and snap.max_num_seqs:
-            return snap.max_num_seqs
-        if self.learned_limit is not None:
-            return self.learned_limit + 1  # one more probes whether the engine can take it
-        return self.default_limit
+    def acquire(self, tokens: int) -> None:
+        self.inflight += 1
+        self.inflight_tokens += tokens
 
-    def learn(self, snap: BackendSnapshot) -> None:
-        """An engine that queues while running N requests runs at most N (its max_num_seqs, or
-        what its KV cache holds); one that runs more without queueing can take at least that.
-        vLLM does not export max_num_seqs; its running count plateaus there. The limit is the
-        learned value plus one, so a value learned low (a transient queue) climbs back up."""
-        if snap.running is None or snap.running < 1:
-            return
-        running = int(snap.running)
-        if (snap.waiting or 0) > 0 or (
-            self.learned_limit is not None and running > self.learned_limit
-        ):
-            self.learned_limit = running
+    def release(self, tokens: int) -> None:
+        self.inflight -= 1
+        self.inflight_tokens -= tokens
 
-    @property
-    def total_inflight(self) -> int:
-        return self.inflight + self.remote_inflight
-
-    def auth_headers(self) -> dict[str, str]:
+    def auth_headers(self, client_auth: str | None = None) -> dict[str, str]:
+        """The backend's own key; else the client's, where ``forward_client_auth``."""
         key = self.config.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        if key:
+            return {"Authorization": f"Bearer {key}"}
+        if client_auth and self.config.forward_client_auth:
+            return {"Authorization": client_auth}
+        return {}
 
 
 class BackendPool:
@@ -110,23 +101,35 @@ class BackendPool:
         configs: Iterable[BackendConfig],
         health: HealthConfig,
         metrics: Metrics,
-        on_snapshot: Callable[[BackendSnapshot], None] | None = None,
+        *,
+        gpu_source: GpuSource | None = None,
     ) -> None:
         self.backends = [Backend(c) for c in configs]
-        self.on_change: Callable[[], None] | None = None  # health/snapshot changed
-        self.replicas = 1  # live proxy replicas sharing these backends (shared state sets it)
-        # GPU samples of the node a backend runs on (a pynvml sampler beside it), by name
-        self.gpu_source: Callable[[str], tuple[GpuSample, ...]] = lambda name: ()
+        self.by_name = {b.name: b for b in self.backends}
         self.health = health
         self.metrics = metrics
-        self.on_snapshot = on_snapshot
+        self.gpu_source = gpu_source
+        self._on_change: list[Callable[[], None]] = []
+        self._on_snapshot: list[Callable[[Backend, BackendSnapshot], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
-        metrics.add_state(self.gauges)
+
+    def on_change(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` when a backend's health or engine state changes."""
+        self._on_change.append(fn)
+
+    def on_snapshot(self, fn: Callable[[Backend, BackendSnapshot], None]) -> None:
+        """Call ``fn(backend, snapshot)`` after every scrape."""
+        self._on_snapshot.append(fn)
+
+    def _changed(self) -> None:
+        for fn in self._on_change:
+            fn()
 
     # --- routing-side queries (sync, cheap) ---
 
-    def candidates(self, model: str) -> list[Backend]:
+    def serving(self, model: str) -> list[Backend]:
+        """Backends up now that serve ``model``."""
         now = time.monotonic()
         return [b for b in self.backends if model in b.models and b.available(now)]
 
@@ -134,8 +137,32 @@ class BackendPool:
         now = time.monotonic()
         return sorted({m for b in self.backends if b.available(now) for m in b.models})
 
+    def knows(self, model: str) -> bool:
+        """Does a backend serve ``model`` or the config name it (up or not)?"""
+        return any(model in b.models for b in self.backends)
+
     def known_models(self) -> list[str]:
         return sorted({m for b in self.backends for m in b.models})
+
+    def undiscovered(self) -> list[Backend]:
+        """Backends whose models are not known yet (never reached): a model missing from the
+        others may still be theirs."""
+        return [b for b in self.backends if not b.config.models and not b._models_discovered]
+
+    def model_list(self) -> list[dict[str, Any]]:
+        """``/v1/models`` entries of the backends up now, each model once, with the fields the
+        first backend serving it gave (``max_model_len``, ``root``, ...)."""
+        now = time.monotonic()
+        out: dict[str, dict[str, Any]] = {}
+        for b in self.backends:
+            if not b.available(now):
+                continue
+            for m in sorted(b.models):
+                if m not in out:
+                    entry = b.model_entries.get(m) or {"id": m, "object": "model", "created": 0,
+                                                       "owned_by": "rightsizer"}  # fmt: skip
+                    out[m] = entry
+        return [out[m] for m in sorted(out)]
 
     def ready(self) -> bool:
         now = time.monotonic()
@@ -184,12 +211,12 @@ class BackendPool:
                 await self._scrape(b)
                 next_scrape = now + h.scrape_interval_s
             if now >= next_models:
-                b._models_discovered = False
+                b._models_discovered = bool(b.config.models)
                 next_models = now + h.models_refresh_s
             await asyncio.sleep(min(h.interval_s, h.scrape_interval_s or h.interval_s))
             await self._check(b)
 
-    async def _get(self, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    async def _get(self, url: str, headers: Mapping[str, str]) -> tuple[int, bytes]:
         assert self._session is not None
         timeout = aiohttp.ClientTimeout(total=self.health.timeout_s)
         async with self._session.get(url, headers=headers, timeout=timeout) as resp:
@@ -197,40 +224,38 @@ class BackendPool:
 
     async def _check(self, b: Backend) -> None:
         was = b.healthy
+        error: str | None = None
         try:
             status, _ = await self._get(b.url + "/health", b.auth_headers())
             if status == 404:  # servers without /health: the models list is the probe
                 status, _ = await self._get(b.url + "/v1/models", b.auth_headers())
-            ok = status == 200
-            if ok and not b._models_discovered:
+            if status != 200:
+                error = f"HTTP {status}"
+            elif not b._models_discovered:
                 await self._discover(b)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            ok = False
-        b.healthy = ok
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            error = _describe(exc)
+        ok = error is None
+        b.healthy, b.last_error = ok, error
         if ok and time.monotonic() >= b.ejected_until:
             b.consecutive_failures = 0
-        if ok != was and self.on_change is not None:
-            self.on_change()
         if ok != was:
-            log.log(
-                logging.INFO if ok else logging.WARNING,
-                "backend %s is %s",
-                b.name,
-                "up" if ok else "down",
-            )
+            self._changed()
+        if ok and not was:
+            log.info("backend %s (%s) is up", b.name, b.url)
+        elif not ok:  # at each failed check while down: the URL may be wrong
+            log.warning("backend %s (%s) is down: %s", b.name, b.url, error)
 
     async def _discover(self, b: Backend) -> None:
-        if b.config.models:
-            b._models_discovered = True
-            return
         status, body = await self._get(b.url + "/v1/models", b.auth_headers())
         if status != 200:
             return
         data = orjson.loads(body).get("data", [])
-        models = frozenset(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m)
+        entries = {str(m["id"]): m for m in data if isinstance(m, dict) and "id" in m}
+        models = frozenset(entries)
         if models != b.models:
             log.info("backend %s serves %s", b.name, ", ".join(sorted(models)) or "nothing")
-        b.models = models
+        b.models, b.model_entries = models, entries
         b._models_discovered = True
 
     async def _scrape(self, b: Backend) -> None:
@@ -248,7 +273,7 @@ class BackendPool:
             self.metrics.scrapes.labels(b.name, "error").inc()
             return
         self.metrics.scrapes.labels(b.name, "ok").inc()
-        gpus = self.gpu_source(b.name) or await self._scrape_gpus(b)
+        gpus = (self.gpu_source(b.name) if self.gpu_source else ()) or await self._scrape_gpus(b)
         b.dialect = dialect
         snap = BackendSnapshot(
             backend=b.name,
@@ -258,14 +283,12 @@ class BackendPool:
             dialect=dialect,
             models=tuple(sorted(b.models)),
             gpus=gpus,
-            **fields,
+            **fields,  # type: ignore[arg-type]
         )
         b.snapshot = snap
-        b.learn(snap)
-        if self.on_snapshot is not None:
-            self.on_snapshot(snap)
-        if self.on_change is not None:
-            self.on_change()
+        for fn in self._on_snapshot:
+            fn(b, snap)
+        self._changed()
 
     async def _scrape_gpus(self, b: Backend) -> tuple[GpuSample, ...]:
         url = b.config.gpu_metrics_url
@@ -282,41 +305,10 @@ class BackendPool:
         self.metrics.scrapes.labels(b.name, "gpu_error").inc()
         return ()
 
-    # --- metrics (read at scrape time) ---
 
-    def gauges(self) -> Iterable[GaugeRow]:
-        now = time.monotonic()
-        lb = ("backend",)
-        yield GaugeRow(
-            "rightsizer_backend_up",
-            "1 when the backend passes health checks and is not ejected.",
-            lb,
-            [((b.name,), float(b.available(now))) for b in self.backends],
-        )
-        yield GaugeRow(
-            "rightsizer_backend_inflight_requests",
-            "Requests the proxy has in flight upstream.",
-            lb,
-            [((b.name,), float(b.inflight)) for b in self.backends],
-        )
-        yield GaugeRow(
-            "rightsizer_backend_inflight_tokens",
-            "Estimated tokens (prompt + max output) the proxy has in flight upstream.",
-            lb,
-            [((b.name,), float(b.inflight_tokens)) for b in self.backends],
-        )
-        fields = (
-            ("running", "rightsizer_engine_running_requests", "Engine-reported running requests."),
-            ("waiting", "rightsizer_engine_waiting_requests", "Engine-reported queued requests."),
-            ("kv_usage", "rightsizer_engine_kv_cache_usage_ratio", "Engine KV-cache usage, 0..1."),
-            ("prefix_cache_hits", "rightsizer_engine_prefix_cache_hits", "Engine counter."),
-            ("prefix_cache_queries", "rightsizer_engine_prefix_cache_queries", "Engine counter."),
-            ("preemptions", "rightsizer_engine_preemptions", "Engine counter of preemptions."),
-        )
-        for attr, name, doc in fields:
-            rows = [
-                ((b.name,), float(v))
-                for b in self.backends
-                if b.snapshot is not None and (v := getattr(b.snapshot, attr)) is not None
-            ]
-            yield GaugeRow(name, doc, lb, rows)
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect ({exc.os_error.strerror or exc.os_error})"
+    return type(exc).__name__

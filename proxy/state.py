@@ -1,8 +1,13 @@
-"""State shared across proxy replicas through Redis, so several replicas route and shed like one.
+"""State shared across proxy replicas, so several replicas route and shed like one.
 
-Nothing here is on the request path: requests read and update the local view (``Backend``
-in-flight counts, the router's prefix indexes, the tenant ledger); one background task syncs
-that view every ``sync_interval_s`` with two pipelined round trips:
+``SharedView`` is what admission, routing and the tenant ledger read of the other replicas:
+their in-flight requests per backend and per tenant, their tenant token usage this minute,
+and how many replicas there are. Two implementations: ``LocalView`` (one replica: all zeros)
+and ``RedisView``.
+
+``RedisView``: nothing is on the request path. Requests read and update local state (the
+backends' in-flight counts, the prefix scorer's indexes, the tenant ledger); one background
+task syncs it every ``sync_interval_s`` with two pipelined round trips:
 
 1. push: this replica's in-flight counts per backend and per tenant (a hash that expires when
    the replica stops refreshing it, so a dead replica's counts vanish), its tenant token usage
@@ -19,7 +24,9 @@ expiring), ``{p}:tpm:{minute}`` (hash, expiring), ``{p}:prefix`` and ``{p}:recor
 If Redis is down or slow, every replica keeps serving on its local view (remote counts drop
 to zero, ``rightsizer_shared_state_up`` is 0, one warning is logged), keeps retrying, and
 pushes its full state again when Redis returns. No request waits on Redis or fails because
-of it.
+of it. Records produced meanwhile wait in a bounded outbox (``OUTBOX_MAX``) and are sent once
+Redis is back; only records pushed out of a full outbox are lost, each one counted in
+``rightsizer_records_dropped_total{sink="redis_stream"}``.
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -39,15 +46,66 @@ from redis.exceptions import RedisError
 
 from estimator.records import RequestRecord
 
-from .backends import BackendPool
 from .config import SharedStateConfig
-from .routing import Router
-from .telemetry import GaugeRow, Metrics
-from .tenants import TenantLedger
 
 log = logging.getLogger("rightsizer.shared")
 OUTBOX_MAX = 50_000
 RECORDS_PER_ENTRY = 200
+
+
+class SharedView(Protocol):
+    """What this replica knows of the others (read on the request path: cheap, never I/O)."""
+
+    @property
+    def replicas(self) -> int:
+        """Live replicas sharing the backends, this one included."""
+        ...
+
+    @property
+    def up(self) -> bool: ...
+
+    def remote_inflight(self, backend: str) -> int: ...
+    def remote_tenant_inflight(self, tenant: str) -> int: ...
+    def remote_tenant_tokens(self, tenant: str) -> int:
+        """The other replicas' tokens for ``tenant`` in the current wall-clock minute."""
+        ...
+
+    def remote_by_backend(self) -> Mapping[str, int]: ...
+    def on_record(self, rec: RequestRecord) -> None: ...
+    def on_routed(self, backend: str, hashes: Sequence[bytes]) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class LocalView:
+    """One replica alone: nobody else holds anything."""
+
+    replicas = 1
+    up = True
+
+    def remote_inflight(self, backend: str) -> int:
+        return 0
+
+    def remote_tenant_inflight(self, tenant: str) -> int:
+        return 0
+
+    def remote_tenant_tokens(self, tenant: str) -> int:
+        return 0
+
+    def remote_by_backend(self) -> Mapping[str, int]:
+        return {}
+
+    def on_record(self, rec: RequestRecord) -> None:
+        pass
+
+    def on_routed(self, backend: str, hashes: Sequence[bytes]) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
 
 
 def unpack_hashes(packed: bytes) -> Iterator[list[bytes]]:
@@ -60,26 +118,34 @@ def unpack_hashes(packed: bytes) -> Iterator[list[bytes]]:
         yield [body[k : k + 8] for k in range(0, len(body), 8)]
 
 
-class SharedState:
-    """The Redis-backed sync of one proxy replica."""
+class LocalState(Protocol):
+    """This replica's own counts, which ``RedisView`` publishes (read-only)."""
+
+    def backend_inflight(self) -> Mapping[str, int]: ...
+    def tenant_inflight(self) -> Mapping[str, int]: ...
+    def tenant_tokens(self) -> Mapping[str, int]:
+        """Tokens per tenant in the current wall-clock minute."""
+        ...
+
+
+class RedisView:
+    """The Redis-backed view of one proxy replica (see the module docstring)."""
 
     def __init__(
         self,
         cfg: SharedStateConfig,
-        pool: BackendPool,
-        router: Router,
-        tenants: TenantLedger,
-        metrics: Metrics,
+        local: LocalState,
+        *,
+        learn_prefix: Callable[[str, Sequence[bytes], float], None] | None = None,
+        prefix_ttl_s: float = 600.0,
+        on_change: Callable[[], None] | None = None,
+        on_dropped: Callable[[int], None] | None = None,
         replica_id: str | None = None,
     ) -> None:
         assert cfg.redis_url is not None
-        self.cfg, self.pool, self.router, self.tenants, self.metrics = (
-            cfg,
-            pool,
-            router,
-            tenants,
-            metrics,
-        )
+        self.cfg, self.local = cfg, local
+        self.learn_prefix, self.prefix_ttl_s = learn_prefix, prefix_ttl_s
+        self.on_change, self.on_dropped = on_change, on_dropped
         self.replica = replica_id or f"{os.uname().nodename}-{os.getpid()}-{os.urandom(3).hex()}"
         p = cfg.key_prefix
         self.k_replicas, self.k_prefix, self.k_records = (
@@ -91,18 +157,35 @@ class SharedState:
             cfg.redis_url, socket_timeout=cfg.op_timeout_s, socket_connect_timeout=cfg.op_timeout_s
         )
         self.up = False
+        self.replicas = 1
         self._ever_up = False
+        self._remote: dict[str, int] = {}
+        self._remote_tenants: dict[str, int] = {}
+        self._remote_tokens: dict[str, int] = {}
         self._prefix_out: collections.deque[tuple[str, bytes]] = collections.deque(
             maxlen=OUTBOX_MAX
         )
-        self._records_out: collections.deque[bytes] = collections.deque(maxlen=OUTBOX_MAX)
+        self._records_out: collections.deque[RequestRecord] = collections.deque()
         self._tpm_pushed: collections.Counter[str] = collections.Counter()
         self._tpm_window = -1
         self._records_maxlen = max(100, cfg.records_stream_maxlen // RECORDS_PER_ENTRY)
         self._state_fields: set[str] = set()
         self._prefix_last_id = "0-0"  # a new replica warms its indexes from the stream
         self._task: asyncio.Task[None] | None = None
-        metrics.add_state(self.gauges)
+
+    # --- reads (request path) ---
+
+    def remote_inflight(self, backend: str) -> int:
+        return self._remote.get(backend, 0)
+
+    def remote_tenant_inflight(self, tenant: str) -> int:
+        return self._remote_tenants.get(tenant, 0)
+
+    def remote_tenant_tokens(self, tenant: str) -> int:
+        return self._remote_tokens.get(tenant, 0)
+
+    def remote_by_backend(self) -> Mapping[str, int]:
+        return self._remote
 
     # --- hooks called on the request path (local, O(1)) ---
 
@@ -111,9 +194,14 @@ class SharedState:
             self._prefix_out.append((backend, len(hashes).to_bytes(2, "big") + b"".join(hashes)))
 
     def on_record(self, rec: RequestRecord) -> None:
-        if len(self._records_out) == OUTBOX_MAX:
-            self.metrics.records_dropped.labels("redis_stream").inc()
-        self._records_out.append(rec)  # serialised in batches by the sync, off the request path
+        """Queue a record for the stream (serialised in batches by the sync, off the request
+        path); a full outbox drops its oldest record, counted."""
+        out = self._records_out
+        if len(out) >= OUTBOX_MAX:
+            out.popleft()
+            if self.on_dropped is not None:
+                self.on_dropped(1)
+        out.append(rec)
 
     # --- lifetime ---
 
@@ -127,7 +215,10 @@ class SharedState:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self.sync_once(), self.cfg.op_timeout_s * 4)  # last records
             await asyncio.wait_for(self._retire(), self.cfg.op_timeout_s * 2)
+        if self._records_out and self.on_dropped is not None:
+            self.on_dropped(len(self._records_out))
         await self.redis.aclose()
 
     async def _retire(self) -> None:
@@ -163,11 +254,8 @@ class SharedState:
             )
             self._ever_up = True  # log "back" on recovery, and this warning only once per outage
         self.up = False
-        self.pool.replicas = 1
-        for b in self.pool.backends:
-            b.remote_inflight = 0
-        self.tenants.remote_inflight = {}
-        self.tenants.remote_window_tokens = {}
+        self.replicas = 1
+        self._remote, self._remote_tenants, self._remote_tokens = {}, {}, {}
         self._tpm_pushed.clear()  # push the whole minute again when Redis returns
         self._state_fields.clear()
 
@@ -182,20 +270,22 @@ class SharedState:
         if window != self._tpm_window:
             self._tpm_window, self._tpm_pushed = window, collections.Counter()
         ttl_ms = max(2000, int(self.cfg.sync_interval_s * 20_000))
-        state: dict[str, int | str] = {f"b:{b.name}": b.inflight for b in self.pool.backends}
-        state.update({f"t:{t}": n for t, n in self.tenants.inflight.items()})
+        state: dict[str, int | str] = {
+            f"b:{b}": n for b, n in self.local.backend_inflight().items()
+        }
+        state.update({f"t:{t}": n for t, n in self.local.tenant_inflight().items()})
         deltas = {
             t: n - self._tpm_pushed[t]
-            for t, n in self.tenants.window_tokens.items()
+            for t, n in self.local.tenant_tokens().items()
             if n != self._tpm_pushed[t]
         }
         prefix: dict[str, list[bytes]] = collections.defaultdict(list)
-        for _ in range(len(self._prefix_out)):
+        for _ in range(len(self._prefix_out)):  # hints: lost, not resent, if this sync fails
             backend, packed = self._prefix_out.popleft()
             prefix[backend].append(packed)
-        records = [self._records_out.popleft() for _ in range(len(self._records_out))]
+        sending = min(len(self._records_out), 50 * RECORDS_PER_ENTRY)
+        records = [self._records_out[i] for i in range(sending)]
         gone = self._state_fields - state.keys()  # e.g. a tenant with nothing in flight now
-        self._state_fields = set(state)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.sadd(self.k_replicas, self.replica)
             # overwrite in place (never delete-then-set: a reader in between would see this
@@ -218,6 +308,10 @@ class SharedState:
             pipe.smembers(self.k_replicas)
             pipe.hgetall(k_tpm)
             res = await pipe.execute()
+        # sent: only now leave the outbox (a failed pipeline keeps them for the next sync)
+        for _ in range(min(sending, len(self._records_out))):
+            self._records_out.popleft()
+        self._state_fields = set(state)
         for t, d in deltas.items():
             self._tpm_pushed[t] += d
         others = sorted(m.decode() for m in res[-2] if m.decode() != self.replica)
@@ -237,47 +331,27 @@ class SharedState:
             for k, v in h.items():
                 if k != b"alive":
                     remote[k.decode()] += int(v)
-        self.pool.replicas = 1 + len(others) - len(dead)
-        for b in self.pool.backends:
-            b.remote_inflight = remote.get(f"b:{b.name}", 0)
-        self.tenants.remote_inflight = {k[2:]: v for k, v in remote.items() if k.startswith("t:")}
-        self.tenants.remote_window_tokens = {
+        self.replicas = 1 + len(others) - len(dead)
+        self._remote = {k[2:]: v for k, v in remote.items() if k.startswith("b:")}
+        self._remote_tenants = {k[2:]: v for k, v in remote.items() if k.startswith("t:")}
+        self._remote_tokens = {
             k.decode(): int(v) - self._tpm_pushed.get(k.decode(), 0) for k, v in tpm.items()
         }
         self._apply_prefix(res[-1])
-        if self.pool.on_change is not None:
-            self.pool.on_change()  # others' slots may have freed: admit what now fits
+        if self.on_change is not None:
+            self.on_change()  # others' slots may have freed: admit what now fits
         if dead:
             await self.redis.srem(self.k_replicas, *dead)
 
     def _apply_prefix(self, streams: Any) -> None:
         now, wall_ms = time.monotonic(), time.time() * 1000
-        by_name = {b.name: b for b in self.pool.backends}
         for _stream, entries in streams or ():
             for entry_id, fields in entries:
                 self._prefix_last_id = entry_id.decode()
                 age_s = (wall_ms - int(self._prefix_last_id.split("-")[0])) / 1000
-                if (
-                    fields.get(b"r", b"").decode() == self.replica
-                    or age_s > self.router.prefix_ttl_s
-                ):
+                mine = fields.get(b"r", b"").decode() == self.replica
+                if mine or age_s > self.prefix_ttl_s or self.learn_prefix is None:
                     continue
-                backend = by_name.get(fields.get(b"b", b"").decode())
-                if backend is not None:
-                    index = self.router.index(backend)
-                    for hashes in unpack_hashes(fields.get(b"h", b"")):
-                        index.insert(hashes, now - max(0.0, age_s))
-
-    def gauges(self) -> Iterable[GaugeRow]:
-        yield GaugeRow(
-            "rightsizer_shared_state_up",
-            "1 when the Redis shared state is reachable (0: serving on local state).",
-            (),
-            [((), 1.0 if self.up else 0.0)],
-        )
-        yield GaugeRow(
-            "rightsizer_shared_state_remote_inflight",
-            "Requests other proxy replicas have in flight on each backend.",
-            ("backend",),
-            [((b.name,), float(b.remote_inflight)) for b in self.pool.backends],
-        )
+                backend = fields.get(b"b", b"").decode()
+                for hashes in unpack_hashes(fields.get(b"h", b"")):
+                    self.learn_prefix(backend, hashes, now - max(0.0, age_s))

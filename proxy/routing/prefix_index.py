@@ -22,6 +22,9 @@ from typing import Any
 
 SEP_MSG = "\x1e"
 SEP_ROLE = "\x1f"
+CHARS_PER_TOKEN = 4
+"""Characters per token assumed where only characters are known (prompt estimates, block
+sizes): English text in BPE vocabularies averages about four."""
 
 
 def canonical_text(body: dict[str, Any], endpoint: str) -> str:
@@ -32,8 +35,12 @@ def canonical_text(body: dict[str, Any], endpoint: str) -> str:
                 continue
             content = m.get("content")
             if isinstance(content, list):
-                content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-            parts.append(f"{m.get('role', '')}{SEP_ROLE}{content or ''}{SEP_MSG}")
+                texts = (p.get("text") for p in content if isinstance(p, dict))
+                content = "".join(t for t in texts if isinstance(t, str))
+            elif not isinstance(content, str):
+                content = ""
+            role = m.get("role")
+            parts.append(f"{role if isinstance(role, str) else ''}{SEP_ROLE}{content}{SEP_MSG}")
         return "".join(parts)
     prompt = body.get("prompt", "")
     if isinstance(prompt, list):

@@ -1,0 +1,1 @@
+"""Scorers: one module each, registered by type name (see ``proxy.routing.registry``)."""
