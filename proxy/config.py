@@ -414,12 +414,6 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
                 f"{prefix}.{name}" if prefix else name,
                 f"unknown class {value!r} (known: {', '.join(PRIORITY_CLASSES)})",
             )
-    if isinstance(obj, RoutingConfig):
-        from .routing.registry import policy_problem  # names only: no import cycle
-
-        problem = policy_problem(obj.policy, dict(obj.scorers))
-        if problem is not None:
-            raise ConfigError(source, f"{prefix}.{problem[0]}", problem[1])
     if isinstance(obj, SchedulingConfig):
         for name in obj.deadline_s:
             if name not in PRIORITY_CLASSES:

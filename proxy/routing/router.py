@@ -15,7 +15,7 @@ from typing import Any
 from proxy.config import ConfigError, RoutingConfig
 from proxy.routing.base import Decision, E, Endpoint, PluginDeps, RouteCtx, on_routed
 from proxy.routing.picker import MaxScorePicker
-from proxy.routing.registry import PLUGINS, POLICIES
+from proxy.routing.registry import PLUGINS, POLICIES, SCORER_NAMES
 from proxy.telemetry import PluginTimer
 
 _AFFINITY = frozenset({"prefix", "session"})
@@ -114,11 +114,19 @@ def build_router(
     """The router a routing config describes; an unknown name is a ``ConfigError`` naming its
     key (``routing.scorers.prefx: unknown scorer``)."""
     if cfg.policy not in POLICIES:
-        raise ConfigError(source, "routing.policy", f"unknown policy {cfg.policy!r}")
+        raise ConfigError(
+            source,
+            "routing.policy",
+            f"unknown policy {cfg.policy!r} (known: {', '.join(POLICIES)})",
+        )
     weights = tuple(cfg.scorers.items()) if cfg.scorers else POLICIES[cfg.policy]
     for name, _ in weights:
         if name not in PLUGINS or not hasattr(PLUGINS[name], "score"):
-            raise ConfigError(source, f"routing.scorers.{name}", "unknown scorer")
+            raise ConfigError(
+                source,
+                f"routing.scorers.{name}",
+                f"unknown scorer (known: {', '.join(SCORER_NAMES)})",
+            )
     return Router(
         filters=[_build("headroom", cfg, deps)],
         scorers=[(_build(name, cfg, deps), float(w)) for name, w in weights],

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.dialects import parse_metrics
+from proxy.upstream.dialects import parse_metrics
 
 VLLM_V1 = """\
 # TYPE vllm:num_requests_running gauge

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from proxy.app import build_app
 from proxy.config import ConfigError, RoutingConfig, load_config
 from proxy.routing import RouteCtx, Router, block_hashes, canonical_text
 from proxy.routing.base import PluginDeps
@@ -118,10 +119,11 @@ def test_session_ids_are_not_kept_unless_the_policy_uses_them() -> None:
 def test_every_policy_builds_and_names_are_checked_at_load() -> None:
     for policy in POLICIES:
         assert stack(2, policy)[0].scorers
-    with pytest.raises(ConfigError, match=r"routing\.scorers\.prefx"):
-        load_config(overrides={"routing": {"scorers": {"prefx": 1.0}}}, environ={})
-    with pytest.raises(ConfigError, match=r"routing\.policy"):
-        load_config(overrides={"routing": {"policy": "fastest"}}, environ={})
+    for routing, key in (({"scorers": {"prefx": 1.0}}, r"routing\.scorers\.prefx"),
+                         ({"policy": "fastest"}, r"routing\.policy")):  # fmt: skip
+        config = load_config(overrides={"routing": routing}, environ={})
+        with pytest.raises(ConfigError, match=key):  # at start-up, naming the key
+            build_app(config)
 
 
 def test_registry_knows_every_scorer_name() -> None:
