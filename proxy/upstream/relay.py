@@ -238,11 +238,6 @@ def _add_gaps(meas: Measurement, st: StreamState, k: int, now: float) -> None:
     st.last_t = now
 
 
-def _separator(data: bytes) -> bytes:
-    """The stream's event separator: ``\\n\\n``, or ``\\r\\n\\r\\n`` for a CRLF server."""
-    return b"\r\n\r\n" if b"\r\n" in data and b"\n\n" not in data else b"\n\n"
-
-
 async def relay_stream(
     request: web.Request,
     meas: Measurement,
@@ -337,8 +332,16 @@ async def _pump(
             data = dec.decompress(data)
             if not data:
                 continue
-        if not sep:
-            sep = st.sep = _separator(data)
+        if not sep:  # decided at the first line ending: CRLF servers exist
+            data = b"".join((*pending, data)) if pending else data
+            pending, pending_len = [], 0
+            eol = data.find(b"\n")
+            if eol < 0:
+                if len(data) > max_event_bytes:
+                    raise _EventTooLarge
+                pending, pending_len = [data], len(data)
+                continue
+            sep = st.sep = b"\r\n\r\n" if data[eol - 1 : eol] == b"\r" else b"\n\n"
         if pending:
             tail = pending[-1][-(len(sep) - 1) :]
             if sep not in tail + data[: len(sep) - 1] and sep not in data:

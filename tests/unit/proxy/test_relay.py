@@ -5,6 +5,8 @@ minus only the usage chunk the proxy asked for, and the record must count exactl
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 
 import aiohttp
 import orjson
@@ -49,13 +51,37 @@ def fragments(data: bytes, sizes: list[int]) -> list[bytes]:
     return out
 
 
-def upstream_app(sizes: list[int], honour_usage: bool = True) -> web.Application:
+def spaced(data: bytes) -> bytes:
+    """The same events as Python's json.dumps writes them (spaces after ':' and ',')."""
+    out = []
+    for ev in data.split(b"\n\n")[:-1]:
+        payload = ev[len(b"data: ") :]
+        out.append(b"data: " + (payload if payload == b"[DONE]" else
+                                json.dumps(orjson.loads(payload)).encode()))  # fmt: skip
+    return b"".join(e + b"\n\n" for e in out)
+
+
+VARIANTS = {
+    "plain": lambda b: b,
+    "spaced-json": spaced,
+    "crlf": lambda b: b.replace(b"\n\n", b"\r\n\r\n"),
+}
+
+
+def upstream_app(
+    sizes: list[int], honour_usage: bool = True, variant: str = "plain", gzip_it: bool = False
+) -> web.Application:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         with_usage = honour_usage and bool((body.get("stream_options") or {}).get("include_usage"))
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        headers = {"Content-Type": "text/event-stream"}
+        data = VARIANTS[variant](stream_bytes(with_usage))
+        if gzip_it:
+            headers["Content-Encoding"] = "gzip"
+            data = gzip.compress(data)
+        resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
-        for piece in fragments(stream_bytes(with_usage), sizes):
+        for piece in fragments(data, sizes):
             await resp.write(piece)
             await asyncio.sleep(0.001)
         return resp
@@ -74,9 +100,9 @@ def upstream_app(sizes: list[int], honour_usage: bool = True) -> web.Application
 
 
 async def run(
-    sizes: list[int], client_usage: bool, honour_usage: bool = True
+    sizes: list[int], client_usage: bool, honour_usage: bool = True, **variant: object
 ) -> tuple[bytes, RequestRecord]:
-    up_runner, up_url = await start_site(upstream_app(sizes, honour_usage))
+    up_runner, up_url = await start_site(upstream_app(sizes, honour_usage, **variant))  # type: ignore[arg-type]
     records: list[RequestRecord] = []
     cfg = load_config(environ={}, overrides={"backends": [{"url": up_url}],
                                              "health": {"scrape_interval_s": 0}})  # fmt: skip
@@ -116,6 +142,25 @@ async def test_usage_passed_through_when_client_asked(sizes: list[int]) -> None:
     got, rec = await run(sizes, client_usage=True)
     assert got == stream_bytes(with_usage=True)
     assert rec.completion_tokens == 20
+
+
+@pytest.mark.parametrize("variant", ["spaced-json", "crlf"])
+@pytest.mark.parametrize("sizes", [[10_000], [7]], ids=["whole", "tiny"])
+async def test_events_are_recognised_whatever_their_spelling(
+    variant: str, sizes: list[int]
+) -> None:
+    """JSON with spaces (Python's json.dumps, some gateways) and CRLF event separators: the
+    injected usage chunk still never reaches a client that did not ask, and is still read."""
+    got, rec = await run(sizes, client_usage=False, variant=variant)
+    assert got == VARIANTS[variant](stream_bytes(with_usage=False))
+    assert (rec.prompt_tokens, rec.completion_tokens) == (11, 20) and not rec.tokens_estimated
+    assert rec.finish_reason == "stop" and rec.itl.count == 20
+
+
+async def test_gzip_stream_from_a_backend_that_ignores_identity_is_decoded() -> None:
+    got, rec = await run([50, 3, 400], client_usage=False, gzip_it=True)
+    assert got == stream_bytes(with_usage=False)
+    assert rec.completion_tokens == 20 and rec.outcome.value == "ok"
 
 
 async def test_backend_ignoring_include_usage_falls_back_to_counting() -> None:
@@ -193,3 +238,75 @@ async def test_stale_pooled_connections_are_retried_on_a_fresh_one() -> None:
         {"backend": up_url.split("//")[1], "reason": "stale_connection"},
     )
     assert stale is not None and stale >= 4
+
+
+def _endless_app(size: int) -> web.Application:
+    """A backend whose stream never sends an event separator."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(ROLE)
+        await resp.write(b"data: ")
+        for _ in range(size // 65536):
+            await resp.write(b"x" * 65536)
+        return resp
+
+    app = upstream_app([10_000])
+    app.router.add_post("/v1/completions", chat)
+    return app
+
+
+async def test_an_unterminated_event_is_capped_and_the_stream_ends_with_an_error() -> None:
+    up_runner, up_url = await start_site(_endless_app(8 * 1024 * 1024))
+    records: list[RequestRecord] = []
+    cfg = load_config(environ={}, overrides={"backends": [{"url": up_url}],
+                                             "health": {"scrape_interval_s": 0},
+                                             "relay": {"max_event_bytes": 1024 * 1024}})  # fmt: skip
+    runner, url = await start_site(build_app(cfg, Deps(subscribers=[("t", records.append)])))
+    body = {"model": "m", "prompt": "hi", "stream": True}
+    try:
+        async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json=body) as r:
+            got = await r.read()
+    finally:
+        await runner.cleanup()
+        await up_runner.cleanup()
+    last = got.rstrip().rsplit(b"\n\n", 1)[-1]
+    err = orjson.loads(last[len(b"data: ") :])["error"]
+    assert "relay.max_event_bytes" in err["message"] and len(got) < 64 * 1024
+    assert records[0].outcome.value == "upstream_error"
+
+
+async def test_gzip_json_answer_is_decoded_and_counted() -> None:
+    answer = {"id": "c", "object": "chat.completion", "choices": [{"index": 0, "finish_reason":
+              "stop", "message": {"role": "assistant", "content": "hi"}}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}  # fmt: skip
+
+    async def chat(request: web.Request) -> web.Response:
+        assert request.headers["Accept-Encoding"] == "identity"
+        return web.Response(body=gzip.compress(orjson.dumps(answer)), headers={
+            "Content-Type": "application/json", "Content-Encoding": "gzip"})  # fmt: skip
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    up_runner, up_url = await start_site(app)
+    records: list[RequestRecord] = []
+    cfg = load_config(environ={}, overrides={"backends": [{"url": up_url}],
+                                             "health": {"scrape_interval_s": 0}})  # fmt: skip
+    runner, url = await start_site(build_app(cfg, Deps(subscribers=[("t", records.append)])))
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    try:
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as s,
+            s.post(url + "/v1/chat/completions", json=body) as r,
+        ):
+            assert "Content-Encoding" not in r.headers
+            assert orjson.loads(await r.read()) == answer
+    finally:
+        await runner.cleanup()
+        await up_runner.cleanup()
+    assert (records[0].prompt_tokens, records[0].completion_tokens) == (3, 1)
