@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -29,6 +30,7 @@ from .estimation import EstimatorRunner
 from .gpu import GpuSampler
 from .recorder import Recorder, RequestLog
 from .routing import PluginDeps, Router, build_router
+from .shm import ShmView
 from .state import LocalView, RedisView, SharedView
 from .telemetry import Metrics, metrics_handler
 from .upstream.backends import BackendPool
@@ -36,6 +38,19 @@ from .upstream.relay import Drain
 from .upstream.transport import Transport
 
 log = logging.getLogger("rightsizer.app")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSlot:
+    """This process's place among the workers of ``serve --workers N``."""
+
+    index: int
+    count: int
+    shm: str  # the shared-memory segment (``proxy.shm``)
+    folder: str  # the run folder: sockets of the estimator and of each worker
+
+    def socket(self, index: int) -> str:
+        return f"{self.folder}/worker-{index}.sock"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -47,6 +62,7 @@ class Deps:
     subscribers: list[tuple[str, Callable[[RequestRecord], None]]] = field(default_factory=list)
     gpu: GpuSampler | None = None
     source: str = "config"  # where the config came from, for errors naming keys
+    worker: WorkerSlot | None = None  # one of several worker processes
 
 
 def _request_id(request: web.Request) -> str:
@@ -89,6 +105,17 @@ async def error_middleware(
         )
 
 
+def check_config(config: ProxyConfig, source: str = "config") -> None:
+    """What only building the components can check (routing plugin names), without building
+    the app: raises ``ConfigError`` naming the key."""
+    limits = Limits(config.scheduling, LocalView())
+    build_router(
+        config.routing,
+        PluginDeps(load=limits.load, inflight=limits.inflight, headroom=limits.has_headroom),  # type: ignore[arg-type]
+        source=source,
+    )
+
+
 def build_app(config: ProxyConfig, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
     app = web.Application(
@@ -107,6 +134,7 @@ def build_app(config: ProxyConfig, deps: Deps | None = None) -> web.Application:
     # built below (late-bound closures), so nothing is patched after construction
     view = _view(
         config,
+        deps.worker,
         backend_inflight=lambda: {b.name: b.inflight for b in pool.backends},
         tenant_inflight=lambda: dict(tenants.inflight),
         tenant_tokens=lambda: dict(tenants.tokens_this_minute()),
@@ -140,18 +168,30 @@ def build_app(config: ProxyConfig, deps: Deps | None = None) -> web.Application:
         scheduler=scheduler, tenants=tenants, drain=Drain(),
         report=est.report if est is not None else None,
         deny_headers=frozenset(x.lower() for x in config.server.forward_headers_deny),
+        worker=deps.worker.index if deps.worker is not None else None,
     )  # fmt: skip
     app[h.PROXY] = px
     app[_DEPS] = deps
     app[_VIEW] = view
     app.cleanup_ctx.append(_lifetime)
-    _routes(app, px, metrics)
+    _routes(app, px, metrics, deps.worker)
     return app
 
 
-def _view(config: ProxyConfig, **hooks: Callable[..., object]) -> SharedView:
+def _view(
+    config: ProxyConfig, worker: WorkerSlot | None, **hooks: Callable[..., object]
+) -> SharedView:
     if not config.shared.redis_url:
-        return LocalView()
+        if worker is None:
+            return LocalView()
+        return ShmView(
+            worker.shm,
+            worker.index,
+            [b.name for b in config.backends],
+            [t.name for t in config.tenants],
+            learn_prefix=hooks["learn_prefix"],  # type: ignore[arg-type]
+            sync_interval_s=min(config.shared.sync_interval_s, 0.05),
+        )
 
     class _Local:  # this replica's own counts, read by the sync
         backend_inflight = staticmethod(hooks["backend_inflight"])
@@ -219,14 +259,38 @@ _DEPS: web.AppKey[Deps] = web.AppKey("deps", Deps)
 _VIEW: web.AppKey[SharedView] = web.AppKey("view", object)  # type: ignore[arg-type]
 
 
-def _routes(app: web.Application, px: h.Proxy, metrics: Metrics) -> None:
+def _siblings(worker: WorkerSlot) -> Callable[[], Awaitable[list[bytes]]]:
+    """The other workers' own expositions, read over their unix sockets (those that answer)."""
+
+    async def fetch(index: int) -> bytes | None:
+        url = "http://worker/metrics?scope=local"
+        try:
+            conn = aiohttp.UnixConnector(path=worker.socket(index))
+            async with (
+                aiohttp.ClientSession(connector=conn) as s,
+                s.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as r,
+            ):
+                return await r.read() if r.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+
+    async def gather() -> list[bytes]:
+        others = [i for i in range(worker.count) if i != worker.index]
+        got = await asyncio.gather(*(fetch(i) for i in others))
+        return [g for g in got if g is not None]
+
+    return gather
+
+
+def _routes(app: web.Application, px: h.Proxy, metrics: Metrics, worker: WorkerSlot | None) -> None:
     app.router.add_post("/v1/chat/completions", h.chat_completions)
     app.router.add_post("/v1/completions", h.completions)
     app.router.add_get("/v1/models", h.list_models)
     app.router.add_route("*", "/v1/{tail:.*}", h.other_v1)
     app.router.add_get("/health", h.health)
     app.router.add_get("/ready", h.ready)
-    app.router.add_get("/metrics", metrics_handler(metrics.registry))
+    siblings = _siblings(worker) if worker is not None and worker.count > 1 else None
+    app.router.add_get("/metrics", metrics_handler(metrics.registry, siblings))
     app.router.add_get(
         "/admin/estimator", h.estimator_report_handler(px.report, px.config.server.admin_token)
     )

@@ -83,6 +83,11 @@ class BackendConfig:
 class ServerConfig:
     host: str = doc("Address to listen on.", "127.0.0.1")
     port: int = doc("Port to listen on.", 8080)
+    workers: int = doc(
+        "Worker processes sharing the port (SO_REUSEPORT) and, through shared memory, the "
+        "in-flight counts, tenant usage and prefix index; 0: one per core, at most 8.",
+        0,
+    )
     max_body_bytes: int = doc("Largest request body accepted; larger gets 413.", 4 * 1024 * 1024)
     max_header_bytes: int = doc("Largest single request header accepted (larger: 431).", 16 * 1024)
     max_headers: int = doc("Most request headers accepted (more: 431).", 128)

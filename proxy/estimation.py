@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import pickle
 import struct
 import sys
@@ -218,3 +219,82 @@ class EstimatorProcess:
 
 def _send(stream: asyncio.StreamWriter, payload: bytes) -> None:
     stream.write(_HEADER.pack(len(payload)) + payload)
+
+
+class SocketEstimator:
+    """A worker's view of the machine's one estimator (``serve --workers N``): records go to
+    its unix socket in batches; the report is read from the file it replaces after each
+    refresh (``proxy.programs.estimator_worker --serve``)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.stats = RunnerStats()
+        self._records: collections.deque[RequestRecord] = collections.deque()
+        self._snapshots: collections.deque[BackendSnapshot] = collections.deque(maxlen=1024)
+        self._loaded: tuple[float, dict[str, Any]] | None = None
+        self._wake = asyncio.Event()
+
+    def observe(self, record: RequestRecord) -> None:
+        q = self._records
+        if len(q) >= BUFFER_MAX:
+            q.popleft()
+            self.stats.dropped += 1
+        q.append(record)
+        if len(q) >= FLUSH_RECORDS:
+            self._wake.set()
+
+    def observe_backend(self, snapshot: BackendSnapshot) -> None:
+        self._snapshots.append(snapshot)
+
+    def _latest(self) -> dict[str, Any] | None:
+        path = f"{self.folder}/report.json"
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            return None
+        if self._loaded is None or self._loaded[0] != mtime:
+            try:
+                with open(path, "rb") as f:
+                    self._loaded = (mtime, orjson.loads(f.read()))
+            except (OSError, orjson.JSONDecodeError):
+                return None if self._loaded is None else self._loaded[1]
+            st = self._loaded[1].get("stats", {})
+            self.stats.refreshes = int(st.get("refreshes", 0))
+            self.stats.refresh_seconds = float(st.get("refresh_seconds", 0.0))
+            self.stats.failures = int(st.get("failures", 0))
+        return self._loaded[1]
+
+    def report(self) -> dict[str, Any] | None:
+        latest = self._latest()
+        return None if latest is None else latest.get("report")
+
+    def families(self) -> list[GaugeFamily]:
+        latest = self._latest()
+        if latest is None:
+            return []
+        return [(n, d, tuple(ls), [(tuple(k), v) for k, v in s])
+                for n, d, ls, s in latest.get("families", ())]  # fmt: skip
+
+    async def run(self) -> None:
+        """Keep a connection to the estimator and send batches, until cancelled."""
+        while True:
+            try:
+                _, writer = await asyncio.open_unix_connection(f"{self.folder}/estimator.sock")
+            except OSError:
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                while True:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(FLUSH_S):
+                            await self._wake.wait()
+                    self._wake.clear()
+                    records = [self._records.popleft() for _ in range(len(self._records))]
+                    snaps = [self._snapshots.popleft() for _ in range(len(self._snapshots))]
+                    if records or snaps:
+                        _send(writer, orjson.dumps({"records": records, "snapshots": snaps}))
+                        await writer.drain()
+            except (OSError, ConnectionError):
+                await asyncio.sleep(1.0)
+            finally:
+                writer.close()

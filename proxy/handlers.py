@@ -80,6 +80,7 @@ class Proxy:
     drain: Drain
     report: Any = None  # () -> the estimator's latest report (dict) or None
     deny_headers: frozenset[str] = field(default_factory=frozenset)
+    worker: int | None = None  # this worker's index under ``serve --workers N``
 
 
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
@@ -384,7 +385,10 @@ async def ready(request: web.Request) -> web.Response:
     else:
         ok = px.pool.ready()
         status = "ready" if ok else "not_ready"
-    return web.json_response({"status": status, "backends": backends}, status=200 if ok else 503)
+    body: dict[str, Any] = {"status": status, "backends": backends}
+    if px.worker is not None:
+        body["worker"] = px.worker
+    return web.json_response(body, status=200 if ok else 503)
 
 
 def check_admin(request: web.Request, token: str | None) -> None:

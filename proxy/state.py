@@ -64,6 +64,11 @@ class SharedView(Protocol):
     @property
     def up(self) -> bool: ...
 
+    @property
+    def fresh(self) -> bool:
+        """The other replicas' counts are current (not a periodically synced copy)."""
+        ...
+
     def remote_inflight(self, backend: str) -> int: ...
     def remote_tenant_inflight(self, tenant: str) -> int: ...
     def remote_tenant_tokens(self, tenant: str) -> int:
@@ -71,6 +76,14 @@ class SharedView(Protocol):
         ...
 
     def remote_by_backend(self) -> Mapping[str, int]: ...
+    def publish_backend(self, backend: str, inflight: int) -> None:
+        """This replica's in-flight count on ``backend`` changed (write-through views)."""
+        ...
+
+    def publish_tenant(self, tenant: str, inflight: int, tokens: int, window: int) -> None:
+        """This replica's counts for ``tenant`` changed (``window``: the wall-clock minute)."""
+        ...
+
     def on_record(self, rec: RequestRecord) -> None: ...
     def on_routed(self, backend: str, hashes: Sequence[bytes]) -> None: ...
     async def start(self) -> None: ...
@@ -82,6 +95,7 @@ class LocalView:
 
     replicas = 1
     up = True
+    fresh = True
 
     def remote_inflight(self, backend: str) -> int:
         return 0
@@ -94,6 +108,12 @@ class LocalView:
 
     def remote_by_backend(self) -> Mapping[str, int]:
         return {}
+
+    def publish_backend(self, backend: str, inflight: int) -> None:
+        pass
+
+    def publish_tenant(self, tenant: str, inflight: int, tokens: int, window: int) -> None:
+        pass
 
     def on_record(self, rec: RequestRecord) -> None:
         pass
@@ -157,6 +177,7 @@ class RedisView:
             cfg.redis_url, socket_timeout=cfg.op_timeout_s, socket_connect_timeout=cfg.op_timeout_s
         )
         self.up = False
+        self.fresh = False  # synced every sync_interval_s
         self.replicas = 1
         self._ever_up = False
         self._remote: dict[str, int] = {}
@@ -186,6 +207,12 @@ class RedisView:
 
     def remote_by_backend(self) -> Mapping[str, int]:
         return self._remote
+
+    def publish_backend(self, backend: str, inflight: int) -> None:
+        pass  # read from the local state at each sync
+
+    def publish_tenant(self, tenant: str, inflight: int, tokens: int, window: int) -> None:
+        pass
 
     # --- hooks called on the request path (local, O(1)) ---
 

@@ -21,6 +21,7 @@ Two kinds of metric live here:
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -530,13 +531,70 @@ def generate_latest(registry: CollectorRegistry) -> bytes:
     return _generate_latest(registry)
 
 
+MACHINE_WIDE = (
+    "rightsizer_estimator_", "rightsizer_slo_", "rightsizer_engine_", "rightsizer_backend_up",
+    "rightsizer_gpu_", "rightsizer_backend_inflight_limit", "rightsizer_shared_state_up",
+)  # fmt: skip
+"""Metrics every worker of a machine reports alike (one estimator, the same engines and GPUs):
+the aggregate takes one worker's values. Every other metric is the worker's own share (its
+requests, tokens, in-flight counts, queue) and the aggregate sums them."""
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def merge_expositions(texts: Sequence[str]) -> bytes:
+    """One exposition for a process group from each process's own (see ``MACHINE_WIDE``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
+                values[fam.name] = {}
+            wide = fam.name.startswith(MACHINE_WIDE)
+            acc = values[fam.name]
+            for smp in fam.samples:
+                if smp.name.endswith("_created"):
+                    continue  # per-process timestamps, not additive
+                key = (smp.name, tuple(sorted(smp.labels.items())))
+                if wide:
+                    acc.setdefault(key, smp.value)
+                else:
+                    acc[key] = acc.get(key, 0.0) + smp.value
+    out = []
+    for name, fam in families.items():
+        for (sample, labels), value in values[name].items():
+            fam.add_sample(sample, dict(labels), value)
+        out.append(fam)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(out))
+    return _generate_latest(registry)
+
+
 def metrics_handler(
-    registry: CollectorRegistry,
+    registry: CollectorRegistry, siblings: Callable[[], Any] | None = None
 ) -> Callable[[web.Request], Any]:
-    """The ``/metrics`` handler every program serves."""
+    """The ``/metrics`` handler every program serves. With ``siblings`` (a coroutine function
+    returning the other workers' expositions), the answer covers the whole process group;
+    ``?scope=local`` gives this process's own."""
 
     async def handle(request: web.Request) -> web.Response:
-        resp = web.Response(body=_generate_latest(registry))
+        local = _generate_latest(registry)
+        body = local
+        if siblings is not None and request.query.get("scope") != "local":
+            others = await siblings()
+            body = await asyncio.to_thread(
+                merge_expositions, [local.decode(), *(o.decode() for o in others)]
+            )
+        resp = web.Response(body=body)
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 

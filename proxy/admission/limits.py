@@ -19,9 +19,12 @@ On top of the limit, ``effective_limit`` holds new work while the engine reports
 ``engine_waiting_high`` waiting requests or a KV cache above ``kv_usage_high`` (at most what it
 was running then, at least one).
 
-With R proxy replicas sharing a backend (shared state), ``has_headroom`` lets a replica fill
+With R proxy replicas sharing a backend through Redis, ``has_headroom`` lets a replica fill
 its own share (ceil(limit / R)) and borrow only 1/R of the free room it sees, so replicas
 deciding on the same slightly stale view (one sync interval) can't all take the same slots.
+Workers of one machine see each other's counts at once (``ShmView.fresh``): they use the
+whole limit, and can exceed it only when several decide in the same instant, by at most one
+request per other worker.
 """
 
 from __future__ import annotations
@@ -78,6 +81,14 @@ class Limits:
             return "engine"
         return self._state(b).source
 
+    def acquire(self, b: Backend, tokens: int) -> None:
+        b.acquire(tokens)
+        self.view.publish_backend(b.name, b.inflight)
+
+    def release(self, b: Backend, tokens: int) -> None:
+        b.release(tokens)
+        self.view.publish_backend(b.name, b.inflight)
+
     def total(self, b: Backend) -> int:
         """In flight on ``b`` from every replica."""
         return b.inflight + self.view.remote_inflight(b.name)
@@ -104,7 +115,9 @@ class Limits:
         if total >= limit:
             return False
         r = self.view.replicas
-        return r <= 1 or b.inflight < -(-limit // r) or (limit - total) / r >= 1
+        if r <= 1 or self.view.fresh:
+            return True
+        return b.inflight < -(-limit // r) or (limit - total) / r >= 1
 
     def observe(self, b: Backend, snap: BackendSnapshot) -> None:
         """Learn from one scrape of ``b``'s engine (see the module docstring)."""

@@ -69,12 +69,12 @@ class Ticket:
     def _take(self, backend: Backend) -> None:
         limits = self._sched.limits
         self.inflight_at_grant = (limits.total(backend), backend.inflight_tokens)
-        backend.acquire(self._req.est_tokens)
+        limits.acquire(backend, self._req.est_tokens)
         self.backend = backend
 
     def _drop(self) -> None:
         if self.backend is not None:
-            self.backend.release(self._req.est_tokens)
+            self._sched.limits.release(self.backend, self._req.est_tokens)
             self.backend = None
 
     def move(self, backend: Backend) -> None:

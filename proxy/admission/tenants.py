@@ -146,6 +146,13 @@ class TenantLedger:
         self.vtc[tenant] = self.counter(tenant) + est_tokens / self.weight(tenant)
         self._roll()
         self.window_tokens[tenant] += est_tokens
+        self._publish(tenant)
+
+    def _publish(self, tenant: str) -> None:
+        if tenant in self.by_name:  # only configured tenants have limits to share
+            self.view.publish_tenant(
+                tenant, self.inflight.get(tenant, 0), self.window_tokens[tenant], self.window
+            )
 
     def finished(self, tenant: str, est_tokens: int, actual_tokens: int | None) -> None:
         """The request ended; ``actual_tokens`` (prompt + completion, when known) corrects the
@@ -157,6 +164,7 @@ class TenantLedger:
             delta = actual_tokens - est_tokens
             self.vtc[tenant] = self.counter(tenant) + delta / self.weight(tenant)
             self.window_tokens[tenant] = max(0, self.window_tokens[tenant] + delta)
+        self._publish(tenant)
         if len(self.vtc) > MAX_COUNTERS:  # bounded: forget the least-served idle tenants
             for name in sorted(self.vtc, key=self.vtc.__getitem__)[: MAX_COUNTERS // 10]:
                 if name not in self.inflight:

@@ -18,6 +18,7 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -67,8 +68,12 @@ async def run_site(
     access_log: bool = False,
     max_field_size: int = 16 * 1024,
     max_headers: int = 128,
+    reuse_port: bool = False,
+    unix_path: str | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully (``shutdown``).
+    """Serve until SIGINT/SIGTERM, then shut down gracefully (``shutdown``). ``reuse_port``:
+    share the port with the other workers; ``unix_path``: also listen there (the workers'
+    private socket, for the aggregated /metrics).
 
     ``handler_cancellation``: a client that disconnects cancels its handler at once, which
     closes the upstream request (the engine must not keep generating for nobody).
@@ -84,9 +89,13 @@ async def run_site(
         max_headers=max_headers,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    site = web.TCPSite(
+        runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None
+    )
     try:
         await site.start()
+        if unix_path is not None:
+            await web.UnixSite(runner, unix_path).start()
     except OSError as exc:
         await runner.cleanup()
         raise ListenError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
@@ -160,6 +169,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         over["routing"] = {"policy": args.routing}
     if args.no_estimator:
         over["estimator"] = {"enabled": False}
+    if args.workers is not None:
+        over.setdefault("server", {})["workers"] = args.workers
     return over
 
 
@@ -190,16 +201,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(f"config error: {exc}")
     if not config.backends:
         return _fail("no backends: give --backend URL or a config with backends:")
-    from proxy.programs.wiring import estimator_deps
+    from proxy.programs.wiring import build_estimator, estimator_deps
 
+    workers = worker_count(config)
+    log.info("backends: %s; workers: %d", ", ".join(b.url for b in config.backends), workers)
     try:
+        if workers > 1:
+            from proxy.app import check_config
+            from proxy.programs.supervisor import Supervisor
+
+            check_config(config, source)  # a bad config fails here, naming its key
+            if config.estimator.enabled:
+                build_estimator(config, source)
+            return Supervisor(config, workers, args.log_level).run()
         deps = estimator_deps(config, source)
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
-    loop_name = _install_uvloop()
-    log.info("event loop: %s; backends: %s", loop_name, ", ".join(b.url for b in config.backends))
+    _install_uvloop()
     try:
-        asyncio.run(_serve(config, deps))
+        asyncio.run(serve_app(config, deps))
     except ListenError as exc:
         return _fail(str(exc.strerror))
     except ConfigError as exc:
@@ -207,7 +227,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(config: ProxyConfig, deps: Deps) -> None:
+def worker_count(config: ProxyConfig) -> int:
+    """``server.workers``, or one per core (at most 8) when it is 0."""
+    n = config.server.workers
+    return n if n > 0 else max(1, min(8, os.cpu_count() or 1))
+
+
+async def serve_app(config: ProxyConfig, deps: Deps) -> None:
+    """Build the proxy app and serve it until SIGTERM (one process, or one worker)."""
     from proxy.app import build_app
     from proxy.handlers import PROXY
 
@@ -225,10 +252,13 @@ async def _serve(config: ProxyConfig, deps: Deps) -> None:
         max_connections=srv.max_connections,
         on_reject=lambda reason: metrics.client_errors.labels(reason).inc(),
     )
+    worker = deps.worker
     await run_site(
         app, srv.host, srv.port, grace_s=srv.shutdown_grace_s, drain=app[PROXY].drain,
         drain_delay_s=srv.drain_delay_s, guards=guards,
         max_field_size=srv.max_header_bytes, max_headers=srv.max_headers,
+        reuse_port=worker is not None,
+        unix_path=worker.socket(worker.index) if worker is not None else None,
     )  # fmt: skip
 
 
@@ -323,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--redis-url", help="share state with other replicas, e.g. redis://host:6379/0")
     s.add_argument("--routing", help="round_robin, least_loaded, prefix (default) or session")
     s.add_argument("--no-estimator", action="store_true", help="don't run the online estimator")
+    s.add_argument(
+        "--workers", type=int, help="worker processes (config default 0: one per core, max 8)"
+    )
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser(

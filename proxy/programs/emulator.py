@@ -63,6 +63,7 @@ class EmulatorConfig:
     max_model_len: int = 8192
     prefix_cache_blocks: int = 16_384
     time_scale: float = 1.0  # >1 runs the engine faster than the model says (demos)
+    expose_max_num_seqs: bool = True  # False: like vLLM, whose /metrics does not show it
 
 
 class Seq:
@@ -112,6 +113,7 @@ class Engine:
         self._wake = asyncio.Event()
         self.counters = collections.Counter[str]()
         self.ttfts: list[float] = []
+        self.peak = 0  # most requests it ever held at once (running + waiting)
 
     @property
     def total_blocks(self) -> int:
@@ -128,6 +130,7 @@ class Engine:
         self.counters["prefix_queries"] += prompt_tokens
         self.counters["prefix_hits"] += seq.cached
         self.waiting.append(seq)
+        self.peak = max(self.peak, len(self.running) + len(self.waiting))
         self._wake.set()
         return seq
 
@@ -219,12 +222,14 @@ class EngineCollector(Collector):
         yield counter("vllm:prefix_cache_hits", "Prefix cache hit tokens.", "prefix_hits")
         yield counter("vllm:num_preemptions", "Preemptions.", "preemptions")
         yield counter("vllm:request_success", "Finished requests.", "requests")
-        info = GaugeMetricFamily(
-            "vllm:cache_config_info",
-            "Cache config.",
-            labels=["block_size", "num_gpu_blocks", "max_num_seqs"],
-        )
-        info.add_metric([str(e.cfg.block_size), str(e.total_blocks), str(e.cfg.max_num_seqs)], 1.0)
+        yield gauge("emulator:peak_requests", "Most requests held at once.", e.peak)
+        names = ["block_size", "num_gpu_blocks"]
+        shown = [str(e.cfg.block_size), str(e.total_blocks)]
+        if e.cfg.expose_max_num_seqs:
+            names.append("max_num_seqs")
+            shown.append(str(e.cfg.max_num_seqs))
+        info = GaugeMetricFamily("vllm:cache_config_info", "Cache config.", labels=names)
+        info.add_metric(shown, 1.0)
         yield info
 
 

@@ -71,6 +71,11 @@ def add_emulator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-tokens", type=int, default=None, help="KV cache capacity in tokens")
     p.add_argument("--max-tokens", type=int, default=64, help="output length when unset")
     p.add_argument("--max-model-len", type=int, default=8192, help="longest prompt + output")
+    p.add_argument(
+        "--hide-max-num-seqs",
+        action="store_true",
+        help="leave max_num_seqs out of /metrics, as vLLM does (the proxy must learn it)",
+    )
     g = p.add_argument_group(
         "engine model",
         "emulate a real model on a real GPU: step times from the estimator's "
@@ -113,5 +118,6 @@ def emulator_from_args(args: argparse.Namespace) -> tuple[EmulatorConfig, Timing
         default_max_tokens=args.max_tokens,
         max_model_len=args.max_model_len,
         time_scale=args.time_scale,
+        expose_max_num_seqs=not args.hide_max_num_seqs,
     )
     return cfg, timing

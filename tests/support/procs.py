@@ -102,9 +102,11 @@ def start_emulator(
 def start_proxy(
     backends: Sequence[str], *, config: dict[str, object] | None = None,
     request_log: Path | None = None, extra: Sequence[str] = (), env: dict[str, str] | None = None,
-    wait: str = "/ready",
+    wait: str = "/ready", workers: int = 1,
 ) -> Proc:  # fmt: skip
+    """``workers``: 1 (one process, the default here) or more (``serve --workers N``)."""
     port = free_port()
+    env = {"RIGHTSIZER_SERVER__WORKERS": str(workers), **(env or {})}
     args = ["serve", "--port", str(port), *extra]
     for b in backends:
         args += ["--backend", b]
@@ -116,6 +118,16 @@ def start_proxy(
         args += ["--config", str(cfg_path)]
     p = _spawn(f"proxy-{port}", args, port, env)
     p.wait_ready(wait)
+    if workers > 1:  # every worker listening, not only the first to answer
+        seen: set[object] = set()
+
+        def all_up() -> bool:
+            status, body = http_get(p.url + "/ready", timeout=1.0)
+            if status == 200:
+                seen.add(orjson.loads(body).get("worker"))
+            return len(seen) >= workers
+
+        wait_for(all_up, timeout_s=30, interval_s=0.02)
     return p
 
 
