@@ -48,11 +48,23 @@ def segment_size(workers: int, backends: int, tenants: int) -> int:
     return 8 * (_HEAD + workers * layout(backends, tenants))
 
 
+def _untrack(shm: shared_memory.SharedMemory) -> None:
+    """Keep the segment out of this process's resource tracker: before Python 3.13
+    (``track=False``) it would unlink a segment it saw when its process exits, even one it
+    only attached to, pulling it from under the other workers. Lifetimes are explicit here:
+    the supervisor creates the segment and ``destroy``s it."""
+    with contextlib.suppress(Exception):
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+
+
 def create(name: str, workers: int, backends: int, tenants: int) -> shared_memory.SharedMemory:
     """The supervisor makes the segment (zeroed) before it starts the workers."""
     shm = shared_memory.SharedMemory(
         name=name, create=True, size=segment_size(workers, backends, tenants)
     )
+    _untrack(shm)
     cells = shm.buf.cast("q")
     for i in range(len(cells)):
         cells[i] = 0
@@ -62,15 +74,19 @@ def create(name: str, workers: int, backends: int, tenants: int) -> shared_memor
 
 
 def attach(name: str) -> shared_memory.SharedMemory:
-    """Open the supervisor's segment without adopting it: before Python 3.13 (``track=False``)
-    an attached segment is registered with this process's resource tracker, which would unlink
-    it when this worker exits and pull it from under the others."""
+    """Open the supervisor's segment without adopting it (see ``_untrack``)."""
     shm = shared_memory.SharedMemory(name=name)
-    with contextlib.suppress(Exception):
-        from multiprocessing import resource_tracker
-
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    _untrack(shm)
     return shm
+
+
+def destroy(shm: shared_memory.SharedMemory) -> None:
+    """Close and remove a segment made by ``create``."""
+    shm.close()
+    with contextlib.suppress(FileNotFoundError):
+        import _posixshmem  # type: ignore[import-not-found]
+
+        _posixshmem.shm_unlink(shm._name)  # type: ignore[attr-defined]
 
 
 def clear_block(shm: shared_memory.SharedMemory, index: int) -> None:
@@ -100,6 +116,7 @@ class ShmView:
         cells = self._shm.buf.cast("q")
         if cells[0] != _MAGIC or cells[2] != len(backends) or cells[3] != len(tenants):
             cells.release()
+            self._shm.close()
             raise ValueError(f"shared memory {name!r} does not match this configuration")
         self._cells = cells
         self.workers, self.index = int(cells[1]), index
@@ -214,9 +231,13 @@ class ShmView:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.close()
+
+    def close(self) -> None:
+        """Leave: nothing in flight here any more, not alive; detach."""
         base = self._base(self.index)
         for i in range(base, base + 1 + self._nb + 2 * self._nt + 1):
-            self._cells[i] = 0  # nothing in flight here any more; not alive
+            self._cells[i] = 0
         self._cells.release()
         self._shm.close()
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from proxy.config import ProxyConfig
-from proxy.shm import clear_block, create
+from proxy.shm import clear_block, create, destroy
 
 log = logging.getLogger("rightsizer.supervisor")
 
@@ -75,9 +75,7 @@ class Supervisor:
             self._watch(segment)
         finally:
             self._stop_all()
-            segment.close()
-            with contextlib.suppress(FileNotFoundError):
-                segment.unlink()
+            destroy(segment)
             shutil.rmtree(self.folder, ignore_errors=True)
         return 0
 
