@@ -259,6 +259,16 @@ _DEPS: web.AppKey[Deps] = web.AppKey("deps", Deps)
 _VIEW: web.AppKey[SharedView] = web.AppKey("view", object)  # type: ignore[arg-type]
 
 
+async def _loop_lag(metrics: Metrics, period_s: float = 0.05) -> None:
+    """How late a timer fires on the event loop, sampled (telemetry: event loop lag)."""
+    loop = asyncio.get_running_loop()
+    observe = metrics.loop_lag.observe
+    while True:
+        due = loop.time() + period_s
+        await asyncio.sleep(period_s)
+        observe(max(0.0, loop.time() - due))
+
+
 def _siblings(worker: WorkerSlot) -> Callable[[], Awaitable[list[bytes]]]:
     """The other workers' own expositions, read over their unix sockets (those that answer)."""
 
@@ -304,6 +314,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     if deps.gpu is not None and deps.gpu.available:
         background.append(asyncio.create_task(deps.gpu.run(px.config.gpu.interval_s)))
     await view.start()
+    background.append(asyncio.create_task(_loop_lag(px.recorder.metrics)))
     if deps.estimator is not None:
         background.append(asyncio.create_task(deps.estimator.run()))
     try:

@@ -339,6 +339,13 @@ class Metrics:
             ["backend", "result"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "rightsizer_event_loop_lag_seconds",
+            "How late a 50 ms timer fires on the proxy's event loop: time the loop was busy "
+            "(a long callback, the GIL held by a thread) while requests waited.",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
         self.client_errors = Counter(
             "rightsizer_client_protocol_errors",
             "Connections or requests refused before the app saw them, by reason.",

@@ -214,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if config.estimator.enabled:
                 build_estimator(config, source)
             return Supervisor(config, workers, args.log_level).run()
-        deps = estimator_deps(config, source)
+        deps = estimator_deps(config, source, in_process=args.estimator_in_process)
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
     _install_uvloop()
@@ -355,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-estimator", action="store_true", help="don't run the online estimator")
     s.add_argument(
         "--workers", type=int, help="worker processes (config default 0: one per core, max 8)"
+    )
+    s.add_argument(
+        "--estimator-in-process",
+        action="store_true",
+        help="refresh the estimator in a thread of the proxy's process instead of its own "
+        "process (for comparison: it then shares the proxy's interpreter lock)",
     )
     s.set_defaults(func=cmd_serve)
 
