@@ -3,17 +3,23 @@
 Source, first that applies (exported as ``rightsizer_backend_inflight_limit{source}``):
 
 1. ``config``: ``backends[].max_inflight``;
-2. ``engine``: the engine's own ``max_num_seqs`` when its ``/metrics`` exposes it;
+2. ``engine``: the engine's own ``max_num_seqs`` when its ``/metrics`` exposes it, plus a
+   small queue of its own (below);
 3. ``learned`` / ``probing`` / ``default``: learned from the engine's signals at each scrape.
    It starts at ``scheduling.default_max_inflight``. While the proxy keeps the backend at its
    limit (total in flight >= 90% of it) and the engine reports no waiting request and a KV
    cache below ``kv_usage_high``, the engine could take more: the limit doubles (``probing``)
    up to ``scheduling.max_inflight_ceiling``. When the engine reports waiting requests while
    running R, R is its concurrency (its ``max_num_seqs`` or what its KV cache holds): the
-   limit becomes R (``learned``) and probing above it resumes, one step of max(1, R/16) at a
-   time, only after ``probe_hold_s``. So an engine configured for 256 sequences reaches 256
-   in two or three scrapes, and an engine that queues is never handed more than it runs.
-   Engines without metrics keep the default.
+   limit becomes R plus the small queue (``learned``), and probing above it resumes, one step
+   of max(1, R/16) at a time, only after ``probe_hold_s``. So an engine configured for 256
+   sequences reaches 256 in two or three scrapes. Engines without metrics keep the default.
+
+The small queue: ``engine_waiting_high`` requests (at least one) beyond what the engine runs,
+so a sequence that finishes in the engine is replaced at its next step, not a round trip
+through the proxy later (measured on the real vLLM CPU server at 96 sequences: without it,
+throughput through the proxy fell to 0.77 of direct). Priority and fairness still decide
+everything beyond those few.
 
 On top of the limit, ``effective_limit`` holds new work while the engine reports more than
 ``engine_waiting_high`` waiting requests or a KV cache above ``kv_usage_high`` (at most what it
@@ -65,12 +71,17 @@ class Limits:
             st = self._learned[b.name] = _Learned(self.cfg.default_max_inflight)
         return st
 
+    @property
+    def engine_queue(self) -> int:
+        """Requests let wait inside the engine beyond what it runs (see the module doc)."""
+        return max(1, int(self.cfg.engine_waiting_high))
+
     def limit(self, b: Backend) -> int:
         if b.config.max_inflight is not None:
             return b.config.max_inflight
         snap = b.snapshot
         if snap is not None and snap.max_num_seqs:
-            return snap.max_num_seqs
+            return snap.max_num_seqs + self.engine_queue
         return self._state(b).limit
 
     def source(self, b: Backend) -> str:
@@ -127,7 +138,7 @@ class Limits:
         running, waiting = int(snap.running), snap.waiting or 0.0
         now = self.clock()
         if waiting > 0 and running >= 1:
-            st.limit, st.source = max(1, running), "learned"
+            st.limit, st.source = max(1, running) + self.engine_queue, "learned"
             st.hold_until = now + self.cfg.probe_hold_s
             return
         if snap.kv_usage is not None and snap.kv_usage > self.cfg.kv_usage_high:

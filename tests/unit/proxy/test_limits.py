@@ -27,7 +27,7 @@ def test_sources_in_order() -> None:
     limits, b, _ = setup()
     assert (limits.limit(b), limits.source(b)) == (64, "default")
     b.snapshot = snapshot(b.name, max_num_seqs=256)
-    assert (limits.limit(b), limits.source(b)) == (256, "engine")
+    assert (limits.limit(b), limits.source(b)) == (256 + 4, "engine")  # + its own small queue
     fixed = Backend(BackendConfig(url="http://b1:80", max_inflight=7))
     fixed.snapshot = snapshot(fixed.name, max_num_seqs=256)
     assert (limits.limit(fixed), limits.source(fixed)) == (7, "config")
@@ -43,7 +43,7 @@ def test_probes_up_while_the_engine_takes_everything() -> None:
         assert (limits.limit(b), limits.source(b)) == (expected, "probing")
     offer(b, 512)
     limits.observe(b, snapshot(b.name, running=256, waiting=256, kv_usage=0.5))
-    assert (limits.limit(b), limits.source(b)) == (256, "learned")
+    assert (limits.limit(b), limits.source(b)) == (256 + 4, "learned")  # + engine_waiting_high
 
 
 def test_no_probe_without_demand_or_with_a_full_cache() -> None:
@@ -59,15 +59,15 @@ def test_no_probe_without_demand_or_with_a_full_cache() -> None:
 def test_learned_limit_follows_a_queueing_engine_and_reprobes_gently() -> None:
     limits, b, clock = setup(probe_hold_s=60.0)
     limits.observe(b, snapshot(b.name, running=8, waiting=5))
-    assert (limits.limit(b), limits.source(b)) == (8, "learned")
+    assert (limits.limit(b), limits.source(b)) == (8 + 4, "learned")
     limits.observe(b, snapshot(b.name, running=3, waiting=1))  # transient: follows it down
-    assert limits.limit(b) == 3
-    offer(b, 3)
-    limits.observe(b, snapshot(b.name, running=3, waiting=0))
-    assert limits.limit(b) == 3, "held for probe_hold_s after the engine queued"
+    assert limits.limit(b) == 3 + 4
+    offer(b, 7)
+    limits.observe(b, snapshot(b.name, running=7, waiting=0))
+    assert limits.limit(b) == 7, "held for probe_hold_s after the engine queued"
     clock.advance(61)
-    limits.observe(b, snapshot(b.name, running=3, waiting=0))
-    assert limits.limit(b) == 4, "then one small step at a time"
+    limits.observe(b, snapshot(b.name, running=7, waiting=0))
+    assert limits.limit(b) == 8, "then one small step at a time"
 
 
 def test_ceiling_bounds_probing() -> None:
