@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -48,13 +47,13 @@ from tests.support.adversarial import (
 )
 from tests.support.procs import (
     Proc,
-    free_port,
     metric_value,
     start_emulator,
     start_proxy,
     wait_for,
 )
 from tests.support.rawhttp import exchange, read_until
+from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.adversarial]
 
@@ -73,6 +72,10 @@ class Tally:
     wrong: int = 0
     why: list[str] = field(default_factory=list)
     extra: str = ""
+    faults: list[str] = field(default_factory=list)  # not one request's: the log, the engine
+
+    def flag(self, problem: str) -> None:
+        self.faults.append(problem)
 
     def add(self, label: str, problems: Sequence[str]) -> None:
         self.tried += 1
@@ -89,15 +92,18 @@ class Tally:
             self.why.append(f"{label}: {text}")
 
     def line(self) -> str:
+        more = f"; also: {'; '.join(self.faults[:3])}" if self.faults else ""
         return (f"{self.name}: tried {self.tried}, lost {self.lost}, hung {self.hung}, "
-                f"wrong {self.wrong}{self.extra}")  # fmt: skip
+                f"wrong {self.wrong}{self.extra}{more}")  # fmt: skip
+
+    @property
+    def clean(self) -> bool:
+        return (self.lost, self.hung, self.wrong) == (0, 0, 0) and not self.faults
 
     def check(self) -> None:
         SUMMARY_LINES.append(self.line())
         print(self.line())
-        assert (self.lost, self.hung, self.wrong) == (0, 0, 0), (
-            self.line() + "\n" + "\n".join(self.why)
-        )
+        assert self.clean, self.line() + "\n" + "\n".join(self.why + self.faults)
 
 
 def _log(p: Proc) -> Path:
@@ -108,7 +114,7 @@ def _log(p: Proc) -> Path:
 
 def _proxy(backends: list[str], tmp: Path, config: dict[str, Any] | None = None,
            env: dict[str, str] | None = None, extra: Sequence[str] = ()) -> Proc:  # fmt: skip
-    cfg: dict[str, Any] = {"health": {"interval_s": 0.5, "timeout_s": 0.5}}
+    cfg: dict[str, Any] = {"health": {"interval_s": 0.5, "timeout_s": 2.0}}
     cfg.update(config or {})
     log = tmp / "requests.jsonl"
     p = start_proxy(backends, config=cfg, request_log=log, env=env, extra=extra)
@@ -143,13 +149,14 @@ async def _run(port: int, cases: Sequence[Case], start_delay_s: float = 0.0) -> 
 
 
 def _judge_all(p: Proc, results: list[Result], tally: Tally,
-               extra_check: Callable[[Result], list[str]] | None = None) -> None:  # fmt: skip
+               extra_check: Callable[[Result], list[str]] | None = None,
+               ignore: tuple[str, ...] = ()) -> None:  # fmt: skip
     log = _log(p)
     wait_records(log, [r.case.rid for r in results if r.case.rid], timeout_s=15)
     index = record_index(log)
     for r in results:
         r.records = index.get(r.case.rid or "", [])
-        problems = judge(r)
+        problems = [x for x in judge(r) if not x.startswith(ignore)]
         if extra_check is not None and not r.resp.timed_out:
             problems += extra_check(r)
         tally.add(r.case.name, problems)
@@ -185,8 +192,8 @@ def test_backend_killed_mid_stream(tmp_path: Path) -> None:
         _judge_all(p, results, tally)
         grown = rss_bytes(p.proc.pid) - rss0
         tally.extra = f", RSS +{grown >> 20} MB"
-        for problem in watch.problems():
-            tally.add("proxy log", [problem])
+        for problem in watch.problems()[:5]:
+            tally.flag(problem)
         assert grown <= RSS_GROWTH_MAX
         tally.check()
     finally:
@@ -200,8 +207,8 @@ def test_backend_killed_mid_stream(tmp_path: Path) -> None:
 def test_backend_stalled_then_resumed(tmp_path: Path) -> None:
     a = start_emulator("emu", ttft=0.02, itl=0.02)
     b = start_emulator("emu", ttft=0.02, itl=0.02)
-    p = _proxy([a.url, b.url], tmp_path, config={
-        "health": {"interval_s": 0.5, "timeout_s": 0.5}, "timeouts": {"read_s": 1.5}})  # fmt: skip
+    p = _proxy([a.url, b.url], tmp_path, config={  # ejected for 2 s, re-checked every 0.5 s
+        "health": {"interval_s": 0.5, "timeout_s": 2.0, "eject_s": 2.0}, "timeouts": {"read_s": 1.5}})  # fmt: skip
     try:
         watch = LogWatch(p.log_path)
         watch.mark()
@@ -242,8 +249,8 @@ def test_backend_stalled_then_resumed(tmp_path: Path) -> None:
         _judge_all(p, results, tally, stream_timeouts)
         grown = rss_bytes(p.proc.pid) - rss0
         tally.extra = f", RSS +{grown >> 20} MB"
-        for problem in watch.problems():
-            tally.add("proxy log", [problem])
+        for problem in watch.problems()[:5]:
+            tally.flag(problem)
         assert grown <= RSS_GROWTH_MAX
         tally.check()
     finally:
@@ -256,51 +263,10 @@ def _wait_backends_up(p: Proc, n: int) -> None:
             return metric_value(p.metrics_text(), "rightsizer_backend_up") >= n
         return False
 
-    wait_for(up, timeout_s=10)
+    wait_for(up, timeout_s=15)
 
 
 # --- Redis killed / stalled and restarted under load ---
-
-
-class RedisServer:
-    """A redis-server of our own, on its own port (never the shared one at 6379)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not installed (.ci/run installs it)")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port)
-        try:
-            wait_for(lambda: _ping(client), timeout_s=10)
-        finally:
-            client.close()
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-            if sig == signal.SIGKILL:
-                self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _ping(c: redis.Redis) -> bool:
-    try:
-        return bool(c.ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture
@@ -330,7 +296,8 @@ def test_redis_outage_under_load(tmp_path: Path, redis_server: RedisServer, faul
     dropped is counted in rightsizer_records_dropped_total{sink="redis_stream"}."""
     emu = start_emulator("emu", ttft=0.005, itl=0.002)
     url = f"redis://127.0.0.1:{redis_server.port}/0"
-    p = _proxy([emu.url], tmp_path, config={"shared": {"sync_interval_s": 0.05, "op_timeout_s": 0.25}},
+    p = _proxy([emu.url], tmp_path, config={"shared": {"sync_interval_s": 0.05, "op_timeout_s": 0.25},
+                                            "health": {}},  # the default health checks
                extra=["--redis-url", url])  # fmt: skip
     try:
         watch = LogWatch(p.log_path)
@@ -379,13 +346,11 @@ def test_redis_outage_under_load(tmp_path: Path, redis_server: RedisServer, faul
         grown = rss_bytes(p.proc.pid) - rss0
         tally.extra = (f"; records stream: {len(missing)} of {len(sent)} missing, {int(dropped)} counted "
                        f"as dropped, {dups} duplicates; RSS +{grown >> 20} MB")  # fmt: skip
-        for problem in watch.problems():
-            tally.add("proxy log", [problem])
+        for problem in watch.problems()[:5]:
+            tally.flag(problem)
         SUMMARY_LINES.append(tally.line())
         print(tally.line())
-        assert (tally.lost, tally.hung, tally.wrong) == (0, 0, 0), (
-            tally.line() + "\n" + "\n".join(tally.why)
-        )
+        assert tally.clean, tally.line() + "\n" + "\n".join(tally.why + tally.faults)
         assert len(missing) == dropped, (
             f"{len(missing)} records lost from the stream, {int(dropped)} counted"
         )
@@ -435,8 +400,8 @@ def test_sigterm_inside_grace_lets_streams_finish(tmp_path: Path) -> None:
         _judge_all(p, results, tally, lambda r: [] if stream_end(r.resp.body)[0] != "error" or r.case.statuses != STREAM
                    else ["a stream inside the grace was cut"])  # fmt: skip
         tally.extra = f"; exited {'never' if t_exit is None else 'after the streams'}"
-        for problem in watch.problems():
-            tally.add("proxy log", [problem])
+        for problem in watch.problems()[:5]:
+            tally.flag(problem)
         assert t_exit is not None, "the proxy did not exit within the grace after its streams ended"
         tally.check()
     finally:
@@ -494,12 +459,11 @@ def test_sigterm_past_grace_ends_streams_with_shutdown_event(tmp_path: Path) -> 
                     out.append(f"record outcome {rec.get('outcome')!r} does not say shutdown")
             return out
 
-        for r in results:  # the implied outcome of an error event allows 'shutdown'
-            r.case.outcomes = None
-        _judge_all(p, results, tally, shutdown_event)
+        # the record's outcome is judged by shutdown_event (its name is the lead's to choose)
+        _judge_all(p, results, tally, shutdown_event, ignore=("record outcome",))
         tally.extra = f"; exited {'never' if t_exit is None else f'{t_exit:.1f}s'} after SIGTERM"
-        for problem in watch.problems():
-            tally.add("proxy log", [problem])
+        for problem in watch.problems()[:5]:
+            tally.flag(problem)
         assert t_exit is not None and t_exit <= grace + 3, (
             f"exit {t_exit} s after SIGTERM, grace {grace} s"
         )
@@ -590,11 +554,9 @@ def test_client_disconnects_mid_stream(tmp_path: Path) -> None:
         try:
             wait_for(lambda: running() == 0, timeout_s=5)
         except TimeoutError:
-            tally.add(
-                "engine", [f"the engine still runs {running():g} requests of clients that left"]
-            )
-        for problem in watch.problems():
-            tally.add("proxy log", [problem])
+            tally.flag(f"the engine still runs {running():g} requests of clients that left")
+        for problem in watch.problems()[:5]:
+            tally.flag(problem)
         grown = rss_bytes(p.proc.pid) - rss0
         tally.extra = f", RSS +{grown >> 20} MB"
         tally.check()
@@ -610,7 +572,7 @@ def test_client_closes_right_after_done_is_a_completed_request(tmp_path: Path) -
     response 0.5 s after [DONE] (``linger``), the window the proxy must not misread."""
     faulty = start_faulty(["faulty"])
     emu = start_emulator("emu", ttft=0.02, itl=0.005)
-    p = _proxy([faulty.url, emu.url], tmp_path, config={"backends": [
+    p = _proxy([], tmp_path, config={"backends": [
         {"url": faulty.url, "name": "faulty", "dialect": "none"}, {"url": emu.url, "name": "emu"}]})  # fmt: skip
     try:
         watch = LogWatch(p.log_path)
@@ -652,9 +614,9 @@ def test_client_closes_right_after_done_is_a_completed_request(tmp_path: Path) -
             metric_value(p.metrics_text(), "rightsizer_time_to_first_token_seconds_count") - ttft0
         )
         if ttft != len(reqs):
-            tally.add("ttft", [f"TTFT histogram counted {ttft:g} of {len(reqs)} completed streams"])
-        for problem in watch.problems():
-            tally.add("proxy log", [problem])
+            tally.flag(f"the TTFT histogram counted {ttft:g} of {len(reqs)} completed streams")
+        for problem in watch.problems()[:5]:
+            tally.flag(problem)
         tally.check()
     finally:
         stop_quietly(p, emu, faulty)

@@ -35,8 +35,10 @@ Faults (``ok`` when absent or unknown):
 ========================  =================================================================
 
 Requests to a path outside ``/v1/`` (``/admin/estimator``, ``/metrics``, ``/x``, ...) other
-than ``/health`` and ``GET /v1/models`` answer 200 with ``FAULTY-BACKEND-PRIVATE`` in the
-body: a proxy that lets a client reach them leaks that marker. ``--journal`` appends one JSON
+than ``/health`` and ``GET /v1/models``, read as leniently as any server might
+(``normalised``: decoded up to three times, ``\\`` as ``/``, ``;params`` dropped), answer 200
+with ``FAULTY-BACKEND-PRIVATE`` in the body: a proxy that lets a client reach them leaks
+that marker. ``--journal`` appends one JSON
 line per request received (method, raw path, headers with hashed credentials, fault), so
 tests can check what the proxy forwarded.
 """
@@ -49,10 +51,13 @@ import contextlib
 import gzip
 import hashlib
 import json
+import posixpath
+import re
 import time
 import zlib
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from aiohttp import web
@@ -60,6 +65,27 @@ from aiohttp import web
 PRIVATE_MARKER = "FAULTY-BACKEND-PRIVATE"
 _STALL_S = 3600.0
 _MAX_EVENTS = 2000
+
+
+def normalised(path: str | bytes) -> str:
+    """The most lenient reading of a path any server might make: percent-decoded up to three
+    times, backslashes as slashes, ``;params`` dropped, slashes merged, NULs dropped, dot
+    segments resolved. A proxy must forward only paths that stay under /v1/ even read so."""
+    raw = path if isinstance(path, bytes) else path.encode("utf-8", "surrogateescape")
+    raw = raw.split(b"?", 1)[0].split(b"#", 1)[0]
+    for _ in range(3):
+        raw = unquote_to_bytes(raw)
+    text = raw.decode("latin-1").replace("\\", "/")
+    text = re.sub(r";[^/]*", "", text)
+    text = re.sub(r"/+", "/", text).replace("\x00", "")
+    if not text.startswith("/"):
+        text = "/" + text
+    norm = posixpath.normpath(text)
+    return norm + "/" if text.endswith("/") and norm != "/" else norm
+
+
+def escapes_v1(path: str | bytes) -> bool:
+    return not normalised(path).startswith("/v1/")
 
 
 def _digest(value: str) -> str:
@@ -121,8 +147,8 @@ class Faulty:
                     for m in self.models]  # fmt: skip
             return web.json_response({"object": "list", "data": data})
         self._log({**info, "fault": fault, "t": time.time()})
-        if not path.startswith("/v1/"):
-            return web.Response(text=f"{PRIVATE_MARKER} {request.method} {path}\n")
+        if escapes_v1(request.raw_path):  # what a lenient server would serve outside /v1
+            return web.Response(text=f"{PRIVATE_MARKER} {request.method} {normalised(path)}\n")
         if fault == "echo" or path not in ("/v1/chat/completions", "/v1/completions"):
             return web.json_response({"object": "echo", **info, "body_len": len(raw)})
         return await self.generate(request, body, fault, chat=path.endswith("chat/completions"))
