@@ -88,8 +88,10 @@ class Tally:
             self.lost += 1
         else:
             self.wrong += 1
-        if len(self.why) < 12:
-            self.why.append(f"{label}: {text}")
+            if len(self.why) < 12:
+                self.why.append(f"{label}: {text}")
+            return
+        self.why.insert(0, f"{label}: {text}")  # lost and hung first
 
     def line(self) -> str:
         more = f"; also: {'; '.join(self.faults[:3])}" if self.faults else ""
