@@ -343,6 +343,7 @@ def test_non_loopback_bind_with_admin_token_starts(stack: dict[str, Any]) -> Non
         end_process(proc)
 
 
+@pytest.mark.timeout(30)
 def test_records_are_one_per_request(stack: dict[str, Any]) -> None:
     """Every request of this module that reached a /v1 handler left exactly one record."""
     counts: dict[str, int] = {}

@@ -348,6 +348,7 @@ def test_max_event_bytes(faulty: Proc, tmp_path: Path) -> None:
         assert not watch.problems(), watch.problems()
 
 
+@pytest.mark.timeout(30)
 def test_defaults_are_bounded() -> None:
     """Item 5: the new client-side limits exist with sane defaults (nginx: 60 s header and
     body timeouts, 75 s keep-alive); none may be unbounded."""
