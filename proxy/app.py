@@ -25,7 +25,14 @@ from estimator.records import RequestRecord
 from . import handlers as h
 from .admission import Limits, Scheduler, TenantLedger
 from .config import ProxyConfig
-from .errors import MethodNotAllowed, ProxyError, error_body, error_response
+from .errors import (
+    ExpectationFailed,
+    HeaderFieldsTooLarge,
+    MethodNotAllowed,
+    ProxyError,
+    error_body,
+    error_response,
+)
 from .estimation import EstimatorRunner
 from .gpu import GpuSampler
 from .recorder import Recorder, RequestLog
@@ -72,12 +79,41 @@ def _request_id(request: web.Request) -> str:
     return os.urandom(12).hex()
 
 
+def _rid(request: web.Request) -> str:
+    rid = request.get(h.REQUEST_ID)
+    if rid is None:
+        rid = request[h.REQUEST_ID] = _request_id(request)
+    return rid
+
+
+async def _tag_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response carries ``x-request-id`` (the client's, when it is sane, else a new one);
+    while the proxy drains, every response closes its connection."""
+    if "x-request-id" not in response.headers:
+        response.headers["x-request-id"] = _rid(request)
+    if request.app[h.PROXY].drain.draining:
+        response.force_close()
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` is answered as aiohttp does; any other expectation gets the
+    OpenAI-style 417 (aiohttp's own answer is plain text, before the middlewares)."""
+    expect = request.headers.get("expect", "").strip().lower()
+    if expect == "100-continue":
+        if request.version == aiohttp.HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response proper has not started
+        return None
+    return error_response(ExpectationFailed(), _rid(request))
+
+
 @web.middleware
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], object]
 ) -> web.StreamResponse:
-    rid = request[h.REQUEST_ID] = _request_id(request)
+    rid = _rid(request)
     try:
+        _check_header_total(request)
         return await handler(request)  # type: ignore[misc, no-any-return]
     except ProxyError as err:
         if err.status >= 500 and type(err) is ProxyError:
@@ -116,11 +152,25 @@ def check_config(config: ProxyConfig, source: str = "config") -> None:
     )
 
 
+MAX_HEADERS_TOTAL = 64 * 1024
+"""All request headers together at most (Envoy's default max_request_headers_kb is 60)."""
+
+
+def _check_header_total(request: web.Request) -> None:
+    total = sum(len(k) + len(v) for k, v in request.raw_headers)
+    if total > MAX_HEADERS_TOTAL:
+        raise HeaderFieldsTooLarge(
+            f"The request headers total {total} bytes; the limit is {MAX_HEADERS_TOTAL}.",
+            code="headers_too_large",
+        )
+
+
 def build_app(config: ProxyConfig, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
     app = web.Application(
         middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
     )
+    app.on_response_prepare.append(_tag_response)
     metrics = Metrics(deps.registry, max_tenants=config.metrics.max_tenants)
     gpu = deps.gpu if deps.gpu is not None and deps.gpu.available else None
     gpu_backend = config.gpu.backend
@@ -167,7 +217,9 @@ def build_app(config: ProxyConfig, deps: Deps | None = None) -> web.Application:
         config=config, pool=pool, transport=transport, recorder=recorder, router=router,
         scheduler=scheduler, tenants=tenants, drain=Drain(),
         report=est.report if est is not None else None,
-        deny_headers=frozenset(x.lower() for x in config.server.forward_headers_deny),
+        deny_headers=frozenset(
+            x.lower() for x in (*config.server.forward_headers_deny, config.routing.session_header)
+        ),
         worker=deps.worker.index if deps.worker is not None else None,
     )  # fmt: skip
     app[h.PROXY] = px
@@ -293,10 +345,10 @@ def _siblings(worker: WorkerSlot) -> Callable[[], Awaitable[list[bytes]]]:
 
 
 def _routes(app: web.Application, px: h.Proxy, metrics: Metrics, worker: WorkerSlot | None) -> None:
-    app.router.add_post("/v1/chat/completions", h.chat_completions)
-    app.router.add_post("/v1/completions", h.completions)
+    app.router.add_post("/v1/chat/completions", h.chat_completions, expect_handler=_expect)
+    app.router.add_post("/v1/completions", h.completions, expect_handler=_expect)
     app.router.add_get("/v1/models", h.list_models)
-    app.router.add_route("*", "/v1/{tail:.*}", h.other_v1)
+    app.router.add_route("*", "/v1/{tail:.*}", h.other_v1, expect_handler=_expect)
     app.router.add_get("/health", h.health)
     app.router.add_get("/ready", h.ready)
     siblings = _siblings(worker) if worker is not None and worker.count > 1 else None

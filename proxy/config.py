@@ -121,8 +121,9 @@ class ServerConfig:
     )
     forward_headers_deny: tuple[str, ...] = doc(
         "Client headers never forwarded upstream, besides hop-by-hop headers, the proxy's own "
-        "controls (x-priority, x-tenant, x-request-deadline-ms, x-rightsizer-*) and "
-        "credentials (see backends[].forward_client_auth). Case-insensitive.",
+        "controls (x-priority, x-tenant, x-request-deadline-ms, x-rightsizer-*, the "
+        "routing.session_header) and credentials (see backends[].forward_client_auth). "
+        "Case-insensitive.",
         (),
     )
 

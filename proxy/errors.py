@@ -4,7 +4,8 @@
     ├── InvalidRequest          400  invalid_request_error   (also a ValueError)
     │   ├── BodyTooLarge        413  invalid_request_error
     │   └── HeaderFieldsTooLarge 431 invalid_request_error
-    │   └── RequestTimeout      408  invalid_request_error   (the client was too slow)
+    │   ├── RequestTimeout      408  invalid_request_error   (the client was too slow)
+    │   └── ExpectationFailed   417  invalid_request_error
     ├── Unauthorized            401  authentication_error
     ├── ModelNotFound           404  invalid_request_error   code=model_not_found
     ├── MethodNotAllowed        405  invalid_request_error
@@ -32,6 +33,7 @@ from aiohttp.http_exceptions import LineTooLong
 class ProxyError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
+    close: ClassVar[bool] = False  # the connection's framing is lost: close it after answering
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -61,6 +63,18 @@ class HeaderFieldsTooLarge(InvalidRequest):
 
 class RequestTimeout(InvalidRequest):
     status = 408
+    close = True
+
+
+class MalformedBody(InvalidRequest):
+    close = True
+
+
+class ExpectationFailed(InvalidRequest):
+    status = 417
+
+    def __init__(self) -> None:
+        super().__init__("Only 'Expect: 100-continue' is supported.", param="expect")
 
 
 class Unauthorized(ProxyError):
@@ -139,12 +153,15 @@ def error_response(err: ProxyError, request_id: str | None = None) -> web.Respon
     headers = err.headers()
     if request_id:
         headers["x-request-id"] = request_id
-    return web.Response(
+    resp = web.Response(
         status=err.status,
         body=orjson.dumps(err.body()),
         content_type="application/json",
         headers=headers,
     )
+    if err.close:
+        resp.force_close()
+    return resp
 
 
 def sse_error_event(err: ProxyError) -> bytes:

@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from estimator.records import Outcome
 
@@ -28,6 +30,7 @@ from .dispatch import dispatch
 from .errors import (
     BodyTooLarge,
     InvalidRequest,
+    MalformedBody,
     MethodNotAllowed,
     ModelNotFound,
     NoHealthyBackend,
@@ -160,6 +163,15 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.") from None
+    except (HttpProcessingError, RequestPayloadError):
+        # nothing more can be read of this body: mark it ended, so aiohttp does not try to
+        # drain it after the answer (which would log the decoding error a second time); the
+        # answer closes the connection
+        request.content.feed_eof()
+        raise MalformedBody(
+            "The request body could not be read: its Content-Encoding or framing is invalid.",
+            code="malformed_body",
+        ) from None
     except TimeoutError:
         raise RequestTimeout(
             f"The request body did not arrive within {timeout_s:g}s (server.body_timeout_s).",
@@ -301,7 +313,8 @@ async def other_v1(request: web.Request) -> web.StreamResponse:
     """Other /v1 paths (embeddings, tokenize, files, ...): forwarded with the client's method,
     measured as plain requests. Paths that leave /v1/ are refused."""
     px = request.app[PROXY]
-    path = upstream_path(request.raw_path.split("?", 1)[0], request.query_string)
+    raw_path, _, raw_query = request.raw_path.partition("?")
+    path = upstream_path(raw_path, raw_query)
     if request.path in _INFERENCE:
         raise MethodNotAllowed(
             f"Method {request.method} is not allowed on {request.path}; use POST."
@@ -391,6 +404,18 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ok else 503)
 
 
+class NoReport(ProxyError):
+    status = 503
+    type = "service_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The estimator has no report yet (it needs a few requests and one refresh), or it "
+            "is not running.",
+            code="no_report",
+        )
+
+
 def check_admin(request: web.Request, token: str | None) -> None:
     """``Authorization: Bearer <token>`` (scheme case-insensitive) on /admin/*."""
     if token is None:
@@ -407,9 +432,7 @@ def estimator_report_handler(report: Any, token: str | None) -> Any:
         check_admin(request, token)
         data = report() if report is not None else None
         if data is None:
-            return web.json_response(
-                {"status": "no_report", "detail": "The estimator has no report yet."}, status=503
-            )
+            raise NoReport()
         return web.Response(body=orjson.dumps(data), content_type="application/json")
 
     return handle

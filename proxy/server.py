@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,14 +72,11 @@ class _GuardedHandler(RequestHandler):
             self.force_close()
 
     def data_received(self, data: bytes) -> None:
-        idle = self._waiter is not None and not self._waiter.done() and not self._messages
         super().data_received(data)
-        if not (idle and data):
+        if self._messages or self._request_in_progress or self._upgraded:
+            self._header_started = False  # a whole request head arrived, or one is served
             return
-        if self._waiter is None or self._waiter.done():
-            self._header_started = False  # a whole request arrived
-            return
-        if not self._header_started:  # the first bytes of a request: headers are due soon
+        if data and not self._header_started:  # the first bytes of a request head
             self._header_started = True
             self._close_at(self._loop.time() + self._guards.header_timeout_s)
 
@@ -117,7 +115,7 @@ class _GuardedHandler(RequestHandler):
         else:
             log.info("refused a malformed request from %s: %s", request.remote, err.message)
         self._count(err.code or "malformed")
-        resp = error_response(err)
+        resp = error_response(err, os.urandom(12).hex())
         resp.force_close()  # as aiohttp does: the connection's framing may be lost
         return resp
 

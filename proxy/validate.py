@@ -256,21 +256,31 @@ def parse_deadline_ms(raw: str | None) -> float | None:
 
 
 def upstream_path(raw_path: str, query: str = "") -> str:
-    """The client's ``/v1/...`` path, checked to stay under ``/v1/``: percent-decoded once,
-    no dot segments, no empty segments, no backslashes or control characters (nginx and Envoy
-    normalise such paths; a proxy that forwards them lets clients reach the backend's other
-    endpoints with the backend's credentials). Raises ``InvalidRequest`` (400) otherwise."""
-    decoded = unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
-    segments = decoded.split("/")
+    """The client's ``/v1/...`` path, checked to stay under ``/v1/`` however loosely a backend
+    might read it: percent-decoded once as strict UTF-8 (an overlong or invalid sequence is
+    refused), then no dot segment (also ``..;param``, as Tomcat-style servers read it), no empty
+    segment, no backslash, no control character, and no ``%`` left (a double-encoded dot or
+    slash becomes one at a server that decodes twice). Nginx and Envoy normalise or refuse
+    such paths; a proxy that forwards them lets clients reach the backend's other endpoints
+    with the backend's credentials. Raises ``InvalidRequest`` (400) otherwise. ``query`` is
+    forwarded as the client sent it (still encoded)."""
+    try:
+        decoded = unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
+    except UnicodeDecodeError:
+        decoded = "\x00"  # not UTF-8 once decoded: refused below
+    segments = [seg.split(";", 1)[0] for seg in decoded.split("/")[1:]]
     bad = (
         not decoded.startswith("/v1/")
-        or any(s in ("", ".", "..") for s in segments[1:])
+        or any(seg in ("", ".", "..") for seg in segments)
         or "\\" in decoded
+        or "%" in decoded
         or not decoded.isprintable()
     )
     if bad:
         raise InvalidRequest(
-            "The path must stay under /v1/ (no '.', '..' or empty segments).", param="path"
+            "The path must stay under /v1/ (no '.', '..' or empty segments, no backslash, no "
+            "double percent-encoding, valid UTF-8).",
+            param="path",
         )
     return raw_path + (f"?{query}" if query else "")
 
@@ -278,11 +288,12 @@ def upstream_path(raw_path: str, query: str = "") -> str:
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
      "trailers", "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
-     "expect", "proxy-connection", "authorization"}
+     "content-encoding", "expect", "proxy-connection", "authorization"}
 )  # fmt: skip
 """Request headers never forwarded as they came: hop-by-hop (RFC 9110 §7.6.1), the ones the
-proxy sets itself (host, length, ``accept-encoding: identity``), ``expect``, and credentials
-(the transport adds the backend's key, or the client's where ``forward_client_auth``)."""
+proxy sets itself (host, length, ``accept-encoding: identity``; ``content-encoding``: the proxy
+decodes a compressed request body and sends it plain), ``expect``, and credentials (the
+transport adds the backend's key, or the client's where ``forward_client_auth``)."""
 
 PROXY_CONTROLS = frozenset({"x-priority", "x-tenant", "x-request-deadline-ms"})
 

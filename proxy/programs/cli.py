@@ -117,18 +117,19 @@ async def shutdown(
 ) -> None:
     """Graceful stop, the grace counted once from now.
 
-    1. ``/ready`` answers 503 (load balancers stop sending), for ``drain_delay_s`` while the
-       listener still accepts; 2. the listener closes and idle keep-alive connections close;
-    3. requests in flight may finish until the grace ends; 4. those still running then end
-       with an error (streams: a final SSE ``error`` event, code ``shutdown``; others: 503),
-       each recorded as ``shutdown``; 5. the app's resources close.
+    1. ``/ready`` answers 503 at once (load balancers stop sending) while the listener stays
+       open: requests still arriving are served; 2. the listener closes when nothing is in
+       flight (after ``drain_delay_s`` at least), or when the grace ends; 3. requests still
+       running then end with an error (streams: a final SSE ``error`` event, code
+       ``shutdown``; others: 503), each recorded as ``shutdown``; 4. the app's resources close.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
     log.info("shutting down (grace %.0fs)", grace_s)
     if drain is not None:
         drain.draining = True
-    if drain_delay_s > 0:
+        await _idle(drain, deadline, at_least_until=loop.time() + min(drain_delay_s, grace_s))
+    elif drain_delay_s > 0:
         await asyncio.sleep(min(drain_delay_s, grace_s))
     for site in list(runner.sites):
         await site.stop()
@@ -148,9 +149,10 @@ async def shutdown(
     await runner.cleanup()
 
 
-async def _idle(drain: Drain, deadline: float) -> None:
+async def _idle(drain: Drain, deadline: float, at_least_until: float = 0.0) -> None:
+    """Wait until nothing is in flight (and ``at_least_until`` passed), or ``deadline``."""
     loop = asyncio.get_running_loop()
-    while drain.tasks and loop.time() < deadline:
+    while (drain.tasks or loop.time() < at_least_until) and loop.time() < deadline:
         await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
 
 

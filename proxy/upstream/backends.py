@@ -43,6 +43,7 @@ class Backend:
 
     __slots__ = (
         "_models_discovered",
+        "_models_due",
         "config",
         "consecutive_failures",
         "dialect",
@@ -64,7 +65,8 @@ class Backend:
         self.url = config.url.rstrip("/")
         self.models: frozenset[str] = frozenset(config.models)
         self.model_entries: dict[str, dict[str, Any]] = {}  # /v1/models entries, as served
-        self._models_discovered = bool(config.models)
+        self._models_discovered = bool(config.models)  # its model list was ever known
+        self._models_due = not config.models  # read /v1/models at the next passing check
         self.healthy = False  # until the first check passes
         self.last_error: str | None = None
         self.consecutive_failures = 0
@@ -211,7 +213,7 @@ class BackendPool:
                 await self._scrape(b)
                 next_scrape = now + h.scrape_interval_s
             if now >= next_models:
-                b._models_discovered = bool(b.config.models)
+                b._models_due = not b.config.models
                 next_models = now + h.models_refresh_s
             await asyncio.sleep(min(h.interval_s, h.scrape_interval_s or h.interval_s))
             await self._check(b)
@@ -231,7 +233,7 @@ class BackendPool:
                 status, _ = await self._get(b.url + "/v1/models", b.auth_headers())
             if status != 200:
                 error = f"HTTP {status}"
-            elif not b._models_discovered:
+            elif b._models_due:
                 await self._discover(b)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             error = _describe(exc)
@@ -256,7 +258,7 @@ class BackendPool:
         if models != b.models:
             log.info("backend %s serves %s", b.name, ", ".join(sorted(models)) or "nothing")
         b.models, b.model_entries = models, entries
-        b._models_discovered = True
+        b._models_discovered, b._models_due = True, False
 
     async def _scrape(self, b: Backend) -> None:
         if b.config.dialect == "none":

@@ -45,8 +45,10 @@ _MARKERS = re.compile(rb'"usage"\s*:\s*\{|"finish_reason"\s*:\s*"|\[DONE\]')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
-     "proxy-connection", "trailer", "upgrade"}
+     "proxy-connection", "trailer", "upgrade", "x-request-id"}
 )  # fmt: skip
+"""Response headers not passed to the client: hop-by-hop ones, the length and coding (the
+relay may change both), and the backend's own request id (the client gets the proxy's)."""
 _DECODABLE = frozenset({"gzip", "x-gzip", "deflate"})
 
 
@@ -294,8 +296,10 @@ async def relay_stream(
             UpstreamError(f"Backend {meas.backend} failed mid-stream: the connection broke."),
         )
     except asyncio.CancelledError:
-        if drain.expired and not meas.last_event_sent:
+        if drain.expired and not meas.last_event_sent:  # the end, properly framed
             await _fail_stream(out, meas, Outcome.SHUTDOWN, ShuttingDown())
+            with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+                await out.write_eof()
         raise
     finally:
         # a finished stream gives its keep-alive connection back to the pool; any other end

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import aiohttp
+from yarl import URL
 
 from ..config import TimeoutConfig
 from .backends import Backend
@@ -75,7 +76,7 @@ class Transport:
     ) -> aiohttp.ClientResponse:
         """One request to ``backend``; raises aiohttp's connection errors and TimeoutError."""
         hdrs = {**headers, **backend.auth_headers(client_auth)}
-        url = backend.url + path
+        url = URL(backend.url + path, encoded=True)  # as the client sent it, never re-encoded
         data = body if body or method not in ("GET", "HEAD") else None
         try:
             return await self.session.request(

@@ -272,8 +272,8 @@ def _wait_backends_up(p: Proc, n: int) -> None:
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    r = RedisServer()
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    r = RedisServer(persist_dir=str(tmp_path))  # what Redis acknowledged survives a SIGKILL
     r.start()
     yield r
     r.stop()

@@ -15,18 +15,27 @@ from tests.support.procs import free_port, wait_for
 
 
 class RedisServer:
-    """A redis-server of our own, on its own port (never the shared one at 6379)."""
+    """A redis-server of our own, on its own port (never the shared one at 6379).
 
-    def __init__(self) -> None:
+    ``persist_dir``: keep an append-only file there, fsynced on every write, so a SIGKILL and a
+    restart lose nothing Redis acknowledged (a test of the proxy's records must not count what
+    a memory-only Redis forgot when it was killed)."""
+
+    def __init__(self, persist_dir: str | None = None) -> None:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.persist_dir = persist_dir
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.fail("redis-server is not installed (.ci/run installs it)")
+        durability = ["--appendonly", "no"]
+        if self.persist_dir is not None:
+            durability = ["--appendonly", "yes", "--appendfsync", "always",
+                          "--dir", self.persist_dir]  # fmt: skip
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *durability],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis(port=self.port)
