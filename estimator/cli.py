@@ -236,7 +236,8 @@ def _profile(args: argparse.Namespace) -> TrafficProfile:
 
 def _write_plot(path: str, report: DeploymentReport, config: EstimatorConfig) -> None:
     t = report.traffic
-    title = (f"{report.model} on {report.gpus_per_replica}x {report.gpu} ({report.quant}): "
+    title = (f"{report.model} on {report.replicas}x {report.gpus_per_replica}x {report.gpu} "
+             f"({report.quant}): "
              f"{t.description if t else ''}")  # fmt: skip
     rate = t.rate_rps / max(1, report.replicas) if t else None
     fig = plot.figure(report.latency_curve, config.slo, report.alternatives, title=title,
@@ -355,7 +356,7 @@ def alternative_header(alts: tuple[Alternative, ...]) -> tuple[str, ...]:
 
 def alternative_rows(alts: tuple[Alternative, ...]) -> list[tuple[str, ...]]:
     """Options that serve nothing show their verdict, never a rate or a price."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for i, a in enumerate(alts, 1):
         u = a.uncertainty
         ok = a.meets_slo

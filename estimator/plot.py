@@ -90,9 +90,7 @@ def _cost_panel(ax: Any, alternatives: Sequence[Alternative]) -> None:
     values = [a.usd_per_hour if a.meets_slo else 0.0 for a in alts][::-1]
     colors = ["tab:green" if a.meets_slo else "tab:gray" for a in alts][::-1]
     ax.barh(labels, values, color=colors)
-    ax.set_xlabel(
-        "USD per hour, sized for the forecast peak (empty: misses the SLO or does not fit)"
-    )
+    ax.set_xlabel("USD/hour for the forecast peak (none: misses the SLO or does not fit)")
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title("cost per option, cheapest first", fontsize=10)
 

@@ -374,13 +374,13 @@ class _Pass:
     def run(self) -> Projection:
         inp, cfg, t = self.inp, self.cfg, self.inp.traffic
         if inp.running and inp.requests_observed < cfg.min_records:
-            why = f"{inp.requests_observed} requests observed, {cfg.min_records} needed"
-            return Projection(report=self.empty("insufficient_data", [why]))
+            need = f"{inp.requests_observed} requests observed, {cfg.min_records} needed"
+            return Projection(report=self.empty("insufficient_data", [need]))
         cal = inp.calibration
         step, source, step_notes = choose_step(cal, inp.prior, cfg.min_records)
         self.notes += step_notes
         if step is None or t is None or t.workload is None:
-            why = [] if step is None else ["no requests with token counts yet"]
+            why: list[str] = [] if step is None else ["no requests with token counts yet"]
             return Projection(
                 report=self.empty(
                     "insufficient_data", why, fit=fit_report(cal, source, advisor.Transfer())
@@ -435,7 +435,7 @@ class _Pass:
                                 rate_rps=traffic.report.rate_rps if traffic else 0.0,
                                 mean_prompt_tokens=w.mean_prompt if w else 0.0,
                                 mean_output_tokens=w.mean_output if w else 0.0,
-                                at="current rate")  # fmt: skip
+                                at=self.rate_label())  # fmt: skip
         return DeploymentReport(
             **self._common(replicas), status=status, notes=(*self.notes, *notes),  # type: ignore[arg-type]
             traffic=traffic.report if traffic else None, capacity_rps=None,
@@ -522,7 +522,11 @@ class _Pass:
                                 mean_output_tokens=w.mean_output, times=times,
                                 cached_ratio=cached, capacity_rps=cap, at=label)  # fmt: skip
 
-        return at(rate, "current rate"), at(capacity, "capacity") if capacity > 0 else None
+        return at(rate, self.rate_label()), at(capacity, "capacity") if capacity > 0 else None
+
+    def rate_label(self) -> str:
+        """The rate a projection is about: measured online, given offline."""
+        return "current rate" if self.inp.running else "offered rate"
 
     def curve(self, b: Basis, rate: float) -> tuple[CurvePoint, ...]:
         n = self.inp.curve_points

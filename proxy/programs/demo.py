@@ -360,24 +360,24 @@ async def drive_with_progress(url: str, plan: Sequence[Planned], t: Traffic,
     if not show:
         await drive(url, plan, t)
         return
-    from rich.progress import BarColumn, Progress, TextColumn
+    from rich.progress import Progress, TextColumn
 
     rate = ramp(duration_s)
-    columns = (BarColumn(bar_width=20), TextColumn("{task.description}"))
-    with Progress(*columns, console=_console()) as progress:
+    with Progress(TextColumn("{task.description}", markup=False), console=_console()) as progress:
         task = progress.add_task("", total=duration_s)
 
         def tick(elapsed: float) -> None:
-            sending = elapsed < duration_s and t.sent < len(plan)
-            head = (f"{min(elapsed, duration_s):4.0f}/{duration_s:g} s, "
-                    f"{rate(elapsed):4.1f} req/s offered" if sending else
-                    f"draining: {t.sent - t.done} in flight")  # fmt: skip
+            done = min(elapsed, duration_s) / max(duration_s, 1e-9)
+            bar = "#" * round(20 * done) + "." * (20 - round(20 * done))
+            head = (f"{min(elapsed, duration_s):3.0f}/{duration_s:g} s, "
+                    f"{rate(elapsed):4.1f} req/s offered"
+                    if elapsed < duration_s and t.sent < len(plan)
+                    else f"draining: {t.sent - t.done} in flight")  # fmt: skip
             progress.update(task, completed=min(elapsed, duration_s),
-                            description=f"{head}, {t.done}/{t.sent} done\n"
+                            description=f"[{bar}] {head}, {t.done}/{t.sent} done\n"
                             f"{live_line(est.report())}")  # fmt: skip
 
         await drive(url, plan, t, on_tick=tick)
-        progress.update(task, completed=duration_s)
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

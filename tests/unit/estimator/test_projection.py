@@ -72,7 +72,7 @@ def test_one_pass_headline_advice_and_alternatives_agree() -> None:
     assert now.replicas == d.recommended_replicas == d.replicas  # offline: the recommended count
     replicas = next(r for r in d.recommendations if r.kind == "replicas")
     assert replicas.value == d.recommended_replicas
-    assert d.cost is not None and d.cost.at == "current rate"
+    assert d.cost is not None and d.cost.at == "offered rate"  # offline: the rate given
     assert d.cost_at_capacity is not None and d.cost_at_capacity.at == "capacity"
     priced = [a for a in d.alternatives if a.meets_slo]
     assert priced and all(a.priced_at_rps == pytest.approx(3.0) for a in priced)
