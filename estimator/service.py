@@ -381,6 +381,7 @@ class Estimator:
             proj = project(inputs, self._models[model].cache)
         except (ValueError, ArithmeticError) as e:  # one model's bad data must not hide the rest
             log.warning("estimator: projection of %r failed: %s", model, e)
+            self._projections.pop(model, None)
             return failed(inputs or self._bare_inputs(model, now), str(e))
         self._projections[model] = proj
         return proj.report
