@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_emulate)
 
     d = sub.add_parser("demo", help="self-contained demo: emulated engines, proxy, traffic, report")
-    d.add_argument("--duration", type=float, default=30.0, help="traffic duration in seconds")
+    d.add_argument("--duration", type=float, default=40.0, help="traffic duration in seconds")
     d.add_argument("--requests", type=int, default=2000, help="maximum requests to send")
     d.add_argument("--seed", type=int, default=7, help="seed of the traffic schedule (default 7)")
     d.set_defaults(func=cmd_demo)

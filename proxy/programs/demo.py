@@ -92,6 +92,7 @@ def _request(i: int, rng: random.Random, model: str) -> tuple[str, dict[str, Any
     words = " ".join(f"w{rng.randrange(1000)}" for _ in range(rng.randint(20, 400)))
     max_tokens = rng.choice([16, 32, 64, 128])
     headers = {"x-tenant": tenant, "x-priority": priority}
+    stream = i % 4 != 3  # three in four streamed: only streamed requests show TTFT and gaps
     if i % 3:
         body = {
             "model": model,
@@ -100,12 +101,12 @@ def _request(i: int, rng: random.Random, model: str) -> tuple[str, dict[str, Any
                 {"role": "user", "content": words},
             ],
             "max_tokens": max_tokens,
-            "stream": i % 3 == 1,
+            "stream": stream,
         }
         return "/v1/chat/completions", body, headers
     return (
         "/v1/completions",
-        {"model": model, "prompt": words, "max_tokens": max_tokens, "stream": i % 2 == 0},
+        {"model": model, "prompt": words, "max_tokens": max_tokens, "stream": stream},
         headers,
     )
 

@@ -2,9 +2,16 @@
 recommendation, and their capacity is within 10%.
 
 Each run is the real demo (two emulated engines, the proxy, the estimator in its child
-process) with a 30-second schedule: about 35 s each on the shared 2-core machine. Its figures
+process) with a 40-second schedule: about 45 s each on the shared 2-core machine. Its figures
 must also tell one story: every request recorded, the proxy's ITL read over token gaps, the
-projected latencies at the measured rate within the capacity band of the measured ones.
+projected latencies at the measured rate close to the measured ones.
+
+The emulated engines run on the host's CPU: when other work on the machine slows them (a
+loaded 2-core host stretched their decode steps by 10-30% and their tail by more), the two
+runs measured different engines, and the estimator rightly says different things. So the pair
+is judged only when both runs measured the same engine (pooled ITL p50, a plain decode step,
+within 5%); otherwise it is run again, up to three pairs, the way the accuracy benchmark
+reruns a drifted engine.
 """
 
 from __future__ import annotations
@@ -13,31 +20,53 @@ import asyncio
 
 import pytest
 
+from estimator.records import GAP_BINS, Outcome, add_gap_histogram, gap_quantiles
 from proxy.programs.demo import DemoResult, demo
 
-DURATION_S = 30.0
+DURATION_S = 40.0
+SAME_ENGINE = 0.05
+PAIRS = 3
 
 
 def run() -> DemoResult:
     return asyncio.run(demo(duration_s=DURATION_S, requests=2000, seed=7, show=False))
 
 
-@pytest.mark.timeout(240)
+def decode_step_s(r: DemoResult) -> float:
+    dense = [0] * GAP_BINS
+    for rec in r.records:
+        if rec.outcome is Outcome.OK:
+            add_gap_histogram(dense, rec.itl)
+    p50 = gap_quantiles(dense, [0.5])[0]
+    assert p50 is not None
+    return p50
+
+
+def same_engine_pair() -> tuple[DemoResult, DemoResult]:
+    steps = []
+    for _ in range(PAIRS):
+        first, second = run(), run()
+        a, b = decode_step_s(first), decode_step_s(second)
+        steps.append((a, b))
+        if abs(a / b - 1) <= SAME_ENGINE:
+            return first, second
+    pytest.fail(f"the host changed the emulated engines' speed in every pair: {steps}")
+
+
+@pytest.mark.timeout(900)
 def test_two_runs_of_the_same_seed_agree() -> None:
-    first, second = run(), run()
+    first, second = same_engine_pair()
     a, b = first.deployment, second.deployment
     assert a is not None and b is not None
     for r, d in ((first, a), (second, b)):
         assert r.sent == len(r.records) and r.errors == 0
         assert d.status == "ok" and d.fit.source == "calibrated"
         assert d.observed_gaps > 1000 and d.observed_itl_p95_s is not None
-        assert d.capacity_band is not None
-        band = d.capacity_band.rel_error
         for projected, measured in ((d.projected_itl_p95_s, d.observed_itl_p95_s),
                                     (d.projected_ttft_p95_s, d.observed_ttft_p95_s)):  # fmt: skip
             assert projected is not None and measured is not None
-            assert abs(projected / measured - 1) <= max(band, 0.5)
-    assert a.recommended_replicas == b.recommended_replicas is not None
+            assert abs(projected / measured - 1) <= 0.5, (projected, measured)
+    assert a.recommended_replicas == b.recommended_replicas
     recs_a = {r.kind: r.value for r in a.recommendations}
     recs_b = {r.kind: r.value for r in b.recommendations}
     assert recs_a["replicas"] == recs_b["replicas"]
