@@ -8,8 +8,9 @@ with the same SLO default; this module only parses and prints.
 
 --model takes a config.json, a folder holding one, a packaged name (see the error for the
 list) or a Hugging Face id already in the local cache ($HF_HOME); nothing is downloaded.
-Without --traffic the default given under --traffic is used (and said so). Without --replicas the deployment
-shown is the recommended one: the replicas the rate needs plus the spare (N+1).
+Without --traffic the default given under --traffic is used (and said so). Without
+--replicas the deployment shown is the recommended one: the replicas the rate needs plus the
+spare (N+1).
 
 Exit codes: 0 done; 2 a bad argument (the message names the flag); 3 the table was printed
 but --plot could not be written because matplotlib is missing (pip install 'rightsizer[plot]').
