@@ -414,6 +414,11 @@ def print_results(t: Traffic, report: Report, config: EstimatorConfig, gpu: GpuS
                 ["", f"measured ({window})", "projected"], estimator_rows(d))  # fmt: skip
     for line in verdict_lines(d, config):
         c.print(line)
+    scale = d.fit.scale_vs_prior
+    if scale is not None and abs(scale - 1.0) > 0.1:  # the emulators run on this host's CPU
+        c.print(f"note: the emulated engines decoded {scale:.2f}x as slowly as the {gpu.key} they "
+                f"emulate (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): the "
+                "estimator fits what it measured, so a busy host moves these figures")  # fmt: skip
     for n in d.notes:
         c.print(f"  note: {n}")
     for r in d.recommendations:
