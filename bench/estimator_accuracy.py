@@ -8,10 +8,10 @@ request log on. Then:
 2. **prediction**: those records (and one ``BackendSnapshot`` with the server's
    ``cache_config_info``: block size and number of KV blocks) are replayed into an
    ``Estimator`` (``replay_records``): its report gives the capacity at the SLO. The p95 TTFT
-   and ITL at two other rates (50% and 80% of the predicted capacity) come from the same
-   pieces the estimator projects with (``projection.workload_of``, ``engine_limits``,
-   ``choose_step``, ``simulate``); the benchmark checks that these pieces give the report's
-   capacity, so they are the estimator's path and not a copy of it;
+   and ITL at two other rates (50% and 80% of the predicted capacity) are simulated on the
+   numbers behind that very report (``Estimator.projection(model).basis``: the step model,
+   engine limits, workload and capacity ``estimator.projection.project`` used), so they are
+   the estimator's path and not a copy of it;
 3. **measurement**: an open-loop ramp of Poisson steps (a fixed number of requests per step,
    the server drained between steps) at rates around the prediction, 50% and 80% of it
    included; per step the client measures p95 TTFT and p95 ITL. The measured capacity is the
@@ -111,7 +111,6 @@ for _p in (str(ROOT),):
 from estimator.calibrate import CalibratorConfig, OnlineCalibrator  # noqa: E402
 from estimator.capacity import max_rate_at_slo  # noqa: E402
 from estimator.engine import StepModel  # noqa: E402
-from estimator.projection import choose_step, engine_limits, workload_of  # noqa: E402
 from estimator.records import BackendSnapshot, Outcome, RequestRecord  # noqa: E402
 from estimator.service import Estimator, EstimatorConfig  # noqa: E402
 from estimator.simulate import EngineLimits, Replay, Workload, replay, simulate  # noqa: E402
@@ -699,20 +698,12 @@ def predict(
     est.observe_backend(snapshot)
     report = est.replay_records(records)
     dep = next(d for d in report.deployments if d.model == SERVED)
-    # the pieces estimator.projection.project uses, rebuilt to simulate other rates
-    state = est._models[SERVED]  # the deployment's own calibrator (prior included)
-    cal = state.calibrator.fit(max_num_seqs=snapshot.max_num_seqs or cfg.max_num_seqs)
-    step, source, _ = choose_step(cal, state.prior, cfg.min_records)
-    if step is None:
+    # the numbers behind the report (estimator.projection.project), to simulate other rates
+    proj = est.projection(SERVED)
+    if proj is None or proj.basis is None:
         raise RuntimeError(f"no step model: {dep.notes}")
-    workload = workload_of(state.traffic)
-    assert workload is not None
-    limits, _ = engine_limits([snapshot], None, cfg, state.traffic.cached_ratio())
-    cap = max_rate_at_slo(step, limits, workload, cfg.slo, n_requests=cfg.sim_requests)
-    if dep.capacity_rps is not None and not math.isclose(
-        cap.rate_rps, dep.capacity_rps, rel_tol=1e-9
-    ):
-        raise RuntimeError(f"rebuilt capacity {cap.rate_rps} != report {dep.capacity_rps}")
+    step, limits, workload = proj.basis.step, proj.basis.limits, proj.basis.workload
+    cap, source = proj.basis.capacity, dep.fit.source
     default = Estimator(replace(cfg, sim_requests=EstimatorConfig().sim_requests))
     default.observe_backend(snapshot)
     default_dep = next(d for d in default.replay_records(records).deployments if d.model == SERVED)

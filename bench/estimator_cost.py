@@ -155,7 +155,7 @@ def bench_pieces() -> dict[str, float]:
 def bench_memory(hours: int, per_hour: int) -> list[tuple[int, float]]:
     """Replay ``hours`` of traffic hour by hour, refreshing each hour; traced memory (MiB)."""
     tracemalloc.start()
-    est = Estimator(EstimatorConfig(advisor_interval_s=1e9))
+    est = Estimator(EstimatorConfig())  # no model config: no alternatives search
     start = 1_800_000_000.0
     out = []
     for h in range(hours):

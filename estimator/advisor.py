@@ -223,14 +223,15 @@ def evaluate(
     capacity: CapacityResult | None = None,
     current: bool = False,
 ) -> Alternative:
-    """Capacity at the SLO, replicas for the peak (N+1) and cost of one configuration."""
+    """Capacity at the SLO, replicas for the peak (N+1) and cost of one configuration (per-token
+    prices at the forecast peak, ``priced_at_rps``)."""
     if capacity is None:
         capacity = max_rate_at_slo(c.step, c.limits, workload, settings.slo,
                                    n_requests=settings.n_requests)  # fmt: skip
     per = capacity.per_replica_rps
     meets = per > 0
-    needed = max(1, math.ceil(settings.peak_rps / per - 1e-9)) if meets else 1
-    replicas = needed + max(0, settings.spare_replicas) if meets else needed
+    needed = _replicas(settings.peak_rps, per) if meets else 1
+    replicas = needed_replicas(settings.peak_rps, per, settings.spare_replicas) if meets else 1
     usd = deployment_usd_per_hour(c.gpu.price_per_hour, c.setup.gpus_per_replica, replicas)
     sim = capacity.at_capacity
     times = token_times(c.step, decode_batch=max(1, round(sim.mean_running)),
@@ -239,7 +240,8 @@ def evaluate(
                            mean_prompt_tokens=workload.mean_prompt,
                            mean_output_tokens=workload.mean_output, times=times,
                            cached_ratio=settings.prefix_cache_hit_ratio,
-                           capacity_rps=per * needed if meets else None)  # fmt: skip
+                           capacity_rps=per * needed if meets else None,
+                           at="forecast peak")  # fmt: skip
     band = transfer.band()
     return Alternative(
         gpu=c.setup.gpu, gpu_name=c.gpu.name, gpus_per_replica=c.setup.gpus_per_replica,
@@ -251,7 +253,8 @@ def evaluate(
         usd_per_hour=usd, usd_per_month=figures.usd_per_month,
         usd_per_1m_tokens=figures.usd_per_1m_tokens,
         usd_per_1m_input_tokens=figures.usd_per_1m_input_tokens,
-        usd_per_1m_output_tokens=figures.usd_per_1m_output_tokens, current=current,
+        usd_per_1m_output_tokens=figures.usd_per_1m_output_tokens,
+        priced_at_rps=figures.served_rps if meets else None, current=current,
         uncertainty=Uncertainty(low=per * (1 - band), high=per * (1 + band), rel_error=band,
                                 source="calibration p90 relative error" if transfer.calibrated
                                 else "uncalibrated roofline prior (assumed)"),
@@ -312,10 +315,14 @@ def search(
     transfer: Transfer,
     *,
     current: Setup | None = None,
+    current_capacity: CapacityResult | None = None,
     cache: CapacityCache | None = None,
 ) -> tuple[Alternative, ...]:
     """Ranked alternatives (see the module docstring). ``cache`` is keyed per configuration
-    and by everything the capacity depends on; pass the same dict across calls."""
+    and by everything the capacity depends on; pass the same dict across calls.
+    ``current_capacity``: the capacity the caller already projected for ``current`` (with the
+    engine limits it runs with), so the current configuration's row repeats that figure
+    instead of a second estimate of it."""
     found = candidates(arch, catalog, settings, transfer)
     if current is not None and current.gpu in catalog:
         here = make_candidate(arch, catalog[current.gpu], current, settings, transfer)
@@ -336,6 +343,8 @@ def search(
             continue
         key = (*c.setup.key(), *sig)
         cap = cache.get(key) if cache is not None else None
+        if c.setup == current and current_capacity is not None:
+            cap = current_capacity
         if cap is None:
             cap = max_rate_at_slo(c.step, c.limits, workload, settings.slo,
                                   n_requests=settings.n_requests)  # fmt: skip
@@ -353,6 +362,7 @@ def unmet(
     """A configuration ruled out without simulation (it cannot meet the SLO at any rate)."""
     usd = deployment_usd_per_hour(c.gpu.price_per_hour, c.setup.gpus_per_replica, 1)
     return Alternative(
+        fits=c.plan.fits,
         gpu=c.setup.gpu, gpu_name=c.gpu.name, gpus_per_replica=c.setup.gpus_per_replica,
         quant=c.setup.quant, kv_dtype=c.setup.kv_dtype, replicas=1, capacity_rps_per_replica=0.0,
         capacity_rps=0.0, meets_slo=False, limiting=None,
@@ -364,11 +374,21 @@ def unmet(
     )  # fmt: skip
 
 
+_SIGNATURE_BIN = math.log(1.05)
+
+
+def _bin5(x: float) -> int:
+    return round(math.log(x) / _SIGNATURE_BIN) if x > 0 else -(10**9)
+
+
 def _signature(workload: Workload, s: SearchSettings, t: Transfer) -> tuple[object, ...]:
+    """What a configuration's capacity depends on, in 5% bins: a search whose inputs moved by
+    less reuses the capacities (their band is wider than that), so the search that runs with
+    every report re-simulates only when the traffic or the fit really moved."""
     return (
-        round(workload.mean_prompt), round(workload.mean_output), workload.prompt_tokens.size,
-        int(np.percentile(workload.prompt_tokens, 90)), s.slo, s.max_num_seqs, s.max_model_len,
-        round(s.prefix_cache_hit_ratio, 2), round(t.prefill, 2), round(t.decode, 2),
+        _bin5(workload.mean_prompt), _bin5(workload.mean_output),
+        _bin5(float(np.percentile(workload.prompt_tokens, 90))), s.slo, s.max_num_seqs,
+        s.max_model_len, round(s.prefix_cache_hit_ratio, 2), _bin5(t.prefill), _bin5(t.decode),
         s.n_requests, s.gpu_memory_utilization,
     )  # fmt: skip
 
@@ -386,14 +406,26 @@ _UNDERUSED = 0.2
 class Observed:
     """What the advice reads about the live deployment (base units; None = unknown)."""
 
-    rate_rps: float  # last 5 minutes
-    rate_1h_rps: float
+    rate_rps: float  # the current rate (5-minute window online)
+    rate_long_rps: float  # over the longest window there is data for (at most an hour)
     peak_rps: float  # forecast peak
     total_tokens_p999: float | None  # prompt + output
     replicas: int
     max_num_seqs: int | None  # engine setting now
     max_model_len: int | None
     kv_dtype: str = "auto"
+    rate_long_window_s: float | None = 3600.0  # what rate_long_rps covers; None: given rate
+
+
+def _window(seconds: float | None) -> str:
+    """``over the last 20 s`` (never a longer window than the data behind it)."""
+    if seconds is None:
+        return "at the given rate"
+    if seconds < 120:
+        return f"over the last {seconds:.0f} s"
+    if seconds < 7200:
+        return f"over the last {seconds / 60:.0f} min"
+    return f"over the last {seconds / 3600:.1f} h"
 
 
 def round_len(tokens: float) -> int:
@@ -407,19 +439,50 @@ def _replicas(rate: float, per_replica: float) -> int:
     return max(1, math.ceil(rate / max(per_replica, 1e-9) - 1e-9))
 
 
-def advise_replicas(per_replica: float, obs: Observed, spare: int, band: float) -> Recommendation:
-    needed = _replicas(obs.peak_rps, per_replica) + spare
-    sev = "warning" if needed > obs.replicas else "info"
+def needed_replicas(peak_rps: float, per_replica: float, spare: int) -> int:
+    """Replicas that serve ``peak_rps`` within the SLO plus ``spare`` (N+1): the one rule the
+    headline, the replica advice and every alternative size with."""
+    return _replicas(peak_rps, per_replica) + max(0, spare)
+
+
+def replicas_range(per_replica: float, peak: float, spare: int, band: float) -> tuple[int, int]:
+    """Replicas (N+1) at the capacity band's high and low ends."""
+    high = _replicas(peak, per_replica * max(1.0 - band, 1e-6)) + spare
+    return _replicas(peak, per_replica * (1.0 + band)) + spare, high
+
+
+def advise_replicas(
+    per_replica: float, obs: Observed, spare: int, band: float, *, max_band: float = 0.5
+) -> Recommendation:
+    """One verdict on the replica count: add, fewer suffice, or right-sized; or, when the
+    capacity band is wider than ``max_band``, no count at all but the range and why."""
+    needed = needed_replicas(obs.peak_rps, per_replica, spare)
+    low, high = replicas_range(per_replica, obs.peak_rps, spare, band)
+    numbers: dict[str, str | float | int | None] = {
+        "peak_rps": obs.peak_rps, "capacity_rps_per_replica": per_replica,
+        "replicas_now": obs.replicas, "spare_replicas": spare, "band": band}  # fmt: skip
+    uncertainty = Uncertainty(low=low, high=high, rel_error=band,
+                              source="replicas at the capacity band's ends")  # fmt: skip
+    assumptions = ("ideal load balancing", "forecast peak over the configured horizon")
+    if band > max_band:
+        return Recommendation(
+            kind="replicas", severity="warning", value=None,
+            message=f"capacity {per_replica:.2f} req/s per replica is uncertain by +-{band:.0%} "
+            f"(over the {max_band:.0%} needed to act on): anywhere from {low} to {high} "
+            f"replicas would serve the forecast peak {obs.peak_rps:.2f} req/s; no count is "
+            "recommended until the fit settles (more traffic, or a model config for the prior)",
+            numbers=numbers, assumptions=assumptions, uncertainty=uncertainty)  # fmt: skip
+    if needed > obs.replicas:
+        sev, verdict = "warning", f"add {needed - obs.replicas}"
+    elif needed < obs.replicas:
+        sev, verdict = "info", f"{obs.replicas - needed} fewer would do"
+    else:
+        sev, verdict = "info", "right-sized"
     return Recommendation(
         kind="replicas", severity=sev, value=needed,
         message=f"{needed} replica(s) serve the forecast peak {obs.peak_rps:.2f} req/s within the "
-        f"SLO with {spare} spare (now {obs.replicas})",
-        numbers={"peak_rps": obs.peak_rps, "capacity_rps_per_replica": per_replica,
-                 "replicas_now": obs.replicas, "spare_replicas": spare},
-        assumptions=("ideal load balancing", "forecast peak over the configured horizon"),
-        uncertainty=Uncertainty(low=_replicas(obs.peak_rps, per_replica * (1 + band)) + spare,
-                                high=_replicas(obs.peak_rps, per_replica * (1 - band)) + spare,
-                                rel_error=band, source="replicas at the capacity band's ends"),
+        f"SLO with {spare} spare (now {obs.replicas}: {verdict})",
+        numbers=numbers, assumptions=assumptions, uncertainty=uncertainty,
     )  # fmt: skip
 
 
@@ -496,15 +559,25 @@ def advise_oom(plan: MemoryPlan | None) -> Recommendation | None:
     )  # fmt: skip
 
 
-def advise_underused(capacity_rps: float, obs: Observed, band: float) -> Recommendation | None:
-    if capacity_rps <= 0 or obs.rate_1h_rps >= _UNDERUSED * capacity_rps:
+def advise_underused(
+    capacity_rps: float, obs: Observed, band: float, *, spare: int = 1
+) -> Recommendation | None:
+    """Under-utilized: the long-window rate is under 20% of capacity, and the replica advice
+    does not ask for more replicas (N+1 can need a spare an idle deployment does not use: then
+    this says nothing, rather than "add one" beside "too many")."""
+    rate = obs.rate_long_rps
+    if capacity_rps <= 0 or rate >= _UNDERUSED * capacity_rps:
         return None
+    if _replicas(obs.peak_rps, capacity_rps / max(1, obs.replicas)) + spare > obs.replicas:
+        return None
+    window = _window(obs.rate_long_window_s)
     return Recommendation(
-        kind="underutilized", severity="warning", value=obs.rate_1h_rps / capacity_rps,
-        message=f"under-utilized: {obs.rate_1h_rps:.2f} req/s over the last hour is "
-        f"{obs.rate_1h_rps / capacity_rps:.0%} of the {capacity_rps:.2f} req/s capacity",
-        numbers={"rate_1h_rps": obs.rate_1h_rps, "capacity_rps": capacity_rps,
-                 "threshold": _UNDERUSED, "replicas": obs.replicas},
+        kind="underutilized", severity="warning", value=rate / capacity_rps,
+        message=f"under-utilized: {rate:.2f} req/s {window} is "
+        f"{rate / capacity_rps:.0%} of the {capacity_rps:.2f} req/s capacity",
+        numbers={"rate_rps": rate, "rate_window_s": obs.rate_long_window_s,
+                 "capacity_rps": capacity_rps, "threshold": _UNDERUSED,
+                 "replicas": obs.replicas},
         uncertainty=Uncertainty(low=capacity_rps * (1 - band), high=capacity_rps * (1 + band),
                                 rel_error=band, source="capacity band"),
     )  # fmt: skip
@@ -527,7 +600,8 @@ def advise_alternatives(alts: Sequence[Alternative]) -> list[Recommendation]:
     return [Recommendation(
         kind="gpu", severity="info", value=best.label(),
         message=f"{best.label()} meets the SLO at ${best.usd_per_hour:.2f}/h vs "
-        f"${now.usd_per_hour:.2f}/h for the current configuration sized the same way",
+        f"${now.usd_per_hour:.2f}/h for the current configuration sized the same way "
+        f"({now.label()}; both for the forecast peak, N+1)",
         numbers={"usd_per_hour": best.usd_per_hour, "usd_per_hour_now": now.usd_per_hour,
                  "capacity_rps": best.capacity_rps},
         assumptions=best.assumptions, uncertainty=best.uncertainty,

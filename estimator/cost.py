@@ -11,8 +11,11 @@ the default ratio ``decode_s / prefill_s = DEFAULT_DECODE_TO_PREFILL`` is used (
 memory-bound: an output token costs several times a prompt token).
 
 A deployment can serve at most its capacity: above it the served rate is the capacity, so
-cost per token never falls below its value at capacity. At rate 0, per-token and
-per-request costs are ``None`` (unknown, not infinite). A month is 730 hours.
+cost per token never falls below its value at capacity. A per-token price means nothing
+without the rate it holds at (the same $2/h can be $9 per 1M output tokens at a trickle and
+$0.31 at capacity): ``CostFigures.at`` names it and ``label()`` prints it beside every price.
+At rate 0, per-token and per-request costs are ``None`` (unknown, not infinite). A month is
+730 hours.
 """
 
 from __future__ import annotations
@@ -69,6 +72,12 @@ class CostFigures:
     usd_per_1m_output_tokens: float | None
     usd_per_1m_tokens: float | None  # blended, all tokens
     usd_per_request: float | None
+    at: str = ""  # which rate this is: "current rate", "capacity", "forecast peak"
+
+    def label(self) -> str:
+        """``at capacity (11.05 req/s)``: what every printed per-token price carries."""
+        rate = f"{self.served_rps:.2f} req/s"
+        return f"at {self.at} ({rate})" if self.at else f"at {rate}"
 
 
 def deployment_usd_per_hour(gpu_usd_per_hour: float, gpus_per_replica: int, replicas: int) -> float:
@@ -93,8 +102,10 @@ def cost_figures(
     times: TokenTimes | None = None,
     cached_ratio: float = 0.0,
     capacity_rps: float | None = None,
+    at: str = "",
 ) -> CostFigures:
-    """Cost figures at ``rate_rps`` for a deployment costing ``usd_per_hour``."""
+    """Cost figures at ``rate_rps`` for a deployment costing ``usd_per_hour``; ``at`` names
+    that rate (``current rate``, ``capacity``, ``forecast peak``) for whoever prints them."""
     served = max(0.0, rate_rps)
     if capacity_rps is not None:
         served = min(served, max(0.0, capacity_rps))
@@ -113,6 +124,7 @@ def cost_figures(
         usd_per_1m_output_tokens=_per_million(per_s * (1.0 - share), out_tps),
         usd_per_1m_tokens=_per_million(per_s, in_tps + out_tps),
         usd_per_request=per_s / served if served > 0 else None,
+        at=at,
     )
 
 

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import html
 import io
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from estimator.capacity import Slo
-from estimator.report import Alternative
-from estimator.simulate import SimResult
+from estimator.report import Alternative, CurvePoint
 
 SUFFIXES = (".png", ".html", ".htm")
 _MAX_BARS = 12
+
+
+def available() -> bool:
+    """matplotlib is installed (the ``plot`` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def check_path(path: str | Path) -> Path:
@@ -29,7 +36,7 @@ def check_path(path: str | Path) -> Path:
 
 
 def figure(
-    curve: Sequence[SimResult], slo: Slo, alternatives: Sequence[Alternative], *, title: str,
+    curve: Sequence[CurvePoint], slo: Slo, alternatives: Sequence[Alternative], *, title: str,
     rate_rps: float | None = None, capacity_rps: float | None = None,
 ) -> Any:  # fmt: skip
     """A two-panel matplotlib figure (latency vs rate per replica; $/hour per option)."""
@@ -46,18 +53,20 @@ def figure(
     return fig
 
 
-def _latency_panel(ax: Any, curve: Sequence[SimResult], slo: Slo, rate: float | None,
+def _latency_panel(ax: Any, curve: Sequence[CurvePoint], slo: Slo, rate: float | None,
                    capacity: float | None) -> None:  # fmt: skip
-    pts = [s for s in curve if math.isfinite(s.ttft_q_s) and math.isfinite(s.itl_q_s)]
+    pts = [s for s in curve if s.ttft_p95_s is not None and s.itl_p95_s is not None]
     rates = [s.rate_rps for s in pts]
     q = f"p{slo.quantile * 100:g}"
-    ax.plot(rates, [s.ttft_q_s for s in pts], "o-", color="tab:blue", label=f"TTFT {q}")
+    ax.plot(rates, [s.ttft_p95_s for s in pts], "o-", color="tab:blue", label=f"TTFT {q}")
     ax.axhline(slo.ttft_p95_s, color="tab:blue", ls="--", lw=1, label=f"TTFT SLO {slo.ttft_p95_s}s")
     ax.set_xlabel("request rate per replica (req/s)")
     ax.set_ylabel("TTFT (s)", color="tab:blue")
     ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
-    ax2.plot(rates, [s.itl_q_s for s in pts], "s-", color="tab:red", label=f"ITL {q}")
+    ax2.plot(
+        rates, [s.itl_p95_s for s in pts], "s-", color="tab:red", label=f"ITL {q} (all token gaps)"
+    )
     ax2.axhline(slo.itl_p95_s, color="tab:red", ls=":", lw=1, label=f"ITL SLO {slo.itl_p95_s}s")
     ax2.set_ylabel("ITL (s)", color="tab:red")
     ax2.set_ylim(bottom=0)
@@ -78,10 +87,10 @@ def _cost_panel(ax: Any, alternatives: Sequence[Alternative]) -> None:
         ax.set_axis_off()
         return
     labels = [a.label() + (" (now)" if a.current else "") for a in alts][::-1]
-    values = [a.usd_per_hour for a in alts][::-1]
+    values = [a.usd_per_hour if a.meets_slo else 0.0 for a in alts][::-1]
     colors = ["tab:green" if a.meets_slo else "tab:gray" for a in alts][::-1]
     ax.barh(labels, values, color=colors)
-    ax.set_xlabel("USD per hour (grey: misses the SLO)")
+    ax.set_xlabel("USD/hour for the forecast peak (none: misses the SLO or does not fit)")
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title("cost per option, cheapest first", fontsize=10)
 

@@ -1,54 +1,237 @@
-"""Per-deployment and per-backend state the Estimator keeps, and the projection from it.
+"""The projection: one pure function, ``project(inputs, cache) -> Projection``, behind every
+figure rightsizer prints: the online report (``estimator.service``), ``rightsizer estimate``
+(``estimator.cli``) and the benchmarks.
 
-Pure functions with ``now`` passed in; ``estimator.service`` owns the threads and the clock.
-A deployment is one model and the backends that served it. The projection:
+Inputs in, a report out: ``DeploymentInputs`` holds everything one pass reads (the traffic,
+the measured latencies, the engine's exposed limits, the calibrated fit, the prior, the model
+and GPU, the one ``EstimatorConfig``, ``now``); nothing else is read and nothing is written
+but the caller's ``ProjectionCache`` (a memo of simulations keyed by their inputs in 2% bins:
+it changes how fast a figure comes, never which). Headline, advice and alternatives of a
+report all come from the same pass, so they cannot disagree: the current configuration's row
+among the alternatives repeats the headline's capacity and replica count.
 
-1. traffic: rates (1 min, 5 min, 1 h), trend, forecast peak over ``forecast_horizon_s``;
-2. step model: the calibrated fit when trusted, else the roofline prior (model config + GPU),
-   else none: the report says ``insufficient_data`` and gives no capacity figures;
-3. engine limits: the backend's exposed ``num_gpu_blocks x block_size`` and ``max_num_seqs``,
-   else the memory plan, else ``max_num_seqs`` with an unbounded KV cache (said in the notes);
-4. capacity at the SLO per replica (simulated), latencies projected at the current rate per
-   replica, time until the forecast reaches capacity, replicas for the peak (N+1), cost;
-5. advice and, at most every ``advisor_interval_s``, the ranked alternatives.
+Steps:
+
+1. step model: the calibrated fit when trusted, else the roofline prior (model config + GPU),
+   else none: ``insufficient_data``, no capacity figures;
+2. engine limits: the engine's exposed KV blocks and ``max_num_seqs``, else the memory plan,
+   else ``max_num_seqs`` with an unbounded KV cache (said in the notes); offline, a plan that
+   does not fit is final (``does_not_fit``: alternatives, no capacity);
+3. capacity at the SLO per replica (simulated); replicas: those serving now, or offline the
+   recommended count (so the configuration shown is one that meets the SLO);
+4. at the current rate per replica: projected p95 TTFT and ITL (over all token gaps), checked
+   against the measured p95s of the same window (``ModelCheck``); utilization, time until the
+   forecast reaches capacity, cost at the current rate and at capacity;
+5. uncertainty: the capacity band is the fit's p90 error (an uncalibrated prior: +-50%),
+   widened to the model's miss at the measured rate when the window holds enough data; a band
+   wider than ``max_actionable_band`` gives a replica range, not a count;
+6. advice and the ranked alternatives, from the same inputs.
+
+Longer than the house's 400 lines: the inputs, the pass and its pieces are one unit, the only
+place a figure of a report is computed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 import numpy as np
 
 from estimator import advisor
-from estimator.calibrate import Calibration, OnlineCalibrator
-from estimator.capacity import CapacityResult, max_rate_at_slo
+from estimator.calibrate import Calibration
+from estimator.capacity import CapacityResult, latency_curve, max_rate_at_slo
 from estimator.catalog import GpuSpec
 from estimator.cost import CostFigures, cost_figures, deployment_usd_per_hour, token_times
 from estimator.engine import StepModel
 from estimator.memory import MemoryPlan, plan_memory
 from estimator.modelarch import ModelArch
-from estimator.records import BackendSnapshot, Outcome, RequestRecord
 from estimator.report import (
     Alternative,
-    BackendReport,
+    CurvePoint,
     DeploymentReport,
     FitReport,
+    MemoryReport,
+    ModelCheck,
     Recommendation,
     TrafficReport,
+    Uncertainty,
 )
+from estimator.settings import EstimatorConfig
 from estimator.simulate import EngineLimits, SimResult, Workload, simulate
-from estimator.traffic import ArrivalCounter, TrafficStats
-
-if TYPE_CHECKING:
-    from estimator.service import EstimatorConfig
+from estimator.traffic import Forecaster, TrafficProfile, TrafficStats
 
 _UNBOUNDED_KV = 1 << 26
-_WORKLOAD_SAMPLE = 2048
-_SIM_CACHE = 64
 _BIN = math.log(1.02)
+# a measured p95 judges the model only with 20+ samples above it: TTFT over 400 requests, ITL
+# over 2000 gaps (fewer, and the sampling noise of the p95 alone reaches 20-50%)
+_CHECK_MIN_REQUESTS = 400
+_CHECK_MIN_GAPS = 2000
+_WORKLOAD_SAMPLE = 2048
+T = TypeVar("T")
+
+
+# ---- inputs -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrafficInputs:
+    """The traffic one pass projects: online from ``TrafficStats`` at ``now``, offline from a
+    ``TrafficProfile``."""
+
+    report: TrafficReport  # rates, windows, lengths, forecast (as printed)
+    forecaster: Forecaster  # for the time until the forecast reaches capacity
+    workload: Workload | None  # request shapes to simulate; None: no token counts yet
+    total_tokens_p999: float | None  # prompt + output
+    rate_long_rps: float  # over the longest window there is data for (at most an hour)
+    rate_long_window_s: float | None
+
+
+def traffic_from_stats(t: TrafficStats, now: float, horizon_s: float) -> TrafficInputs:
+    """Online: the deployment's statistics as of ``now`` (rates never over more history than
+    there is; the workload a fixed-seed sample of the recorded lengths, so a pass repeats)."""
+    tr, f = t.trend(now), t.forecaster(now)
+    prompt, output, total = t.lengths()
+    history = max(0.0, now - t.first_epoch) if t.first_epoch is not None else 0.0
+    rate, window = t.rate(300.0, now), min(300.0, max(1.0, history))
+    p, o = t.sample(_WORKLOAD_SAMPLE, np.random.default_rng(0))
+    report = TrafficReport(
+        rate_rps=rate, rate_window_s=window, history_s=history, requests=t.count,
+        description=f"{rate:.2f} req/s over the last {window:.0f} s, prompt p50 "
+        f"{_num(prompt.p50)}, output p50 {_num(output.p50)} tokens",
+        rate_1m_rps=t.rate(60.0, now), rate_5m_rps=rate, rate_1h_rps=t.rate(3600.0, now),
+        trend_rps_per_hour=tr.effective_slope, trend_significant=tr.significant,
+        forecast_peak_rps=f.peak(horizon_s), forecast_horizon_s=horizon_s,
+        seasonal=f.profile is not None, prompt_tokens_p50=prompt.p50,
+        prompt_tokens_p99=prompt.p99, output_tokens_p50=output.p50, output_tokens_p99=output.p99,
+        cached_ratio=t.cached_ratio(), priority_mix=t.priority_mix(),
+    )  # fmt: skip
+    return TrafficInputs(
+        report=report, forecaster=f,
+        workload=Workload(prompt_tokens=p, output_tokens=o) if p.size else None,
+        total_tokens_p999=total.p999, rate_long_rps=t.rate(3600.0, now),
+        rate_long_window_s=min(3600.0, max(1.0, history)),
+    )  # fmt: skip
+
+
+def traffic_from_profile(p: TrafficProfile, now: float, horizon_s: float) -> TrafficInputs:
+    """Offline: a profile (CLI text, or a request log: its lengths stay paired)."""
+    w = workload_of_profile(p)
+    f = Forecaster(now=now, level_rps=p.rate_rps, slope_rps_per_hour=p.trend_rps_per_hour)
+    total = w.prompt_tokens + w.output_tokens
+    q = np.quantile
+    report = TrafficReport(
+        rate_rps=p.rate_rps, rate_window_s=p.span_s, history_s=p.span_s, requests=p.requests,
+        description=p.describe(), rate_1m_rps=p.rate_rps, rate_5m_rps=p.rate_rps,
+        rate_1h_rps=p.rate_rps, trend_rps_per_hour=p.trend_rps_per_hour,
+        trend_significant=p.trend_rps_per_hour != 0.0, forecast_peak_rps=f.peak(horizon_s),
+        forecast_horizon_s=horizon_s, seasonal=False,
+        prompt_tokens_p50=float(q(w.prompt_tokens, 0.5)),
+        prompt_tokens_p99=float(q(w.prompt_tokens, 0.99)),
+        output_tokens_p50=float(q(w.output_tokens, 0.5)),
+        output_tokens_p99=float(q(w.output_tokens, 0.99)), cached_ratio=p.cached_ratio,
+        priority_mix={},
+    )  # fmt: skip
+    return TrafficInputs(report=report, forecaster=f, workload=w,
+                         total_tokens_p999=float(q(total, 0.999)), rate_long_rps=p.rate_rps,
+                         rate_long_window_s=p.span_s)  # fmt: skip
+
+
+def workload_of_profile(profile: TrafficProfile, *, n: int = 4096, seed: int = 0) -> Workload:
+    """Paired lengths from a recorded log; independent draws from synthetic distributions."""
+    p, o = profile.prompt, profile.output
+    if p.values is not None and o.values is not None and p.values.size == o.values.size:
+        return Workload(prompt_tokens=p.values, output_tokens=o.values)
+    return Workload.from_distributions(p, o, n=n, seed=seed)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObservedLatency:
+    """What was measured over the last ``window_s``: TTFT over streamed OK requests, ITL over
+    all their token gaps."""
+
+    ttft_p95_s: float | None
+    itl_p95_s: float | None
+    window_s: float
+    requests: int  # behind the TTFT p95
+    gaps: int  # behind the ITL p95
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineObserved:
+    """Engine settings the backends expose (scraped); None where none does."""
+
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    kv_capacity_tokens: int | None = None
+    block_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeploymentInputs:
+    """Everything ``project`` reads (see the module docstring)."""
+
+    model: str
+    now: float  # wall-clock epoch seconds the projection is for
+    config: EstimatorConfig
+    catalog: Mapping[str, GpuSpec]
+    arch: ModelArch | None
+    arch_note: str | None = None  # why there is no architecture
+    gpu: GpuSpec | None
+    backends: tuple[str, ...] = ()
+    replicas: int | None = None  # serving now; None: size it (offline)
+    running: bool = True  # records show it serving; offline False
+    requests_observed: int = 0
+    traffic: TrafficInputs | None
+    observed: ObservedLatency | None = None
+    engine: EngineObserved = EngineObserved()
+    calibration: Calibration | None = None
+    prior: StepModel | None = None
+    curve_points: int = 0  # simulated latency-vs-rate points for plots (offline)
+
+
+# ---- outputs ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Basis:
+    """The numbers behind a full report, for plots and benchmarks (not serialised)."""
+
+    step: StepModel
+    limits: EngineLimits
+    workload: Workload
+    capacity: CapacityResult
+    plan: MemoryPlan | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Projection:
+    report: DeploymentReport
+    basis: Basis | None = None
+
+
+class ProjectionCache:
+    """Simulations of past passes keyed by their inputs in 2% bins, and the alternatives
+    search's capacities; owned by the caller (one per deployment online, one per run offline)."""
+
+    def __init__(self, size: int = 64, alternatives: int = 512) -> None:
+        self._sims: dict[tuple[object, ...], object] = {}
+        self.capacities: advisor.CapacityCache = {}
+        self._size, self._alternatives = size, alternatives
+
+    def get(self, key: tuple[object, ...], compute: Callable[[], T]) -> T:
+        hit = self._sims.get(key)
+        if hit is None:
+            if len(self._sims) >= self._size:
+                self._sims.clear()
+            hit = self._sims[key] = compute()
+        return hit  # type: ignore[return-value]
+
+    def trim(self) -> None:
+        if len(self.capacities) > self._alternatives:
+            self.capacities.clear()
 
 
 def _bins(*values: float) -> tuple[int, ...]:
@@ -56,148 +239,11 @@ def _bins(*values: float) -> tuple[int, ...]:
     return tuple(round(math.log(v) / _BIN) if v > 0 else -(10**9) for v in values)
 
 
-class LatencyRing:
-    """Observed TTFT and per-request ITL p95 of OK requests, by arrival epoch (bounded)."""
-
-    __slots__ = ("epoch", "itl", "n", "ttft")
-
-    def __init__(self, size: int = 1 << 14) -> None:
-        self.epoch = np.full(size, -np.inf)
-        self.ttft = np.full(size, np.nan)
-        self.itl = np.full(size, np.nan)
-        self.n = 0
-
-    def observe(self, r: RequestRecord) -> None:
-        if r.outcome is not Outcome.OK:
-            return
-        i = self.n % self.epoch.size
-        self.epoch[i] = r.arrival_epoch
-        ttft = r.ttft_s
-        self.ttft[i] = np.nan if ttft is None else ttft
-        self.itl[i] = np.nan if r.itl.p95 is None else r.itl.p95
-        self.n += 1
-
-    def p95(self, now: float, window_s: float) -> tuple[float | None, float | None]:
-        recent = self.epoch >= now - window_s
-        return _nanp95(self.ttft[recent]), _nanp95(self.itl[recent])
+def _step_key(step: StepModel) -> tuple[int, ...]:
+    return _bins(*step.coefficients(), step.jitter_sigma, step.drift_sigma, step.drift_tau_s)
 
 
-def _nanp95(x: np.ndarray) -> float | None:
-    x = x[np.isfinite(x)]
-    return float(np.quantile(x, 0.95)) if x.size else None
-
-
-class DeploymentState:
-    """Everything kept about one model (mutated by the refresh thread only)."""
-
-    def __init__(
-        self, *, model: str, records: int, trend_window_s: float,
-        calibrator: OnlineCalibrator, prior: StepModel | None,
-    ) -> None:  # fmt: skip
-        self.model = model
-        self.traffic = TrafficStats(records, trend_window_s=trend_window_s)
-        self.latency = LatencyRing()
-        self.calibrator = calibrator
-        self.prior = prior
-        self.backends: set[str] = set()
-        self.cache: advisor.CapacityCache = {}
-        # simulations of the running configuration, keyed by their inputs in 2% bins, so a
-        # refresh that sees the same traffic and fit does not simulate again
-        self.sims: dict[tuple[object, ...], CapacityResult | SimResult] = {}
-        self.alternatives: tuple[Alternative, ...] = ()
-        self.alternatives_at: float | None = None
-
-    def remember(self, key: tuple[object, ...], result: CapacityResult | SimResult) -> None:
-        if len(self.sims) >= _SIM_CACHE:
-            self.sims.clear()
-        self.sims[key] = result
-
-    def observe(self, r: RequestRecord) -> None:
-        self.traffic.observe(r)
-        self.latency.observe(r)
-        self.calibrator.observe(r)
-        if r.backend is not None:
-            self.backends.add(r.backend)
-
-
-class BackendState:
-    """Requests seen on one backend and its last two snapshots."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.arrivals = ArrivalCounter()
-        self.latency = LatencyRing(4096)
-        self.models: set[str] = set()
-        self.last: BackendSnapshot | None = None
-        self.prev: BackendSnapshot | None = None
-
-    def observe(self, r: RequestRecord) -> None:
-        self.arrivals.add(r.arrival_epoch)
-        self.latency.observe(r)
-        self.models.add(r.model)
-
-    def observe_snapshot(self, s: BackendSnapshot) -> None:
-        if self.last is None or s.time_s >= self.last.time_s:
-            self.prev, self.last = self.last, s
-        self.models.update(s.models)
-
-
-def backend_report(b: BackendState, *, now: float, window_s: float) -> BackendReport:
-    s, p = b.last, b.prev
-    ttft, itl = b.latency.p95(now, window_s)
-    hit = None
-    preempt = None
-    if s is not None:
-        hit = _hit_ratio(s, p)
-        if p is not None and s.preemptions is not None and p.preemptions is not None:
-            dt = s.time_s - p.time_s
-            preempt = max(0.0, s.preemptions - p.preemptions) / dt if dt > 0 else None
-    gpus = s.gpus if s is not None else ()
-    util = [g.utilization for g in gpus if g.utilization is not None]
-    mem = [g.memory_used_bytes / g.memory_total_bytes for g in gpus
-           if g.memory_used_bytes is not None and g.memory_total_bytes]  # fmt: skip
-    return BackendReport(
-        backend=b.name, models=tuple(sorted(b.models)), up=s.up if s is not None else None,
-        requests_observed=b.arrivals.count, rate_rps=b.arrivals.rate(300.0, now),
-        observed_ttft_p95_s=ttft, observed_itl_p95_s=itl,
-        running=s.running if s else None, waiting=s.waiting if s else None,
-        kv_usage=s.kv_usage if s else None,
-        kv_capacity_tokens=s.kv_capacity_tokens if s else None,
-        prefix_cache_hit_ratio=hit, preemptions_per_s=preempt,
-        gpu_utilization=sum(util) / len(util) if util else None,
-        gpu_memory_used_ratio=sum(mem) / len(mem) if mem else None,
-        snapshot_age_s=now - s.epoch if s is not None and s.epoch else None,
-    )  # fmt: skip
-
-
-def _hit_ratio(s: BackendSnapshot, p: BackendSnapshot | None) -> float | None:
-    """Prefix-cache hits / queries between the last two scrapes (since start without a previous
-    one, or after a counter reset); the engine's own rate when it only exposes that."""
-    if s.prefix_cache_queries and s.prefix_cache_hits is not None:
-        if p is not None and p.prefix_cache_queries is not None and p.prefix_cache_hits is not None:
-            dq = s.prefix_cache_queries - p.prefix_cache_queries
-            dh = s.prefix_cache_hits - p.prefix_cache_hits
-            if dq > 0 and dh >= 0:
-                return dh / dq
-        return s.prefix_cache_hits / s.prefix_cache_queries
-    return s.prefix_cache_hit_rate
-
-
-def traffic_report(t: TrafficStats, now: float, horizon_s: float) -> TrafficReport:
-    tr = t.trend(now)
-    f = t.forecaster(now)
-    prompt, output, _ = t.lengths()
-    return TrafficReport(
-        rate_1m_rps=t.rate(60.0, now), rate_5m_rps=t.rate(300.0, now),
-        rate_1h_rps=t.rate(3600.0, now), trend_rps_per_hour=tr.effective_slope,
-        trend_significant=tr.significant, forecast_peak_rps=f.peak(horizon_s),
-        forecast_horizon_s=horizon_s, seasonal=f.profile is not None,
-        prompt_tokens_p50=prompt.p50, prompt_tokens_p99=prompt.p99,
-        output_tokens_p50=output.p50, output_tokens_p99=output.p99,
-        cached_ratio=t.cached_ratio(), priority_mix=t.priority_mix(),
-    )  # fmt: skip
-
-
+# ---- pieces ---------------------------------------------------------------------------------
 def choose_step(
     cal: Calibration | None, prior: StepModel | None, min_records: int
 ) -> tuple[StepModel | None, str, list[str]]:
@@ -220,17 +266,16 @@ def _pct(x: float | None) -> str:
 
 
 def engine_limits(
-    snaps: Sequence[BackendSnapshot], plan: MemoryPlan | None, cfg: EstimatorConfig, hit: float
+    engine: EngineObserved, plan: MemoryPlan | None, cfg: EstimatorConfig, hit: float
 ) -> tuple[EngineLimits, list[str]]:
+    """What bounds batching: exposed, else planned, else assumed (the notes say which)."""
     hit = min(max(hit, 0.0), 0.95)
-    seqs = next((s.max_num_seqs for s in snaps if s.max_num_seqs), None)
-    for s in snaps:
-        kv = s.kv_capacity_tokens
-        if kv and s.block_size:
-            m = seqs or cfg.max_num_seqs
-            return EngineLimits(max_num_seqs=m, kv_capacity_tokens=kv, block_size=s.block_size,
-                                max_num_batched_tokens=max(8192, m),
-                                prefix_cache_hit_ratio=hit), []  # fmt: skip
+    seqs = engine.max_num_seqs
+    if engine.kv_capacity_tokens and engine.block_size:
+        m = seqs or cfg.max_num_seqs
+        return EngineLimits(max_num_seqs=m, kv_capacity_tokens=engine.kv_capacity_tokens,
+                            block_size=engine.block_size, max_num_batched_tokens=max(8192, m),
+                            prefix_cache_hit_ratio=hit), []  # fmt: skip
     if plan is not None and plan.fits:
         m = seqs or plan.max_num_seqs
         limits = EngineLimits(max_num_seqs=m,
@@ -243,11 +288,6 @@ def engine_limits(
     return EngineLimits(max_num_seqs=m, kv_capacity_tokens=_UNBOUNDED_KV,
                         max_num_batched_tokens=max(8192, m), prefix_cache_hit_ratio=hit), [
         f"KV capacity unknown: assumed unbounded, max_num_seqs={m}"]  # fmt: skip
-
-
-def workload_of(t: TrafficStats) -> Workload | None:
-    p, o = t.sample(_WORKLOAD_SAMPLE, np.random.default_rng(0))
-    return Workload(prompt_tokens=p, output_tokens=o) if p.size else None
 
 
 def fit_report(cal: Calibration | None, source: str, transfer: advisor.Transfer) -> FitReport:
@@ -264,8 +304,9 @@ def fit_report(cal: Calibration | None, source: str, transfer: advisor.Transfer)
     )  # fmt: skip
 
 
-def _transfer(cal: Calibration | None, source: str, prior: StepModel | None,
-              workload: Workload) -> advisor.Transfer:  # fmt: skip
+def transfer_of(cal: Calibration | None, source: str, prior: StepModel | None,
+                workload: Workload) -> advisor.Transfer:  # fmt: skip
+    """Observed/prior ratios the alternatives carry (none unless the fit is in use)."""
     if source != "calibrated" or cal is None:
         return advisor.Transfer()
     p90 = [e for e in (cal.ttft_p90_re, cal.itl_p90_re) if e is not None]
@@ -275,260 +316,328 @@ def _transfer(cal: Calibration | None, source: str, prior: StepModel | None,
     return advisor.transfer_from(cal.step, prior, workload, err)
 
 
-def _costs(
-    gpu: GpuSpec | None, cfg: EstimatorConfig, replicas: int, rate: float, capacity: float,
-    workload: Workload, step: StepModel, cap: CapacityResult, cached: float,
-) -> tuple[CostFigures | None, CostFigures | None]:  # fmt: skip
-    if gpu is None:
-        return None, None
-    usd = deployment_usd_per_hour(gpu.price_per_hour, cfg.gpus_per_backend, replicas)
-    times = token_times(step, decode_batch=max(1, round(cap.at_capacity.mean_running)),
-                        mean_context=workload.mean_prompt + workload.mean_output / 2)  # fmt: skip
-    kw = dict(usd_per_hour=usd, mean_prompt_tokens=workload.mean_prompt,
-              mean_output_tokens=workload.mean_output, times=times, cached_ratio=cached,
-              capacity_rps=capacity if capacity > 0 else None)  # fmt: skip
-    return cost_figures(rate_rps=rate, **kw), (  # type: ignore[arg-type]
-        cost_figures(rate_rps=capacity, **kw) if capacity > 0 else None  # type: ignore[arg-type]
-    )
-
-
-def failed(
-    dep: DeploymentState, *, config: EstimatorConfig, gpu: GpuSpec | None,
-    backends: Sequence[str], now: float, reason: str,
-) -> DeploymentReport:  # fmt: skip
-    """The report of a deployment whose projection raised: says why, invents nothing."""
-    names = tuple(backends) or tuple(sorted(dep.backends))
-    return _Base(dep, config, gpu, names, now).empty("error", [f"projection failed: {reason}"])
-
-
-def project(
-    dep: DeploymentState, *, config: EstimatorConfig, arch: ModelArch | str, gpu: GpuSpec | None,
-    catalog: Mapping[str, GpuSpec], snapshots: Sequence[BackendSnapshot], now: float,
-    backends: Sequence[str] = (),
-) -> DeploymentReport:  # fmt: skip
-    """The deployment's projection as of ``now``; ``backends``: those serving it now (each a
-    replica; default: every backend it was seen on). See the module docstring."""
-    cfg, t = config, dep.traffic
-    names = tuple(backends) or tuple(sorted(dep.backends))
-    replicas = max(1, len(names))
-    notes = [arch] if isinstance(arch, str) else []
-    if gpu is None:
-        notes.append("GPU type unknown: set gpu or backend_gpus for cost and the prior")
-    base = _Base(dep, cfg, gpu, names, now)
-    if t.count < cfg.min_records:
-        why = f"{t.count} requests observed, {cfg.min_records} needed"
-        return base.empty("insufficient_data", [*notes, why])
-    traffic = traffic_report(t, now, cfg.forecast_horizon_s)
-    seqs = next((s.max_num_seqs for s in snapshots if s.max_num_seqs), None)
-    # the engine's max_num_seqs as the limits below take it (vLLM does not expose it: the config)
-    m = seqs or cfg.max_num_seqs
-    cal = dep.calibrator.fit(max_num_seqs=m) if len(dep.calibrator) else None
-    step, source, step_notes = choose_step(cal, dep.prior, cfg.min_records)
-    workload = workload_of(t)
-    if step is None or workload is None:
-        why = step_notes if step is None else ["no requests with token counts yet"]
-        return base.empty("insufficient_data", [*notes, *why], traffic=traffic,
-                          fit=fit_report(cal, source, advisor.Transfer()))  # fmt: skip
-    transfer = _transfer(cal, source, dep.prior, workload)
-    model = arch if isinstance(arch, ModelArch) else None
-    plan = None
-    if model is not None and gpu is not None:
-        plan = plan_memory(model, gpu, tp=cfg.gpus_per_backend, quant=cfg.quant,
-                           kv_dtype=cfg.kv_dtype,
-                           gpu_memory_utilization=cfg.gpu_memory_utilization,
-                           max_num_seqs=seqs or cfg.max_num_seqs,
-                           max_model_len=cfg.max_model_len)  # fmt: skip
-    limits, lim_notes = engine_limits(snapshots, plan, cfg, t.cached_ratio())
-    p90 = float(np.percentile(workload.prompt_tokens, 90))
-    key = ("capacity", *_bins(*step.coefficients(), step.jitter_sigma, step.drift_sigma,
-                              step.drift_tau_s, workload.mean_prompt,
-                              workload.mean_output, p90), limits, cfg.slo)  # fmt: skip
-    cap = dep.sims.get(key)
-    if not isinstance(cap, CapacityResult):
-        cap = max_rate_at_slo(step, limits, workload, cfg.slo, n_requests=cfg.sim_requests)
-        dep.remember(key, cap)
-    ctx = _Ctx(dep=dep, cfg=cfg, model=model, gpu=gpu, catalog=catalog, workload=workload,
-               limits=limits, plan=plan, cap=cap, transfer=transfer, traffic=traffic,
-               replicas=replicas, now=now, snapshots=snapshots)  # fmt: skip
-    return base.full(ctx, step, fit_report(cal, source, transfer),
-                     [*notes, *step_notes, *lim_notes])  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Ctx:
-    """What a full projection works from."""
-
-    dep: DeploymentState
-    cfg: EstimatorConfig
-    model: ModelArch | None
-    gpu: GpuSpec | None
-    catalog: Mapping[str, GpuSpec]
-    workload: Workload
-    limits: EngineLimits
-    plan: MemoryPlan | None
-    cap: CapacityResult
-    transfer: advisor.Transfer
-    traffic: TrafficReport
-    replicas: int
-    now: float
-    snapshots: Sequence[BackendSnapshot]
-
-    def setup(self) -> advisor.Setup | None:
-        if self.gpu is None:
-            return None
-        return advisor.Setup(gpu=self.gpu.key, gpus_per_replica=self.cfg.gpus_per_backend,
-                             quant=self.cfg.quant, kv_dtype=self.cfg.kv_dtype)  # fmt: skip
-
-    def settings(self, peak: float) -> advisor.SearchSettings:
-        cfg = self.cfg
-        return advisor.SearchSettings(
-            slo=cfg.slo, peak_rps=peak, spare_replicas=cfg.spare_replicas,
-            max_num_seqs=self.limits.max_num_seqs, max_model_len=self.max_model_len_for_search(),
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            prefix_cache_hit_ratio=self.limits.prefix_cache_hit_ratio, gpus=cfg.advisor_gpus,
-            max_simulated=cfg.advisor_max_simulated, n_requests=cfg.sim_requests,
-        )  # fmt: skip
-
-    def max_model_len(self) -> int | None:
-        exposed = next((s.max_model_len for s in self.snapshots if s.max_model_len), None)
-        return exposed or self.cfg.max_model_len
-
-    def max_model_len_for_search(self) -> int | None:
-        """The running setting, else what the traffic needs (see ``estimator.advisor``)."""
-        p999 = self.dep.traffic.lengths()[2].p999
-        if self.max_model_len() or p999 is None:
-            return self.max_model_len()
-        return advisor.suggested_max_model_len(p999, self.model)
-
-
-class _Base:
-    """The fields every deployment report has, and its two shapes (empty and full)."""
-
-    def __init__(self, dep: DeploymentState, cfg: EstimatorConfig, gpu: GpuSpec | None,
-                 backends: tuple[str, ...], now: float) -> None:  # fmt: skip
-        self.dep, self.cfg, self.gpu, self.backends = dep, cfg, gpu, backends
-        self.replicas = max(1, len(backends))
-        self.observed = dep.latency.p95(now, cfg.latency_window_s)
-
-    def _common(self) -> dict[str, object]:
-        return dict(model=self.dep.model, backends=self.backends,
-                    requests_observed=self.dep.traffic.count,
-                    gpu=self.gpu.key if self.gpu else None,
-                    gpus_per_replica=self.cfg.gpus_per_backend, replicas=self.replicas,
-                    observed_ttft_p95_s=self.observed[0],
-                    observed_itl_p95_s=self.observed[1])  # fmt: skip
-
-    def empty(self, status: str, notes: Sequence[str], *, traffic: TrafficReport | None = None,
-              fit: FitReport | None = None) -> DeploymentReport:  # fmt: skip
-        cost = None
-        if self.gpu is not None:
-            usd = deployment_usd_per_hour(self.gpu.price_per_hour, self.cfg.gpus_per_backend,
-                                          self.replicas)  # fmt: skip
-            prompt, output, _ = self.dep.traffic.lengths()
-            cost = cost_figures(usd_per_hour=usd, rate_rps=traffic.rate_5m_rps if traffic else 0.0,
-                                mean_prompt_tokens=prompt.mean or 0.0,
-                                mean_output_tokens=output.mean or 0.0)  # fmt: skip
-        return DeploymentReport(
-            **self._common(), status=status, notes=tuple(notes), traffic=traffic,  # type: ignore[arg-type]
-            capacity_rps=None, utilization=None, headroom_rps=None, projected_ttft_p95_s=None,
-            projected_itl_p95_s=None, seconds_to_breach=None, recommended_replicas=None,
-            cost=cost, cost_at_capacity=None,
-            fit=fit or FitReport(source="none", samples=0, rel_error_p50=None,
-                                 rel_error_p90=None, trusted=False),
-        )  # fmt: skip
-
-    def full(
-        self, c: _Ctx, step: StepModel, fit: FitReport, notes: Sequence[str]
-    ) -> DeploymentReport:
-        cfg, per = self.cfg, c.cap.per_replica_rps
-        capacity = per * c.replicas
-        rate = c.traffic.rate_5m_rps
-        at_rate: SimResult | None = None
-        if rate > 0:
-            w = c.workload
-            key = ("at_rate", *_bins(*step.coefficients(), step.jitter_sigma, step.drift_sigma,
-                                     step.drift_tau_s, w.mean_prompt,
-                                     w.mean_output, rate / c.replicas), c.limits)  # fmt: skip
-            hit = c.dep.sims.get(key)
-            at_rate = hit if isinstance(hit, SimResult) else None
-            if at_rate is None:
-                at_rate = simulate(step, c.limits, w, rate / c.replicas,
-                                   n_requests=cfg.sim_requests,
-                                   quantile=cfg.slo.quantile)  # fmt: skip
-                c.dep.remember(key, at_rate)
-        forecaster = c.dep.traffic.forecaster(c.now)
-        breach = forecaster.time_to_rate(capacity, cfg.breach_horizon_s) if capacity > 0 else 0.0
-        peak = max(c.traffic.forecast_peak_rps, rate)
-        recommended = None
-        if per > 0:
-            recommended = max(1, math.ceil(peak / per - 1e-9)) + cfg.spare_replicas
-        cost, cost_cap = _costs(c.gpu, cfg, c.replicas, rate, capacity, c.workload, step, c.cap,
-                                c.limits.prefix_cache_hit_ratio)  # fmt: skip
-        alts = _alternatives(c, peak)
-        return DeploymentReport(
-            **self._common(), status="ok", notes=tuple(notes), traffic=c.traffic,  # type: ignore[arg-type]
-            capacity_rps=capacity, utilization=rate / capacity if capacity > 0 else None,
-            headroom_rps=capacity - rate,
-            projected_ttft_p95_s=_finite(at_rate.ttft_q_s) if at_rate else None,
-            projected_itl_p95_s=_finite(at_rate.itl_q_s) if at_rate else None,
-            seconds_to_breach=breach, recommended_replicas=recommended, cost=cost,
-            cost_at_capacity=cost_cap, fit=fit,
-            recommendations=tuple(_advice(c, capacity, peak, alts)), alternatives=alts,
-        )  # fmt: skip
+def memory_report(plan: MemoryPlan, arch: ModelArch) -> MemoryReport:
+    return MemoryReport(
+        params=arch.total_params, active_params=arch.active_params,
+        kv_bytes_per_token=plan.kv_bytes_per_token_per_gpu * plan.tp, gpus=plan.tp,
+        memory_bytes_per_gpu=plan.memory_bytes, budget_bytes_per_gpu=plan.budget_bytes_per_gpu,
+        weight_bytes_per_gpu=plan.weight_bytes_per_gpu,
+        activation_bytes_per_gpu=plan.activation_bytes_per_gpu,
+        cuda_graph_bytes_per_gpu=plan.cuda_graph_bytes_per_gpu,
+        non_torch_bytes_per_gpu=plan.non_torch_bytes_per_gpu,
+        kv_bytes_per_gpu=plan.kv_bytes_per_gpu, kv_capacity_tokens=plan.kv_capacity_tokens,
+        num_blocks=plan.num_blocks, max_model_len=plan.max_model_len,
+        max_num_seqs=plan.max_num_seqs, seqs_at_typical_context=plan.seqs_at_typical_context,
+        fits=plan.fits, oom_risk=plan.oom_risk, reasons=plan.reasons,
+    )  # fmt: skip
 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _alternatives(c: _Ctx, peak: float) -> tuple[Alternative, ...]:
-    dep, setup = c.dep, c.setup()
-    if c.model is None or setup is None:
-        return ()
-    due = dep.alternatives_at is None or c.now - dep.alternatives_at >= c.cfg.advisor_interval_s
-    if due:
-        if len(dep.cache) > 512:
-            dep.cache.clear()
-        dep.alternatives = advisor.search(c.model, c.catalog, c.workload, c.settings(peak),
-                                          c.transfer, current=setup, cache=dep.cache)  # fmt: skip
-        dep.alternatives_at = c.now
-    return dep.alternatives
+# ---- the projection -----------------------------------------------------------------------
+def project(inp: DeploymentInputs, cache: ProjectionCache | None = None) -> Projection:
+    """The deployment's projection as of ``inp.now``; see the module docstring."""
+    return _Pass(inp, cache if cache is not None else ProjectionCache()).run()
 
 
-def _advice(c: _Ctx, capacity: float, peak: float,
-            alts: Sequence[Alternative]) -> list[Recommendation]:  # fmt: skip
-    cap, band = c.cap, c.transfer.band()
-    obs = advisor.Observed(
-        rate_rps=c.traffic.rate_5m_rps, rate_1h_rps=c.traffic.rate_1h_rps, peak_rps=peak,
-        total_tokens_p999=c.dep.traffic.lengths()[2].p999, replicas=c.replicas,
-        max_num_seqs=c.limits.max_num_seqs, max_model_len=c.max_model_len(),
-        kv_dtype=c.cfg.kv_dtype,
-    )  # fmt: skip
-    out: list[Recommendation | None] = []
-    if cap.per_replica_rps > 0:
-        out.append(advisor.advise_replicas(cap.per_replica_rps, obs, c.cfg.spare_replicas, band))
-        out.append(advisor.advise_max_num_seqs(cap, c.plan, obs))
-    else:
-        sim = cap.at_capacity
-        out.append(Recommendation(
-            kind="slo_unreachable", severity="critical",
-            message="this deployment misses the SLO even at a trickle of requests",
-            numbers={"ttft_p95_s_low_rate": _finite(sim.ttft_q_s),
-                     "itl_p95_s_low_rate": _finite(sim.itl_q_s), "limiting": cap.limiting},
-        ))  # fmt: skip
-    out.append(advisor.advise_max_model_len(obs, c.model))
-    out.append(advisor.advise_kv_dtype(cap, _fp8_kv(c, peak), obs))
-    out.append(advisor.advise_oom(c.plan))
-    out.append(advisor.advise_underused(capacity, obs, band))
-    return [r for r in out if r is not None] + advisor.advise_alternatives(alts)
+def failed(inp: DeploymentInputs, reason: str) -> DeploymentReport:
+    """The report of a deployment whose projection raised: says why, invents nothing."""
+    p = _Pass(inp, ProjectionCache())
+    p.notes.insert(0, f"projection failed: {reason}")
+    return p.empty("error", [])
 
 
-def _fp8_kv(c: _Ctx, peak: float) -> Alternative | None:
-    setup = c.setup()
-    kv_bound = c.cap.limiting == "kv" or c.cap.at_capacity.kv_bound
-    if not kv_bound or c.model is None or c.gpu is None or setup is None:
+class _Pass:
+    """One projection: every figure of a report comes from this object's inputs."""
+
+    def __init__(self, inp: DeploymentInputs, cache: ProjectionCache) -> None:
+        self.inp, self.cfg, self.cache = inp, inp.config, cache
+        self.notes: list[str] = [inp.arch_note] if inp.arch_note else []
+        if inp.gpu is None:
+            self.notes.append("GPU type unknown: set gpu or backend_gpus for cost and the prior")
+        self.plan: MemoryPlan | None = None
+        if inp.arch is not None and inp.gpu is not None:
+            try:
+                self.plan = plan_memory(
+                    inp.arch, inp.gpu, tp=self.cfg.gpus_per_backend, quant=self.cfg.quant,
+                    kv_dtype=self.cfg.kv_dtype,
+                    gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+                    max_num_seqs=inp.engine.max_num_seqs or self.cfg.max_num_seqs,
+                    max_model_len=self.max_model_len())  # fmt: skip
+            except ValueError as e:  # e.g. a TP degree the model cannot be split into
+                self.notes.append(f"no memory plan: {e}")
+
+    def max_model_len(self) -> int | None:
+        return self.inp.engine.max_model_len or self.cfg.max_model_len
+
+    def setup(self) -> advisor.Setup | None:
+        if self.inp.gpu is None:
+            return None
+        return advisor.Setup(gpu=self.inp.gpu.key, gpus_per_replica=self.cfg.gpus_per_backend,
+                             quant=self.cfg.quant, kv_dtype=self.cfg.kv_dtype)  # fmt: skip
+
+    def run(self) -> Projection:
+        inp, cfg, t = self.inp, self.cfg, self.inp.traffic
+        if inp.running and inp.requests_observed < cfg.min_records:
+            need = f"{inp.requests_observed} requests observed, {cfg.min_records} needed"
+            return Projection(report=self.empty("insufficient_data", [need]))
+        cal = inp.calibration
+        step, source, step_notes = choose_step(cal, inp.prior, cfg.min_records)
+        self.notes += step_notes
+        if step is None or t is None or t.workload is None:
+            why: list[str] = [] if step is None else ["no requests with token counts yet"]
+            return Projection(
+                report=self.empty(
+                    "insufficient_data", why, fit=fit_report(cal, source, advisor.Transfer())
+                )
+            )
+        transfer = transfer_of(cal, source, inp.prior, t.workload)
+        fit = fit_report(cal, source, transfer)
+        if not inp.running and self.plan is not None and not self.plan.fits:
+            self.notes += [f"does not fit: {r}" for r in self.plan.reasons]
+            alts = self.alternatives(t, transfer, t.report.rate_rps, None)
+            recs = [advisor.advise_oom(self.plan), *advisor.advise_alternatives(alts)]
+            return Projection(report=self.empty(
+                "does_not_fit", [], fit=fit, alternatives=alts,
+                recommendations=[r for r in recs if r is not None]))  # fmt: skip
+        limits, lim_notes = engine_limits(inp.engine, self.plan, cfg, t.report.cached_ratio)
+        self.notes += lim_notes
+        w = t.workload
+        p90 = float(np.percentile(w.prompt_tokens, 90))
+        key = ("capacity", *_step_key(step), *_bins(w.mean_prompt, w.mean_output, p90), limits,
+               cfg.slo, cfg.sim_requests)  # fmt: skip
+        cap = self.cache.get(
+            key, lambda: max_rate_at_slo(step, limits, w, cfg.slo, n_requests=cfg.sim_requests)
+        )
+        basis = Basis(step=step, limits=limits, workload=w, capacity=cap, plan=self.plan)
+        return Projection(report=self.full(t, basis, fit, transfer), basis=basis)
+
+    # ---- the two shapes of a report --------------------------------------------------------
+    def _common(self, replicas: int) -> dict[str, object]:
+        inp, obs = self.inp, self.inp.observed
+        return dict(
+            model=inp.model, backends=inp.backends, requests_observed=inp.requests_observed,
+            gpu=inp.gpu.key if inp.gpu else None, gpus_per_replica=self.cfg.gpus_per_backend,
+            quant=self.cfg.quant, kv_dtype=self.cfg.kv_dtype, replicas=replicas,
+            observed_ttft_p95_s=obs.ttft_p95_s if obs else None,
+            observed_itl_p95_s=obs.itl_p95_s if obs else None,
+            observed_window_s=obs.window_s if obs else None,
+            observed_requests=obs.requests if obs else 0, observed_gaps=obs.gaps if obs else 0,
+            memory=memory_report(self.plan, inp.arch) if self.plan and inp.arch else None,
+        )  # fmt: skip
+
+    def empty(
+        self, status: str, notes: Sequence[str], *, fit: FitReport | None = None,
+        alternatives: tuple[Alternative, ...] = (), recommendations: Sequence[Recommendation] = (),
+    ) -> DeploymentReport:  # fmt: skip
+        replicas, traffic = self.inp.replicas or 1, self.inp.traffic
+        cost = None
+        if self.inp.gpu is not None:  # the price is known even when nothing else is
+            usd = deployment_usd_per_hour(self.inp.gpu.price_per_hour, self.cfg.gpus_per_backend,
+                                          replicas)  # fmt: skip
+            w = traffic.workload if traffic is not None else None
+            cost = cost_figures(usd_per_hour=usd,
+                                rate_rps=traffic.report.rate_rps if traffic else 0.0,
+                                mean_prompt_tokens=w.mean_prompt if w else 0.0,
+                                mean_output_tokens=w.mean_output if w else 0.0,
+                                at=self.rate_label())  # fmt: skip
+        return DeploymentReport(
+            **self._common(replicas), status=status, notes=(*self.notes, *notes),  # type: ignore[arg-type]
+            traffic=traffic.report if traffic else None, capacity_rps=None,
+            capacity_rps_per_replica=None, capacity_band=None, limiting=None, utilization=None,
+            headroom_rps=None, projected_ttft_p95_s=None, projected_itl_p95_s=None,
+            meets_slo_at_rate=None, seconds_to_breach=None, recommended_replicas=None,
+            actionable=False, cost=cost, cost_at_capacity=None,
+            fit=fit or FitReport(source="none", samples=0, rel_error_p50=None,
+                                 rel_error_p90=None, trusted=False),
+            recommendations=tuple(recommendations), alternatives=alternatives,
+        )  # fmt: skip
+
+    def full(self, t: TrafficInputs, b: Basis, fit: FitReport,
+             transfer: advisor.Transfer) -> DeploymentReport:  # fmt: skip
+        cfg, cap = self.cfg, b.capacity
+        per = cap.per_replica_rps
+        rate, peak = t.report.rate_rps, max(t.report.forecast_peak_rps, t.report.rate_rps)
+        needed = advisor.needed_replicas(peak, per, cfg.spare_replicas) if per > 0 else None
+        replicas = self.inp.replicas or needed or 1
+        capacity = per * replicas
+        at_rate = self.at_rate(b, rate / replicas) if rate > 0 else None
+        check = self.check(at_rate, rate / replicas)
+        misses = [abs(e) for e in _errors(check)] if check is not None else []
+        band = max([transfer.band(), *misses])
+        actionable = per > 0 and band <= cfg.max_actionable_band
+        breach = t.forecaster.time_to_rate(capacity, cfg.breach_horizon_s) if per > 0 else 0.0
+        cost, cost_cap = self.costs(b, replicas, rate, capacity)
+        alts = self.alternatives(t, transfer, peak, cap)
+        recs = self.advice(t, b, transfer, band, replicas, peak, alts)
+        return DeploymentReport(
+            **self._common(replicas), status="ok", notes=tuple(self.notes),  # type: ignore[arg-type]
+            traffic=t.report, capacity_rps=capacity, capacity_rps_per_replica=per,
+            capacity_band=Uncertainty(low=capacity * max(0.0, 1 - band),
+                                      high=capacity * (1 + band), rel_error=band,
+                                      source=_band_source(transfer, check)),
+            limiting=cap.limiting, utilization=rate / capacity if capacity > 0 else None,
+            headroom_rps=capacity - rate,
+            projected_ttft_p95_s=_finite(at_rate.ttft_q_s) if at_rate else None,
+            projected_itl_p95_s=_finite(at_rate.itl_q_s) if at_rate else None,
+            meets_slo_at_rate=cfg.slo.met_by(at_rate) if at_rate else None,
+            seconds_to_breach=breach, recommended_replicas=needed if actionable else None,
+            actionable=actionable, cost=cost, cost_at_capacity=cost_cap, fit=fit,
+            model_check=check, recommendations=tuple(recs), alternatives=alts,
+            latency_curve=self.curve(b, rate / replicas),
+        )  # fmt: skip
+
+    # ---- figures ------------------------------------------------------------------------------
+    def at_rate(self, b: Basis, per_replica_rps: float) -> SimResult:
+        w, cfg = b.workload, self.cfg
+        key = (
+            "at_rate",
+            *_step_key(b.step),
+            *_bins(w.mean_prompt, w.mean_output, per_replica_rps),
+            b.limits,
+            cfg.sim_requests,
+        )
+        return self.cache.get(key, lambda: simulate(
+            b.step, b.limits, w, per_replica_rps, n_requests=cfg.sim_requests,
+            quantile=cfg.slo.quantile))  # fmt: skip
+
+    def check(self, at_rate: SimResult | None, per_replica_rps: float) -> ModelCheck | None:
+        obs = self.inp.observed
+        if at_rate is None or obs is None:
+            return None
+        ttft = (
+            _rel(at_rate.ttft_q_s, obs.ttft_p95_s) if obs.requests >= _CHECK_MIN_REQUESTS else None
+        )
+        itl = _rel(at_rate.itl_q_s, obs.itl_p95_s) if obs.gaps >= _CHECK_MIN_GAPS else None
+        return ModelCheck(rate_rps=per_replica_rps, window_s=obs.window_s, ttft_error=ttft,
+                          itl_error=itl, ttft_requests=obs.requests, itl_gaps=obs.gaps)  # fmt: skip
+
+    def costs(self, b: Basis, replicas: int, rate: float,
+              capacity: float) -> tuple[CostFigures | None, CostFigures | None]:  # fmt: skip
+        gpu, w = self.inp.gpu, b.workload
+        if gpu is None:
+            return None, None
+        usd = deployment_usd_per_hour(gpu.price_per_hour, self.cfg.gpus_per_backend, replicas)
+        times = token_times(b.step, decode_batch=max(1, round(b.capacity.at_capacity.mean_running)),
+                            mean_context=w.mean_prompt + w.mean_output / 2)  # fmt: skip
+        cached, cap = b.limits.prefix_cache_hit_ratio, capacity if capacity > 0 else None
+
+        def at(r: float, label: str) -> CostFigures:
+            return cost_figures(usd_per_hour=usd, rate_rps=r, mean_prompt_tokens=w.mean_prompt,
+                                mean_output_tokens=w.mean_output, times=times,
+                                cached_ratio=cached, capacity_rps=cap, at=label)  # fmt: skip
+
+        return at(rate, self.rate_label()), at(capacity, "capacity") if capacity > 0 else None
+
+    def rate_label(self) -> str:
+        """The rate a projection is about: measured online, given offline."""
+        return "current rate" if self.inp.running else "offered rate"
+
+    def curve(self, b: Basis, rate: float) -> tuple[CurvePoint, ...]:
+        n = self.inp.curve_points
+        if n <= 0:
+            return ()
+        top = max(b.capacity.per_replica_rps, rate, 0.05) * 1.3
+        rates = [top * (k + 1) / n for k in range(n)]
+        sims = latency_curve(b.step, b.limits, b.workload, rates, n_requests=self.cfg.sim_requests,
+                             quantile=self.cfg.slo.quantile)  # fmt: skip
+        return tuple(CurvePoint(rate_rps=s.rate_rps, ttft_p95_s=_finite(s.ttft_q_s),
+                                itl_p95_s=_finite(s.itl_q_s), meets_slo=self.cfg.slo.met_by(s))
+                     for s in sims)  # fmt: skip
+
+    # ---- advice -------------------------------------------------------------------------------
+    def settings(self, peak: float, hit: float, t: TrafficInputs) -> advisor.SearchSettings:
+        cfg = self.cfg
+        mml = self.max_model_len()
+        if mml is None and t.total_tokens_p999 is not None:  # what the traffic needs (advisor)
+            mml = advisor.suggested_max_model_len(t.total_tokens_p999, self.inp.arch)
+        return advisor.SearchSettings(
+            slo=cfg.slo, peak_rps=peak, spare_replicas=cfg.spare_replicas,
+            max_num_seqs=self.inp.engine.max_num_seqs or cfg.max_num_seqs, max_model_len=mml,
+            gpu_memory_utilization=cfg.gpu_memory_utilization, prefix_cache_hit_ratio=hit,
+            gpus=cfg.advisor_gpus, max_simulated=cfg.advisor_max_simulated,
+            n_requests=cfg.sim_requests,
+        )  # fmt: skip
+
+    def alternatives(self, t: TrafficInputs, transfer: advisor.Transfer, peak: float,
+                     cap: CapacityResult | None) -> tuple[Alternative, ...]:  # fmt: skip
+        setup, arch = self.setup(), self.inp.arch
+        if arch is None or setup is None or t.workload is None:
+            return ()
+        self.cache.trim()
+        settings = self.settings(peak, min(t.report.cached_ratio, 0.95), t)
+        return advisor.search(arch, self.inp.catalog, t.workload, settings, transfer,
+                              current=setup, current_capacity=cap,
+                              cache=self.cache.capacities)  # fmt: skip
+
+    def advice(self, t: TrafficInputs, b: Basis, transfer: advisor.Transfer, band: float,
+               replicas: int, peak: float,
+               alts: Sequence[Alternative]) -> list[Recommendation]:  # fmt: skip
+        cap, cfg = b.capacity, self.cfg
+        obs = advisor.Observed(
+            rate_rps=t.report.rate_rps, rate_long_rps=t.rate_long_rps, peak_rps=peak,
+            total_tokens_p999=t.total_tokens_p999, replicas=replicas,
+            max_num_seqs=b.limits.max_num_seqs, max_model_len=self.max_model_len(),
+            kv_dtype=cfg.kv_dtype, rate_long_window_s=t.rate_long_window_s,
+        )  # fmt: skip
+        out: list[Recommendation | None] = []
+        if cap.per_replica_rps > 0:
+            out.append(advisor.advise_replicas(cap.per_replica_rps, obs, cfg.spare_replicas, band,
+                                               max_band=cfg.max_actionable_band))  # fmt: skip
+            out.append(advisor.advise_max_num_seqs(cap, self.plan, obs))
+        else:
+            sim = cap.at_capacity
+            out.append(Recommendation(
+                kind="slo_unreachable", severity="critical",
+                message="this deployment misses the SLO even at a trickle of requests",
+                numbers={"ttft_p95_s_low_rate": _finite(sim.ttft_q_s),
+                         "itl_p95_s_low_rate": _finite(sim.itl_q_s), "limiting": cap.limiting},
+            ))  # fmt: skip
+        out.append(advisor.advise_max_model_len(obs, self.inp.arch))
+        out.append(advisor.advise_kv_dtype(cap, self.fp8_kv(b, t, transfer, peak), obs))
+        out.append(advisor.advise_oom(self.plan))
+        out.append(advisor.advise_underused(cap.per_replica_rps * replicas, obs, band,
+                                            spare=cfg.spare_replicas))  # fmt: skip
+        return [r for r in out if r is not None] + advisor.advise_alternatives(alts)
+
+    def fp8_kv(self, b: Basis, t: TrafficInputs, transfer: advisor.Transfer,
+               peak: float) -> Alternative | None:  # fmt: skip
+        setup, arch, gpu = self.setup(), self.inp.arch, self.inp.gpu
+        kv_bound = b.capacity.limiting == "kv" or b.capacity.at_capacity.kv_bound
+        if not kv_bound or arch is None or gpu is None or setup is None:
+            return None
+        settings = self.settings(peak, b.limits.prefix_cache_hit_ratio, t)
+        cand = advisor.make_candidate(arch, gpu, advisor.with_kv_dtype(setup, "fp8"), settings,
+                                      transfer)  # fmt: skip
+        if not cand.plan.fits:
+            return None
+        w = b.workload
+        key = ("fp8_kv", *_step_key(cand.step), *_bins(w.mean_prompt, w.mean_output), cand.limits,
+               settings)  # fmt: skip
+        cap = self.cache.get(
+            key,
+            lambda: max_rate_at_slo(
+                cand.step, cand.limits, w, settings.slo, n_requests=settings.n_requests
+            ),
+        )
+        return advisor.evaluate(cand, w, settings, transfer, capacity=cap)
+
+
+def _rel(projected: float, observed: float | None) -> float | None:
+    if observed is None or not observed > 0 or not math.isfinite(projected):
         return None
-    settings = c.settings(peak)
-    cand = advisor.make_candidate(c.model, c.gpu, advisor.with_kv_dtype(setup, "fp8"), settings,
-                                  c.transfer)  # fmt: skip
-    return advisor.evaluate(cand, c.workload, settings, c.transfer) if cand.plan.fits else None
+    return projected / observed - 1.0
+
+
+def _errors(check: ModelCheck) -> list[float]:
+    return [e for e in (check.ttft_error, check.itl_error) if e is not None]
+
+
+def _band_source(transfer: advisor.Transfer, check: ModelCheck | None) -> str:
+    base = ("calibration p90 relative error" if transfer.calibrated
+            else "uncalibrated roofline prior (assumed)")  # fmt: skip
+    if check is not None and any(abs(e) > transfer.band() for e in _errors(check)):
+        return f"the model's miss of the p95s measured over the last {check.window_s:.0f} s"
+    return base

@@ -80,9 +80,11 @@ class Alternative:
     oom_risk: str  # "none", "low", "high" or "certain" (estimator.memory)
     usd_per_hour: float
     usd_per_month: float
-    usd_per_1m_tokens: float | None  # at the forecast peak rate
+    usd_per_1m_tokens: float | None  # at ``priced_at_rps`` (the forecast peak); None: no SLO
     usd_per_1m_input_tokens: float | None
     usd_per_1m_output_tokens: float | None
+    priced_at_rps: float | None = None  # the rate the per-token prices hold at
+    fits: bool = True  # the weights and one max_model_len sequence fit in GPU memory
     current: bool = False  # the configuration running now
     uncertainty: Uncertainty | None = None  # on capacity_rps_per_replica
     assumptions: tuple[str, ...] = ()
@@ -90,6 +92,12 @@ class Alternative:
 
     def label(self) -> str:
         return f"{self.replicas}x {self.gpus_per_replica}x{self.gpu} {self.quant}"
+
+    def verdict(self) -> str:
+        """``meets the SLO``, ``misses the SLO at any rate`` or ``does not fit``."""
+        if not self.fits:
+            return "does not fit"
+        return "meets the SLO" if self.meets_slo else "misses the SLO at any rate"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +117,14 @@ class FitReport:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrafficReport:
+    """The traffic a projection is about. Windows never claim more history than there is:
+    ``history_s`` is how far back the data goes, and each rate covers at most that."""
+
+    rate_rps: float  # the rate the projection is about: the 5-minute rate online
+    rate_window_s: float | None  # seconds of arrivals it stands on; None: given, not measured
+    history_s: float | None  # first to last arrival seen; None: synthetic traffic
+    requests: int  # records it stands on (0: synthetic)
+    description: str  # e.g. "5 req/s, prompt lognormal:1024:0.8, output 256"
     rate_1m_rps: float
     rate_5m_rps: float
     rate_1h_rps: float
@@ -126,32 +142,95 @@ class TrafficReport:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryReport:
+    """The memory plan of one replica, per GPU (bytes), and what it leaves for the KV cache."""
+
+    params: int  # total parameters
+    active_params: int  # used per token (MoE: shared + active experts)
+    kv_bytes_per_token: float  # one token's KV cache over all layers (whole model)
+    gpus: int  # per replica (tensor parallel)
+    memory_bytes_per_gpu: int
+    budget_bytes_per_gpu: int  # gpu_memory_utilization x memory
+    weight_bytes_per_gpu: int
+    activation_bytes_per_gpu: int
+    cuda_graph_bytes_per_gpu: int
+    non_torch_bytes_per_gpu: int
+    kv_bytes_per_gpu: int
+    kv_capacity_tokens: int  # the whole replica
+    num_blocks: int
+    max_model_len: int
+    max_num_seqs: int
+    seqs_at_typical_context: int
+    fits: bool
+    oom_risk: str
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelCheck:
+    """The projection at the measured rate against what was measured in the same window:
+    ``error = projected / observed - 1``; None where either is unknown or the data is too thin
+    to judge by (a p95 needs 20+ samples above it: 400 requests, 2000 gaps). A known error
+    widens the capacity band to its size."""
+
+    rate_rps: float  # per replica
+    window_s: float
+    ttft_error: float | None
+    itl_error: float | None
+    ttft_requests: int
+    itl_gaps: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CurvePoint:
+    """Simulated p95 latencies of one replica at one rate (for plots)."""
+
+    rate_rps: float
+    ttft_p95_s: float | None
+    itl_p95_s: float | None
+    meets_slo: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeploymentReport:
     """One model and the backends serving it."""
 
     model: str
     backends: tuple[str, ...]
-    status: str  # "ok", "insufficient_data" or "error" (the projection failed; see notes)
+    status: str  # "ok", "insufficient_data", "does_not_fit" or "error" (see notes)
     notes: tuple[str, ...]
     requests_observed: int
     gpu: str | None
     gpus_per_replica: int
-    replicas: int  # backends serving it now
+    quant: str
+    kv_dtype: str
+    replicas: int  # backends serving it now (offline: the replicas asked for or recommended)
     traffic: TrafficReport | None
     capacity_rps: float | None  # all replicas, at the SLO
+    capacity_rps_per_replica: float | None
+    capacity_band: Uncertainty | None  # on capacity_rps
+    limiting: str | None  # what caps capacity: "ttft", "itl", "kv" or "none"
     utilization: float | None  # current rate / capacity
     headroom_rps: float | None
-    projected_ttft_p95_s: float | None  # at the current rate
+    projected_ttft_p95_s: float | None  # at the current rate (ITL: over all token gaps)
     projected_itl_p95_s: float | None
-    observed_ttft_p95_s: float | None
-    observed_itl_p95_s: float | None
+    meets_slo_at_rate: bool | None  # the projection at the current rate meets the SLO
+    observed_ttft_p95_s: float | None  # measured over the last ``observed_window_s``
+    observed_itl_p95_s: float | None  # over all token gaps of those requests
+    observed_window_s: float | None
+    observed_requests: int  # OK requests in that window
+    observed_gaps: int  # token gaps in that window
     seconds_to_breach: float | None  # None: never (flat or falling) or beyond the horizon
-    recommended_replicas: int | None
+    recommended_replicas: int | None  # None: unknown, or too uncertain to act on (see advice)
+    actionable: bool  # the capacity band is narrow enough to size replicas with
     cost: CostFigures | None  # at the current rate
     cost_at_capacity: CostFigures | None
     fit: FitReport
+    model_check: ModelCheck | None = None
+    memory: MemoryReport | None = None
     recommendations: tuple[Recommendation, ...] = ()
     alternatives: tuple[Alternative, ...] = ()
+    latency_curve: tuple[CurvePoint, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -216,6 +295,11 @@ class BackendReport:
 class SloReport:
     ttft_p95_s: float
     itl_p95_s: float
+    quantile: float = 0.95
+    definition: str = (
+        "TTFT: arrival at the proxy to the first content-bearing chunk; ITL: every gap between "
+        "streamed tokens, pooled over requests (not a percentile of per-request summaries)"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,10 +333,12 @@ GAUGE_DOCS: dict[str, str] = {
     "estimator_utilization_ratio": "Current rate / capacity at the SLO.",
     "estimator_headroom_requests_per_second": "Capacity at the SLO minus the current rate.",
     "estimator_projected_ttft_p95_seconds": "Projected p95 TTFT at the current rate.",
-    "estimator_projected_itl_p95_seconds": "Projected p95 inter-token latency at the current rate.",
+    "estimator_projected_itl_p95_seconds": "Projected p95 inter-token latency (over all token "
+    "gaps) at the current rate.",
     "estimator_time_to_breach_seconds": "Time until the forecast rate reaches capacity (absent: "
     "never within the horizon).",
-    "estimator_recommended_replicas": "Replicas for the forecast peak within the SLO, N+1.",
+    "estimator_recommended_replicas": "Replicas for the forecast peak within the SLO, N+1 "
+    "(absent when capacity is too uncertain to act on).",
     "estimator_replicas": "Backends serving the model now.",
     "estimator_cost_usd_per_hour": "Cost of the deployment per hour.",
     "estimator_cost_usd_per_1m_input_tokens": "Cost per 1M prompt tokens at the current rate.",

@@ -1,19 +1,22 @@
 """The Estimator: the one object the proxy holds (and the only estimator module that keeps
-time or reads files).
+time, state or reads files).
 
 Threading: ``observe`` and ``observe_backend`` run on the event loop and only append to a
 bounded ``collections.deque`` (atomic under the GIL, O(1), never raises; when ``refresh`` falls
-behind the oldest pending records are dropped and counted). ``refresh`` runs in a worker thread
-(``asyncio.to_thread``): it drains the deques into per-model and per-backend statistics that only
-it touches, fits, projects and swaps one reference; ``report()`` reads that reference. A lock
-keeps two refreshes from overlapping.
+behind the oldest pending records are dropped and counted). ``refresh`` runs off the loop (a
+worker thread, or a child process: ``Estimator(config)`` needs only the picklable
+``EstimatorConfig``, and the report travels back as ``Report.to_dict()`` plus
+``Report.gauge_families()``): it drains the deques into per-model and per-backend state that
+only it touches, builds each deployment's ``DeploymentInputs`` and calls the pure
+``estimator.projection.project`` once per deployment, then swaps one reference; ``report()``
+reads that reference. A lock keeps two refreshes from overlapping. A projection that raises
+(bad data) makes that deployment's report ``error`` with the reason, logged; the others are
+unaffected.
 
-Per deployment (model) the step model is, in order of preference: the calibrated fit when
-trusted; the roofline prior (needs a model config and a GPU key); otherwise the report says
-``insufficient_data`` and gives no capacity figures. A projection that raises (bad data) makes
-that deployment's report ``error`` with the reason, logged; the others are unaffected. The
-alternatives search (seconds of simulation) runs at most every ``advisor_interval_s`` and is
-reused in between.
+Measured latencies (``LatencyWindow``): the TTFT p95 of the OK requests of the last
+``latency_window_s``, and the ITL p95 over all their token gaps, read from the records' gap
+histograms summed in 30 time buckets (the SLO's definition; records without a histogram, from
+an older proxy, count towards neither the gaps nor that p95).
 """
 
 from __future__ import annotations
@@ -23,118 +26,180 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from estimator.calibrate import OnlineCalibrator
-from estimator.capacity import Slo
-from estimator.catalog import GpuSpec, get_quantization, load_gpu_catalog
+from estimator.catalog import GpuSpec, load_gpu_catalog
 from estimator.engine import StepModel, roofline_prior
 from estimator.modelarch import ModelArch, load_model_arch
-from estimator.projection import BackendState, DeploymentState, backend_report, failed, project
-from estimator.records import BackendSnapshot, RequestRecord
+from estimator.projection import (
+    DeploymentInputs,
+    EngineObserved,
+    ObservedLatency,
+    Projection,
+    ProjectionCache,
+    failed,
+    project,
+    traffic_from_stats,
+)
+from estimator.records import (
+    GAP_BINS,
+    BackendSnapshot,
+    Outcome,
+    RequestRecord,
+    add_gap_histogram,
+    gap_quantiles,
+)
 from estimator.report import BackendReport, DeploymentReport, Report, SloReport
-from estimator.traffic import read_log
+from estimator.settings import EstimatorConfig, resolve_model_config, validate
+from estimator.traffic import ArrivalCounter, TrafficStats, read_log
+
+__all__ = ["Estimator", "EstimatorConfig", "LatencyWindow"]
 
 log = logging.getLogger(__name__)
+_BUCKETS = 30
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EstimatorConfig:
-    """Settings of the Estimator. Durations in seconds, rates in requests/s."""
+class LatencyWindow:
+    """Measured TTFT (streamed OK requests) and ITL (all their gaps), by arrival epoch, bounded:
+    a TTFT ring and gap histograms in ``_BUCKETS`` time buckets spanning ``window_s``."""
 
-    slo_ttft_p95_s: float = 1.0
-    """Target p95 time to first token, seconds."""
-    slo_itl_p95_s: float = 0.1
-    """Target p95 inter-token latency, seconds."""
-    gpu: str | None = None
-    """Catalog key of the GPU type behind every backend (cost, roofline prior); None: unknown."""
-    backend_gpus: Mapping[str, str] = field(default_factory=dict)
-    """Per-backend GPU key, overriding ``gpu``."""
-    gpus_per_backend: int = 1
-    """GPUs per backend (tensor parallel size); cost is price x this x backends."""
-    quant: str = "bf16"
-    """Weight format the backends run (bf16, fp8, int8, int4; int4-awq and int4-gptq too)."""
-    kv_dtype: str = "auto"
-    """KV-cache dtype the backends run (auto or fp8)."""
-    model_configs: Mapping[str, str] = field(default_factory=dict)
-    """Model name -> path of its Hugging Face config.json (enables the roofline prior)."""
-    catalog_path: str | None = None
-    """A GPU catalog YAML merged over the packaged one (prices, extra GPUs)."""
-    gpu_memory_utilization: float = 0.9
-    """vLLM's gpu_memory_utilization, for memory plans."""
-    max_num_seqs: int = 256
-    """Engine max_num_seqs assumed when the backend does not expose it."""
-    max_model_len: int | None = None
-    """Engine max_model_len assumed when not exposed; None: the model's maximum."""
-    records_per_model: int = 1 << 17
-    """Records kept per model for length distributions (a ring)."""
-    pending_records: int = 1 << 18
-    """Records buffered between refreshes; beyond it the oldest are dropped and counted."""
-    trend_window_s: float = 3600.0
-    """Window of per-minute counts the trend is fitted on."""
-    latency_window_s: float = 300.0
-    """Window of the observed TTFT/ITL p95."""
-    forecast_horizon_s: float = 3600.0
-    """Horizon of the forecast peak that sizes recommended replicas."""
-    breach_horizon_s: float = 7 * 86400.0
-    """How far ahead the time to SLO breach is searched; beyond it: None."""
-    refresh_interval_s: float = 30.0
-    """How often the proxy should call ``refresh``."""
-    advisor_interval_s: float = 600.0
-    """How often the alternatives search reruns (it simulates for seconds)."""
-    advisor_gpus: tuple[str, ...] = ()
-    """GPU keys the alternatives search considers; empty: the whole catalog but CPUs."""
-    advisor_max_simulated: int = 8
-    """Alternatives simulated per search at most (the cheapest by a first estimate)."""
-    sim_requests: int = 800
-    """Requests per simulated capacity probe."""
-    spare_replicas: int = 1
-    """Spare replicas on top of those the forecast peak needs (N+1)."""
-    min_records: int = 50
-    """Records a model needs before its traffic and fit are projected."""
-    max_models: int = 64
-    """Models tracked at most (about 10 MB of rings each); records of further models are
-    dropped and counted."""
-    max_backends: int = 256
-    """Backends tracked at most."""
-    active_window_s: float = 600.0
-    """A backend counts as a replica of a model while it served one of its requests within
-    this window, or while its last scrape says it is up and lists the model."""
+    __slots__ = ("epoch", "first", "gap_ids", "gaps", "n", "ttft", "width")
 
-    @property
-    def slo(self) -> Slo:
-        return Slo(ttft_p95_s=self.slo_ttft_p95_s, itl_p95_s=self.slo_itl_p95_s)
+    def __init__(self, window_s: float, size: int = 1 << 14) -> None:
+        self.epoch = np.full(size, -np.inf)
+        self.ttft = np.full(size, np.nan)
+        self.n = 0
+        self.first: float | None = None
+        self.width = max(window_s, 1.0) / _BUCKETS
+        self.gap_ids = [-1] * (_BUCKETS + 1)
+        self.gaps = [[0] * GAP_BINS for _ in range(_BUCKETS + 1)]
 
-    def gpu_for(self, backend: str | None) -> str | None:
-        if backend is not None and backend in self.backend_gpus:
-            return self.backend_gpus[backend]
-        return self.gpu
+    def observe(self, r: RequestRecord) -> None:
+        if r.outcome is not Outcome.OK:
+            return
+        t = r.arrival_epoch
+        i = self.n % self.epoch.size
+        self.epoch[i] = t
+        ttft = r.ttft_s
+        self.ttft[i] = np.nan if ttft is None or not r.streamed else ttft
+        self.n += 1
+        self.first = t if self.first is None else min(self.first, t)
+        if r.itl.gap_bins:
+            key = int(t // self.width)
+            slot = key % len(self.gap_ids)
+            if self.gap_ids[slot] < key:  # a newer bucket claims the slot
+                self.gap_ids[slot] = key
+                self.gaps[slot] = [0] * GAP_BINS
+            if self.gap_ids[slot] == key:  # else older than the ring remembers: dropped
+                add_gap_histogram(self.gaps[slot], r.itl)
+
+    def observed(self, now: float, window_s: float) -> ObservedLatency:
+        recent = self.epoch >= now - window_s
+        ttft = self.ttft[recent]
+        ttft = ttft[np.isfinite(ttft)]
+        lo = int((now - window_s) // self.width)
+        rows = [g for k, g in zip(self.gap_ids, self.gaps, strict=True) if k >= lo]
+        dense = np.sum(rows, axis=0) if rows else np.zeros(GAP_BINS)
+        span = window_s if self.first is None else min(window_s, max(0.0, now - self.first))
+        return ObservedLatency(
+            ttft_p95_s=float(np.quantile(ttft, 0.95)) if ttft.size else None,
+            itl_p95_s=gap_quantiles(dense.tolist(), [0.95])[0], window_s=span,
+            requests=int(ttft.size), gaps=int(dense.sum()),
+        )  # fmt: skip
 
 
-_QUANT_ALIASES = {"int4-awq": "int4", "int4-gptq": "int4", "awq": "int4", "gptq": "int4"}
+class DeploymentState:
+    """Everything kept about one model (mutated by the refresh thread only)."""
+
+    def __init__(self, model: str, cfg: EstimatorConfig, prior: StepModel | None) -> None:
+        self.model = model
+        self.traffic = TrafficStats(cfg.records_per_model, trend_window_s=cfg.trend_window_s)
+        self.latency = LatencyWindow(cfg.latency_window_s)
+        self.calibrator = OnlineCalibrator(prior=prior)
+        self.prior = prior
+        self.backends: set[str] = set()
+        self.cache = ProjectionCache()  # simulations of past passes; owned here, passed in
+
+    def observe(self, r: RequestRecord) -> None:
+        self.traffic.observe(r)
+        self.latency.observe(r)
+        self.calibrator.observe(r)
+        if r.backend is not None:
+            self.backends.add(r.backend)
 
 
-def check_config(config: EstimatorConfig, catalog: Mapping[str, GpuSpec]) -> str:
-    """Validate GPU keys and the weight format; returns the format's canonical name.
+class BackendState:
+    """Requests seen on one backend and its last two snapshots."""
 
-    Raises ``ValueError`` naming the field (``estimator.gpu``, ``estimator.backend_gpus.b1``,
-    ``estimator.quant``, ``estimator.kv_dtype``)."""
-    keys = [("estimator.gpu", config.gpu)]
-    keys += [(f"estimator.backend_gpus.{b}", g) for b, g in config.backend_gpus.items()]
-    for where, key in keys:
-        if key is not None and key not in catalog:
-            raise ValueError(f"{where}: unknown GPU {key!r}; known: {', '.join(sorted(catalog))}")
-    quant = _QUANT_ALIASES.get(config.quant.lower(), config.quant.lower())
-    try:
-        get_quantization(quant)
-    except ValueError as e:
-        raise ValueError(f"estimator.quant: {e}") from None
-    if config.kv_dtype not in ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bf16", "fp16"):
-        raise ValueError(f"estimator.kv_dtype: unknown {config.kv_dtype!r}; use auto or fp8")
-    if config.gpus_per_backend < 1:
-        raise ValueError("estimator.gpus_per_backend: must be >= 1")
-    return quant
+    def __init__(self, name: str, window_s: float) -> None:
+        self.name = name
+        self.arrivals = ArrivalCounter()
+        self.latency = LatencyWindow(window_s, 4096)
+        self.models: set[str] = set()
+        self.last: BackendSnapshot | None = None
+        self.prev: BackendSnapshot | None = None
+
+    def observe(self, r: RequestRecord) -> None:
+        self.arrivals.add(r.arrival_epoch)
+        self.latency.observe(r)
+        self.models.add(r.model)
+
+    def observe_snapshot(self, s: BackendSnapshot) -> None:
+        if self.last is None or s.time_s >= self.last.time_s:
+            self.prev, self.last = self.last, s
+        self.models.update(s.models)
+
+    def report(self, now: float, window_s: float) -> BackendReport:
+        s, p = self.last, self.prev
+        obs = self.latency.observed(now, window_s)
+        preempt = None
+        if s and p and s.preemptions is not None and p.preemptions is not None:
+            dt = s.time_s - p.time_s
+            preempt = max(0.0, s.preemptions - p.preemptions) / dt if dt > 0 else None
+        gpus = s.gpus if s is not None else ()
+        util = [g.utilization for g in gpus if g.utilization is not None]
+        mem = [g.memory_used_bytes / g.memory_total_bytes for g in gpus
+               if g.memory_used_bytes is not None and g.memory_total_bytes]  # fmt: skip
+        return BackendReport(
+            backend=self.name, models=tuple(sorted(self.models)), up=s.up if s else None,
+            requests_observed=self.arrivals.count, rate_rps=self.arrivals.rate(300.0, now),
+            observed_ttft_p95_s=obs.ttft_p95_s, observed_itl_p95_s=obs.itl_p95_s,
+            running=s.running if s else None, waiting=s.waiting if s else None,
+            kv_usage=s.kv_usage if s else None,
+            kv_capacity_tokens=s.kv_capacity_tokens if s else None,
+            prefix_cache_hit_ratio=_hit_ratio(s, p) if s else None, preemptions_per_s=preempt,
+            gpu_utilization=sum(util) / len(util) if util else None,
+            gpu_memory_used_ratio=sum(mem) / len(mem) if mem else None,
+            snapshot_age_s=now - s.epoch if s is not None and s.epoch else None,
+        )  # fmt: skip
+
+
+def _hit_ratio(s: BackendSnapshot, p: BackendSnapshot | None) -> float | None:
+    """Prefix-cache hits / queries between the last two scrapes (since start without a previous
+    one, or after a counter reset); the engine's own rate when it only exposes that."""
+    if s.prefix_cache_queries and s.prefix_cache_hits is not None:
+        if p is not None and p.prefix_cache_queries is not None and p.prefix_cache_hits is not None:
+            dq = s.prefix_cache_queries - p.prefix_cache_queries
+            dh = s.prefix_cache_hits - p.prefix_cache_hits
+            if dq > 0 and dh >= 0:
+                return dh / dq
+        return s.prefix_cache_hits / s.prefix_cache_queries
+    return s.prefix_cache_hit_rate
+
+
+def engine_observed(snaps: Iterable[BackendSnapshot]) -> EngineObserved:
+    """The engine settings the serving backends' last scrapes expose (the first that does)."""
+    snaps = list(snaps)
+    kv = next((s for s in snaps if s.kv_capacity_tokens and s.block_size), None)
+    return EngineObserved(
+        max_num_seqs=next((s.max_num_seqs for s in snaps if s.max_num_seqs), None),
+        max_model_len=next((s.max_model_len for s in snaps if s.max_model_len), None),
+        kv_capacity_tokens=kv.kv_capacity_tokens if kv else None,
+        block_size=kv.block_size if kv else None,
+    )
 
 
 class Estimator:
@@ -143,11 +208,11 @@ class Estimator:
     def __init__(
         self, config: EstimatorConfig | None = None, *, catalog: Mapping[str, GpuSpec] | None = None
     ) -> None:
-        self.config = config or EstimatorConfig()
+        config = config or EstimatorConfig()
         self.catalog = dict(catalog) if catalog is not None else load_gpu_catalog(
-            extra=self.config.catalog_path
+            extra=config.catalog
         )  # fmt: skip
-        self.config = replace(self.config, quant=check_config(self.config, self.catalog))
+        self.config = validate(config, self.catalog)
         self._pending: deque[RequestRecord] = deque(maxlen=self.config.pending_records)
         self._snapshots: deque[BackendSnapshot] = deque(maxlen=4 * self.config.max_backends)
         self._submitted = 0  # written by the event loop only
@@ -156,6 +221,7 @@ class Estimator:
         self._models: dict[str, DeploymentState] = {}
         self._backends: dict[str, BackendState] = {}
         self._archs: dict[str, ModelArch | str] = {}  # model -> arch, or why there is none
+        self._projections: dict[str, Projection] = {}
         self._lock = threading.Lock()
         self._report: Report | None = None
 
@@ -173,6 +239,10 @@ class Estimator:
         """The latest report (None before the first refresh)."""
         return self._report
 
+    def projection(self, model: str) -> Projection | None:
+        """The latest projection of ``model``, with the numbers behind it (``basis``)."""
+        return self._projections.get(model)
+
     # ---- off the hot path ----------------------------------------------------------------
     def refresh(self, now: float | None = None) -> Report:
         """Drain, fit and project as of ``now`` (wall-clock epoch; default: the clock)."""
@@ -181,11 +251,13 @@ class Estimator:
             at = time.time() if now is None else now
             self._drain()
             deployments = tuple(self._project(name, at) for name in sorted(self._models))
-            backends = tuple(self._backend_report(name, at) for name in sorted(self._backends))
+            window = self.config.latency_window_s
+            backends = tuple(self._backends[n].report(at, window) for n in sorted(self._backends))
+            slo = self.config.slo
             report = Report(
                 generated_at=at,
-                slo=SloReport(ttft_p95_s=self.config.slo_ttft_p95_s,
-                              itl_p95_s=self.config.slo_itl_p95_s),
+                slo=SloReport(ttft_p95_s=slo.ttft_p95_s, itl_p95_s=slo.itl_p95_s,
+                              quantile=slo.quantile),
                 deployments=deployments,
                 backends=backends,
                 refresh_seconds=time.perf_counter() - started,
@@ -204,8 +276,7 @@ class Estimator:
     def replay(self, path: str | Path, *, now: float | None = None) -> Report:
         """Feed a JSON-lines request log (``RequestRecord.to_dict`` per line) and refresh as of
         ``now`` (default: one second after the last arrival in the log)."""
-        records = read_log(path)
-        return self.replay_records(records, now=now)
+        return self.replay_records(read_log(path), now=now)
 
     def replay_records(
         self, records: Iterable[RequestRecord], *, now: float | None = None
@@ -241,7 +312,8 @@ class Estimator:
             if len(self._models) >= self.config.max_models:
                 self._invalid += 1
                 return
-            dep = self._models[r.model] = self._new_deployment(r.model, r.backend)
+            prior = self._prior(r.model, r.backend)
+            dep = self._models[r.model] = DeploymentState(r.model, self.config, prior)
         dep.observe(r)
         if r.backend is not None:
             b = self._backend(r.backend)
@@ -251,62 +323,77 @@ class Estimator:
     def _backend(self, name: str) -> BackendState | None:
         b = self._backends.get(name)
         if b is None and len(self._backends) < self.config.max_backends:
-            b = self._backends[name] = BackendState(name)
+            b = self._backends[name] = BackendState(name, self.config.latency_window_s)
         return b
 
-    def _new_deployment(self, model: str, backend: str | None) -> DeploymentState:
+    def _prior(self, model: str, backend: str | None) -> StepModel | None:
         cfg = self.config
-        arch = self._arch(model)
-        gpu = self._gpu(cfg.gpu_for(backend))
-        prior: StepModel | None = None
-        if isinstance(arch, ModelArch) and gpu is not None:
-            try:
-                prior = roofline_prior(arch, gpu, tp=cfg.gpus_per_backend, quant=cfg.quant,
-                                       kv_dtype=cfg.kv_dtype)  # fmt: skip
-            except ValueError as e:  # e.g. a TP degree the architecture cannot split into
-                self._archs[model] = f"no roofline prior for {model}: {e}"
-        return DeploymentState(
-            model=model,
-            records=cfg.records_per_model,
-            trend_window_s=cfg.trend_window_s,
-            calibrator=OnlineCalibrator(prior=prior),
-            prior=prior,
-        )
+        arch, gpu = self._arch(model), self._gpu(cfg.gpu_for(backend))
+        if not isinstance(arch, ModelArch) or gpu is None:
+            return None
+        try:
+            return roofline_prior(arch, gpu, tp=cfg.gpus_per_backend, quant=cfg.quant,
+                                  kv_dtype=cfg.kv_dtype)  # fmt: skip
+        except ValueError as e:  # e.g. a TP degree the architecture cannot split into
+            self._archs[model] = f"no roofline prior for {model}: {e}"
+            return None
 
     def _arch(self, model: str) -> ModelArch | str:
         if model not in self._archs:
-            path = self.config.model_configs.get(model)
-            if path is None:
+            spec = self.config.model_configs.get(model)
+            if spec is None:
                 self._archs[model] = "no model config given"
             else:
                 try:
-                    self._archs[model] = load_model_arch(path)
+                    self._archs[model] = load_model_arch(resolve_model_config(spec))
                 except (OSError, ValueError) as e:
-                    self._archs[model] = f"model config {path}: {e}"
+                    self._archs[model] = f"model config {spec}: {e}"
         return self._archs[model]
 
     def _gpu(self, key: str | None) -> GpuSpec | None:
         return None if key is None else self.catalog.get(key)
 
-    def _project(self, model: str, now: float) -> DeploymentReport:
-        dep = self._models[model]
+    def _inputs(self, model: str, now: float) -> DeploymentInputs:
+        cfg, dep = self.config, self._models[model]
         names = self._active(model, dep.backends, now) or tuple(sorted(dep.backends))
-        snaps = [self._backends[n].last for n in names if n in self._backends]
-        gpu = self._gpu(self.config.gpu_for(names[0] if names else None))
+        snaps = [s for s in (self._backends[n].last for n in names if n in self._backends)
+                 if s is not None]  # fmt: skip
+        engine = engine_observed(snaps)
+        cal = None
+        if len(dep.calibrator):
+            cal = dep.calibrator.fit(max_num_seqs=engine.max_num_seqs or cfg.max_num_seqs)
+        arch = self._arch(model)
+        return DeploymentInputs(
+            model=model, now=now, config=cfg, catalog=self.catalog,
+            arch=arch if isinstance(arch, ModelArch) else None,
+            arch_note=arch if isinstance(arch, str) else None,
+            gpu=self._gpu(cfg.gpu_for(names[0] if names else None)), backends=names,
+            replicas=max(1, len(names)), running=True, requests_observed=dep.traffic.count,
+            traffic=traffic_from_stats(dep.traffic, now, cfg.forecast_horizon_s),
+            observed=dep.latency.observed(now, cfg.latency_window_s), engine=engine,
+            calibration=cal, prior=dep.prior,
+        )  # fmt: skip
+
+    def _project(self, model: str, now: float) -> DeploymentReport:
+        inputs = None
         try:
-            return project(
-                dep,
-                config=self.config,
-                arch=self._arch(model),
-                gpu=gpu,
-                catalog=self.catalog,
-                snapshots=[s for s in snaps if s is not None],
-                backends=names,
-                now=now,
-            )
+            inputs = self._inputs(model, now)
+            proj = project(inputs, self._models[model].cache)
         except (ValueError, ArithmeticError) as e:  # one model's bad data must not hide the rest
             log.warning("estimator: projection of %r failed: %s", model, e)
-            return failed(dep, config=self.config, gpu=gpu, backends=names, now=now, reason=str(e))
+            self._projections.pop(model, None)
+            return failed(inputs or self._bare_inputs(model, now), str(e))
+        self._projections[model] = proj
+        return proj.report
+
+    def _bare_inputs(self, model: str, now: float) -> DeploymentInputs:
+        dep = self._models[model]
+        names = tuple(sorted(dep.backends))
+        return DeploymentInputs(
+            model=model, now=now, config=self.config, catalog=self.catalog, arch=None,
+            gpu=self._gpu(self.config.gpu_for(names[0] if names else None)), backends=names,
+            replicas=max(1, len(names)), requests_observed=dep.traffic.count, traffic=None,
+        )  # fmt: skip
 
     def _active(self, model: str, names: Iterable[str], now: float) -> tuple[str, ...]:
         """Backends serving ``model`` now: a recent request, or an up scrape listing it."""
@@ -321,6 +408,3 @@ class Estimator:
             if recent or up:
                 out.append(name)
         return tuple(out)
-
-    def _backend_report(self, name: str, now: float) -> BackendReport:
-        return backend_report(self._backends[name], now=now, window_s=self.config.latency_window_s)

@@ -459,6 +459,7 @@ class TrafficProfile:
     cached_ratio: float = 0.0  # fraction of prompt tokens served from the prefix cache
     trend_rps_per_hour: float = 0.0
     requests: int = 0  # records it was built from (0 when synthetic)
+    span_s: float | None = None  # seconds of arrivals the log covers (None when synthetic)
 
     @classmethod
     def parse(cls, text: str) -> TrafficProfile:
@@ -495,7 +496,7 @@ class TrafficProfile:
         base = stats.profile(now + 1.0)
         return cls(rate_rps=len(records) / span, prompt=base.prompt, output=base.output,
                    cached_ratio=base.cached_ratio, trend_rps_per_hour=base.trend_rps_per_hour,
-                   requests=len(records))  # fmt: skip
+                   requests=len(records), span_s=span)  # fmt: skip
 
     @classmethod
     def from_log(cls, path: str | Path) -> TrafficProfile:

@@ -219,8 +219,8 @@ def traffic() -> dict[str, Any]:
     slo_i = target("max(rightsizer:slo_itl_p95_seconds)", "SLO p95", "S")
     lay.add(
         timeseries(
-            "TTFT percentiles",
-            "Time to first token: arrival (queue wait included) "
+            "TTFT percentiles (arrival to first token)",
+            "Time to first token: arrival at the proxy (queue wait included) "
             "to the first content-bearing chunk. SLO from the alert rules.",
             [*quantiles(ttft, f"{M},{B}"), slo_t],
             "s",
@@ -236,16 +236,17 @@ def traffic() -> dict[str, Any]:
     )
     lay.add(
         timeseries(
-            "Inter-token latency percentiles",
-            "Gaps between streamed chunks.",
+            "Inter-token latency percentiles (all token gaps)",
+            "Every gap between streamed tokens, pooled over requests: the SLO's definition "
+            "(not a percentile of per-request averages). SLO from the alert rules.",
             [*quantiles(itl, f"{M},{B}"), slo_i],
             "s",
         )
     )
     lay.add(
         heatmap(
-            "Inter-token latency distribution",
-            "Histogram buckets of the gaps.",
+            "Inter-token latency distribution (all token gaps)",
+            "Histogram buckets of every gap between streamed tokens.",
             f"sum by (le) (increase({itl}_bucket{{{M},{B}}}[{RI}]))",
             "s",
         )
@@ -260,8 +261,8 @@ def traffic() -> dict[str, Any]:
     )
     lay.add(
         timeseries(
-            "p95 inter-token latency by backend",
-            "Per-backend decode pace.",
+            "p95 inter-token latency by backend (all token gaps)",
+            "Per-backend decode pace, over every gap between streamed tokens.",
             quantiles(itl, f"{M},{B}", "backend", (0.95,)),
             "s",
         )
@@ -362,7 +363,9 @@ def capacity() -> dict[str, Any]:
         (f"rightsizer:ttft_p95_seconds:rate5m{{{M}}}", "measured {{model}}"),
         ("max(rightsizer:slo_ttft_p95_seconds)", "SLO"),
     ), "s"))  # fmt: skip
-    lay.add(timeseries("Projected vs measured p95 inter-token latency", "As left, for ITL.",
+    lay.add(timeseries("Projected vs measured p95 ITL (all token gaps)", "The estimator's p95 "
+                       "over all token gaps at the current rate, the measured p95 over all gaps "
+                       "(5 min) and the SLO.",
                        targets(
         (f"{e}projected_itl_p95_seconds{{{M}}}", "projected {{model}}"),
         (f"rightsizer:itl_p95_seconds:rate5m{{{M}}}", "measured {{model}}"),
@@ -387,7 +390,9 @@ def capacity() -> dict[str, Any]:
     lay.add(timeseries("Per-backend rate", "Arrival rate per backend (estimator, 5 min).", targets(
         (f"{e}backend_rate_requests_per_second{{{B}}}", "{{backend}}")), "reqps"))  # fmt: skip
     lay.row("Cost")
-    lay.add(timeseries("$ per 1M tokens", "At the current rate.", targets(
+    lay.add(timeseries("$ per 1M tokens at the current rate", "Input and output tokens priced at "
+                       "the estimator's current (5-minute) rate; at capacity they cost less.",
+                       targets(
         (f"{e}cost_usd_per_1m_input_tokens{{{M}}}", "input {{model}}"),
         (f"{e}cost_usd_per_1m_output_tokens{{{M}}}", "output {{model}}"),
     ), "currencyUSD"), 8)  # fmt: skip
@@ -395,7 +400,8 @@ def capacity() -> dict[str, Any]:
         (f"{e}cost_usd_per_hour{{{M}}}", "per hour {{model}}"),
         (f"{e}cost_usd_per_hour{{{M}}} * 730", "per month {{model}}"),
     ), "currencyUSD"), 8)  # fmt: skip
-    lay.add(timeseries("$ per request", "At the current rate.", targets(
+    lay.add(timeseries("$ per request at the current rate", "The hourly cost over the "
+                       "estimator's current (5-minute) rate.", targets(
         (f"{e}cost_usd_per_request{{{M}}}", "{{model}}")), "currencyUSD"), 8)  # fmt: skip
     lay.row("Trust")
     lay.add(timeseries("Estimator fit error (p90)", "p90 relative error of the step-time model on "

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from estimator.settings import EstimatorConfig
+
 ENV_PREFIX = "RIGHTSIZER_"
 
 
@@ -175,29 +177,6 @@ class MetricsConfig:
     max_tenants: int = doc("Distinct tenant label values before the rest collapse to 'other'.", 50)
 
 
-@dataclass(**_FROZEN)
-class EstimatorSection:
-    enabled: bool = doc("Run the online estimator inside the proxy.", True)
-    refresh_interval_s: float = doc("How often the estimator refits and re-projects.", 15.0)
-    slo_ttft_p95_s: float = doc("SLO: p95 time to first token.", 0.5)
-    slo_itl_p95_s: float = doc("SLO: p95 inter-token latency.", 0.05)
-    gpu: str | None = doc("GPU catalog key the backends run on (for cost), e.g. h100-sxm.", None)
-    gpus_per_backend: int = doc("GPUs behind each backend (tensor parallel degree).", 1)
-    quant: str = doc("Weight quantization of the served model (bf16, fp8, int8, int4-awq).", "bf16")
-    model_configs: Mapping[str, str] = doc(
-        "Served model name -> path of its Hugging Face config.json.",
-        dataclasses.MISSING,
-        default_factory=dict,
-    )
-    catalog: str | None = doc("Extra GPU catalog YAML merged over the built-in one.", None)
-    min_records: int = doc("Records a model needs before it is projected.", 50)
-    trend_window_s: float = doc("Window the arrival-rate trend is fitted on.", 3600.0)
-    latency_window_s: float = doc("Window of the observed TTFT/ITL p95.", 300.0)
-    forecast_horizon_s: float = doc("Horizon of the forecast peak that sizes replicas.", 3600.0)
-    breach_horizon_s: float = doc("How far ahead the time to SLO breach is searched.", 7 * 86400.0)
-    advisor_interval_s: float = doc("How often the right-sizing search reruns.", 600.0)
-
-
 PRIORITY_CLASSES = ("critical", "high", "normal", "low", "sheddable")
 
 
@@ -328,7 +307,9 @@ class ProxyConfig:
     health: HealthConfig = section("Health checks, ejection and scraping.", HealthConfig)
     request_log: RequestLogConfig = section("Request log.", RequestLogConfig)
     metrics: MetricsConfig = section("Prometheus metrics.", MetricsConfig)
-    estimator: EstimatorSection = section("Online estimator.", EstimatorSection)
+    estimator: EstimatorConfig = section(
+        "Online estimator (estimator/settings.py).", EstimatorConfig
+    )
     scheduling: SchedulingConfig = section(
         "Priority queueing, fairness and shedding.", SchedulingConfig
     )

@@ -283,7 +283,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.programs.demo import run_demo
 
     _install_uvloop()
-    return asyncio.run(run_demo(duration_s=args.duration, requests=args.requests))
+    return asyncio.run(run_demo(duration_s=args.duration, requests=args.requests, seed=args.seed))
 
 
 def cmd_estimator(args: argparse.Namespace) -> int:
@@ -386,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start two emulated engines and the proxy on loopback ports, send a short "
         "traffic ramp through the proxy, and report what it measured and projected.",
     )
-    d.add_argument("--duration", type=float, default=30.0, help="traffic duration in seconds")
+    d.add_argument("--duration", type=float, default=40.0, help="traffic duration in seconds")
     d.add_argument("--requests", type=int, default=2000, help="maximum requests to send")
+    d.add_argument("--seed", type=int, default=7, help="seed of the traffic schedule")
     d.set_defaults(func=cmd_demo)
 
     x = sub.add_parser(

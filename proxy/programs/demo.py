@@ -1,37 +1,65 @@
-"""``rightsizer demo``: the self-contained main job. Starts two emulated engines and the proxy
-on loopback ports, sends a short mixed traffic ramp through the proxy (streamed and not, chat
-and completions, several tenants and priorities), shows progress, prints what the proxy
-measured per backend, then stops everything cleanly."""
+"""``rightsizer demo``: the self-contained main job. Starts two emulated engines (Llama-3.1-8B
+on the GPU ``DEMO_GPU``, timed by the estimator's own engine model) and the proxy on loopback
+ports, sends a seeded traffic ramp through the proxy (streamed and not, chat and completions,
+several tenants and priorities), shows progress, then prints on one screen what the proxy
+measured and what the estimator projects from it, against the SLO (the proxy's default), and
+stops everything cleanly.
+
+One module past the house's 400 lines: the run and its one screen (intro, progress, the two
+tables) change together.
+
+Reproducible: the whole schedule (arrival times and request bodies) is drawn from ``--seed``
+before the first request, and the final projection is taken at the schedule's end, not at
+whatever second the drain finished. The estimator runs in a child process
+(``ChildEstimator``): its simulations never share the interpreter with the engines and the
+proxy whose timings it fits (a refresh in a thread of the same process stretched the very
+gaps it was measuring).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import multiprocessing
+import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import orjson
 from aiohttp import web
 
-import estimator
-from estimator.catalog import get_gpu, load_gpu_catalog
+from estimator.catalog import GpuSpec, get_gpu, load_gpu_catalog
 from estimator.engine import roofline_prior
 from estimator.memory import plan_memory
 from estimator.modelarch import load_model_arch
-from estimator.records import Outcome, RequestRecord
-from estimator.report import Report
-from estimator.service import Estimator, EstimatorConfig
+from estimator.records import (
+    GAP_BINS,
+    BackendSnapshot,
+    Outcome,
+    RequestRecord,
+    add_gap_histogram,
+    gap_quantiles,
+)
+from estimator.report import DeploymentReport, Report
+from estimator.service import Estimator
+from estimator.settings import EstimatorConfig, describe_slo, resolve_model_config
 from proxy.app import Deps, build_app
 from proxy.config import load_config
-from proxy.estimation import InProcessEstimator
+from proxy.estimation import RunnerStats
 from proxy.programs.emulator import EmulatorConfig, EmulatorServer, TimingModel
 from proxy.server import GuardedRunner
+
+DEMO_GPU = "a100-40gb"
+DEMO_MODEL = "demo-model"
+DEMO_MODEL_CONFIG = "llama-3.1-8b"  # packaged (estimator/data/models)
+DEMO_SEED = 7
+RAMP_RPS = (4.0, 14.0)  # offered rate at the start and the end of the run
 
 
 def _bound_socket() -> socket.socket:
@@ -48,12 +76,15 @@ async def start_site(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-@dataclass
-class Traffic:
-    sent: int = 0
-    done: int = 0
-    errors: int = 0
-    records: list[RequestRecord] = field(default_factory=list)
+# ---- the schedule ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One request of the schedule: when (seconds after the start) and what."""
+
+    at_s: float
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str]
 
 
 def _request(i: int, rng: random.Random, model: str) -> tuple[str, dict[str, Any], dict[str, str]]:
@@ -62,6 +93,7 @@ def _request(i: int, rng: random.Random, model: str) -> tuple[str, dict[str, Any
     words = " ".join(f"w{rng.randrange(1000)}" for _ in range(rng.randint(20, 400)))
     max_tokens = rng.choice([16, 32, 64, 128])
     headers = {"x-tenant": tenant, "x-priority": priority}
+    stream = i % 4 != 3  # three in four streamed: only streamed requests show TTFT and gaps
     if i % 3:
         body = {
             "model": model,
@@ -70,23 +102,47 @@ def _request(i: int, rng: random.Random, model: str) -> tuple[str, dict[str, Any
                 {"role": "user", "content": words},
             ],
             "max_tokens": max_tokens,
-            "stream": i % 3 == 1,
+            "stream": stream,
         }
         return "/v1/chat/completions", body, headers
     return (
         "/v1/completions",
-        {"model": model, "prompt": words, "max_tokens": max_tokens, "stream": i % 2 == 0},
+        {"model": model, "prompt": words, "max_tokens": max_tokens, "stream": stream},
         headers,
     )
 
 
-async def _one(
-    session: aiohttp.ClientSession, url: str, i: int, rng: random.Random, model: str, t: Traffic
-) -> None:
-    path, body, headers = _request(i, rng, model)
+def plan_traffic(
+    seed: int, duration_s: float, max_requests: int, rate: Callable[[float], float],
+    model: str = DEMO_MODEL,
+) -> list[Planned]:  # fmt: skip
+    """Open-loop Poisson arrivals at ``rate(t)`` requests/s, all drawn from ``seed`` up front."""
+    rng = random.Random(seed)
+    out: list[Planned] = []
+    t = 0.0
+    while t < duration_s and len(out) < max_requests:
+        out.append(Planned(t, *_request(len(out), rng, model)))
+        t += rng.expovariate(max(rate(t), 0.1))
+    return out
+
+
+def ramp(duration_s: float, lo: float = RAMP_RPS[0], hi: float = RAMP_RPS[1]) -> Callable[
+    [float], float]:  # fmt: skip
+    return lambda t: lo + (hi - lo) * min(1.0, t / max(duration_s, 1e-9))
+
+
+@dataclass
+class Traffic:
+    sent: int = 0
+    done: int = 0
+    errors: int = 0
+    records: list[RequestRecord] = field(default_factory=list)
+
+
+async def _one(session: aiohttp.ClientSession, url: str, p: Planned, t: Traffic) -> None:
     t.sent += 1
     try:
-        async with session.post(url + path, data=orjson.dumps(body), headers=headers) as r:
+        async with session.post(url + p.path, data=orjson.dumps(p.body), headers=p.headers) as r:
             async for _ in r.content.iter_any():
                 pass
             t.errors += r.status != 200
@@ -95,107 +151,114 @@ async def _one(
     t.done += 1
 
 
-async def drive(
-    url: str,
-    model: str,
-    *,
-    duration_s: float,
-    max_requests: int,
-    rate: Callable[[float], float],
-    t: Traffic,
-    on_tick: Callable[[float], None] | None = None,
-) -> None:
-    """Open-loop Poisson arrivals at ``rate(elapsed)`` requests/s."""
-    rng = random.Random(7)
+async def drive(url: str, plan: Sequence[Planned], t: Traffic,
+                on_tick: Callable[[float], None] | None = None) -> None:  # fmt: skip
+    """Send each planned request at its time (relative to now), then wait for all of them."""
     tasks: set[asyncio.Task[None]] = set()
     start = time.monotonic()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
-        i = 0
-        while (now := time.monotonic() - start) < duration_s and i < max_requests:
-            task = asyncio.create_task(_one(s, url, i, rng, model, t))
+        for p in plan:
+            delay = p.at_s - (time.monotonic() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(_one(s, url, p, t))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-            i += 1
             if on_tick is not None:
-                on_tick(now)
-            await asyncio.sleep(rng.expovariate(max(rate(now), 0.1)))
-        if tasks:
-            await asyncio.wait(tasks, timeout=60)
+                on_tick(time.monotonic() - start)
+        while tasks:  # the drain: progress keeps moving until the last response
+            await asyncio.wait(set(tasks), timeout=0.25)
+            if on_tick is not None:
+                on_tick(time.monotonic() - start)
 
 
-def _pct(values: list[float], q: float) -> str:
-    return f"{1000 * float(np.percentile(values, q)):.1f}" if values else "-"
+# ---- the estimator, in its own process --------------------------------------------------------
+_CHILD: Estimator | None = None
 
 
-def summary_rows(records: list[RequestRecord]) -> list[list[str]]:
-    rows = []
-    by_backend: dict[str, list[RequestRecord]] = {}
+def _child_start(config: EstimatorConfig) -> None:
+    global _CHILD
+    # the lowest CPU priority: on a small machine the emulated engines and the proxy beside
+    # it must keep their timing, or the estimator would fit its own interference
+    os.nice(19)
+    _CHILD = Estimator(config)
+
+
+def _child_refresh(records: list[RequestRecord], snapshots: list[BackendSnapshot],
+                   now: float | None) -> Report:  # fmt: skip
+    assert _CHILD is not None
     for r in records:
-        by_backend.setdefault(r.backend or "none", []).append(r)
-    for name, recs in [*sorted(by_backend.items()), ("ALL", records)]:
-        ok = [r for r in recs if r.outcome is Outcome.OK]
-        ttft = [r.ttft_s for r in ok if r.streamed and r.ttft_s is not None]
-        itl = [r.itl.p50 for r in ok if r.itl.p50 is not None]
-        rows.append(
-            [
-                name,
-                str(len(recs)),
-                str(len(ok)),
-                _pct(ttft, 50),
-                _pct(ttft, 95),
-                _pct(ttft, 99),
-                _pct(itl, 50),
-                _pct(itl, 95),
-                str(sum(r.prompt_tokens or 0 for r in ok)),
-                str(sum(r.completion_tokens or 0 for r in ok)),
-            ]
-        )
-    return rows
+        _CHILD.observe(r)
+    for s in snapshots:
+        _CHILD.observe_backend(s)
+    return _CHILD.refresh(now)
 
 
-SUMMARY_HEADER = [
-    "backend",
-    "requests",
-    "ok",
-    "TTFT p50 ms",
-    "p95",
-    "p99",
-    "ITL p50 ms",
-    "p95",
-    "prompt tok",
-    "output tok",
-]
+class ChildEstimator:
+    """The estimator behind a process boundary: ``observe*`` buffer (O(1), on the loop);
+    ``refresh`` ships the buffer to an ``Estimator`` built in a child process from the
+    picklable config and returns its ``Report``. Satisfies the app's ``EstimatorLike``."""
+
+    def __init__(self, config: EstimatorConfig) -> None:
+        self.config = config
+        self._records: collections.deque[RequestRecord] = collections.deque()
+        self._snapshots: collections.deque[BackendSnapshot] = collections.deque()
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_start,
+            initargs=(config,),
+        )  # fmt: skip
+        self._report: Report | None = None
+
+    def observe(self, record: RequestRecord) -> None:
+        self._records.append(record)
+
+    def observe_backend(self, snapshot: BackendSnapshot) -> None:
+        self._snapshots.append(snapshot)
+
+    def refresh(self, now: float | None = None) -> Report:
+        recs = [self._records.popleft() for _ in range(len(self._records))]
+        snaps = [self._snapshots.popleft() for _ in range(len(self._snapshots))]
+        self._report = self._pool.submit(_child_refresh, recs, snaps, now).result()
+        return self._report
+
+    def report(self) -> Report | None:
+        return self._report
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
 
 
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        for row in [header, *rows]:
-            print("  ".join(f"{c:>12}" for c in row))
-        return
-    table = Table(title=title)
-    for h in header:
-        table.add_column(h, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    Console(width=140).print(table)
+class _AppView:
+    """What the proxy app reads of the demo's estimator (``proxy.estimation.EstimatorRunner``):
+    the demo refreshes it on its own clock, so ``run`` only waits."""
+
+    def __init__(self, est: ChildEstimator) -> None:
+        self.est = est
+        self.stats = RunnerStats()
+
+    def observe(self, record: RequestRecord) -> None:
+        self.est.observe(record)
+
+    def observe_backend(self, snapshot: BackendSnapshot) -> None:
+        self.est.observe_backend(snapshot)
+
+    def report(self) -> dict[str, Any] | None:
+        r = self.est.report()
+        return None if r is None else r.to_dict()
+
+    def families(self) -> list[Any]:
+        r = self.est.report()
+        return [] if r is None else r.gauge_families()
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
 
 
-DEMO_GPU = "a10g"
-DEMO_MODEL = "demo-model"
-
-
-def demo_model_config() -> str:
-    return str(Path(estimator.__file__).parent / "data" / "models" / "llama-3.1-8b.json")
-
-
-def demo_engine() -> tuple[EmulatorConfig, TimingModel]:
-    """Llama-3.1-8B on an A10G, emulated with the estimator's physical engine model."""
-    arch = load_model_arch(demo_model_config())
-    gpu = get_gpu(load_gpu_catalog(), DEMO_GPU)
+# ---- the engines and the estimator's settings -------------------------------------------------
+def demo_engine(gpu_key: str = DEMO_GPU) -> tuple[EmulatorConfig, TimingModel]:
+    """Llama-3.1-8B on one ``gpu_key``, emulated with the estimator's physical engine model."""
+    arch = load_model_arch(resolve_model_config(DEMO_MODEL_CONFIG))
+    gpu = get_gpu(load_gpu_catalog(), gpu_key)
     plan = plan_memory(arch, gpu, max_model_len=8192, max_num_seqs=64)
     cfg = EmulatorConfig(
         model=DEMO_MODEL, max_num_seqs=64, kv_capacity_tokens=plan.kv_capacity_tokens
@@ -203,16 +266,42 @@ def demo_engine() -> tuple[EmulatorConfig, TimingModel]:
     return cfg, roofline_prior(arch, gpu)
 
 
-def demo_estimator() -> Estimator:
-    return Estimator(EstimatorConfig(
-        slo_ttft_p95_s=1.0, slo_itl_p95_s=0.1, gpu=DEMO_GPU,
-        model_configs={DEMO_MODEL: demo_model_config()}, min_records=40,
-        advisor_interval_s=10.0, advisor_gpus=("l4", "a10g", "l40s", "a100-80gb", "h100-sxm"),
+def demo_config(gpu_key: str = DEMO_GPU) -> EstimatorConfig:
+    """The estimator's settings: the defaults (the SLO included), the GPU and model the
+    engines emulate, the engines' own limits."""
+    return EstimatorConfig(
+        refresh_interval_s=5.0, gpu=gpu_key, model_configs={DEMO_MODEL: DEMO_MODEL_CONFIG},
         max_num_seqs=64, max_model_len=8192, forecast_horizon_s=600.0,
-    ))  # fmt: skip
+        advisor_gpus=("l4", "a10g", "l40s", "a100-40gb", "a100-80gb", "h100-sxm"),
+    )  # fmt: skip
 
 
-async def run_demo(*, duration_s: float = 30.0, requests: int = 2000) -> int:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoResult:
+    """What one run produced (for the reproducibility test)."""
+
+    records: list[RequestRecord]
+    report: Report
+    sent: int
+    errors: int
+
+    @property
+    def deployment(self) -> DeploymentReport | None:
+        return self.report.deployment(DEMO_MODEL)
+
+
+async def run_demo(*, duration_s: float = 40.0, requests: int = 2000, seed: int = DEMO_SEED,
+                   show: bool = True) -> int:  # fmt: skip
+    result = await demo(duration_s=duration_s, requests=requests, seed=seed, show=show)
+    lost = result.sent - len(result.records)
+    return 0 if lost == 0 and result.records else 1
+
+
+async def demo(*, duration_s: float, requests: int, seed: int, show: bool = True) -> DemoResult:
+    """Run the demo; prints the screen when ``show``."""
+    config = demo_config()
+    catalog = load_gpu_catalog()
+    plan = plan_traffic(seed, duration_s, requests, ramp(duration_s))
     runners: list[web.AppRunner] = []
     urls = []
     for _ in range(2):
@@ -221,106 +310,238 @@ async def run_demo(*, duration_s: float = 30.0, requests: int = 2000) -> int:
         runners.append(runner)
         urls.append(url)
     t = Traffic()
-    est = demo_estimator()
-    config = load_config(environ={}, overrides={
-        "backends": [{"url": u} for u in urls],
+    est = ChildEstimator(config)
+    proxy_config = load_config(environ={}, overrides={
+        "backends": [{"url": u, "name": f"engine-{i + 1}"} for i, u in enumerate(urls)],
         "health": {"interval_s": 1.0, "scrape_interval_s": 1.0},
-        "estimator": {"gpu": DEMO_GPU},
+        "estimator": {"refresh_interval_s": config.refresh_interval_s, "gpu": DEMO_GPU},
     })  # fmt: skip
-    deps = Deps(
-        estimator=InProcessEstimator(est, est.config.refresh_interval_s),
-        subscribers=[("demo", t.records.append)],
-    )
-    proxy_runner, proxy_url = await start_site(build_app(config, deps))
+    deps = Deps(estimator=_AppView(est), subscribers=[("demo", t.records.append)])
+    proxy_runner, proxy_url = await start_site(build_app(proxy_config, deps))
     runners.insert(0, proxy_runner)
-    print(f"2 emulated engines (Llama-3.1-8B on {DEMO_GPU}, roofline engine model): "
-          f"{', '.join(urls)}; proxy: {proxy_url}")  # fmt: skip
+    gpu: GpuSpec = catalog[DEMO_GPU]
+    if show:
+        print_intro(config, gpu, seed, duration_s, len(plan), urls, proxy_url)
+    start_epoch = time.time()
     try:
-        await _drive_with_progress(proxy_url, duration_s, requests, t, est)
+        await drive_with_progress(proxy_url, plan, t, est, duration_s, show=show)
     finally:
         for r in runners:
             await r.cleanup()
-    print_table("What the proxy measured", SUMMARY_HEADER, summary_rows(t.records))
-    lost = t.sent - len(t.records)
-    print(f"sent {t.sent}, recorded {len(t.records)}, errors {t.errors}, lost {lost}")
-    report = await asyncio.to_thread(est.refresh)
-    print_report(report)
-    return 0 if lost == 0 and t.records else 1
+    # the projection for the schedule's end: the same instant in every run of this seed
+    end = start_epoch + (plan[-1].at_s if plan else 0.0) + 1.0
+    try:
+        report = await asyncio.to_thread(est.refresh, end)
+    finally:
+        est.close()
+    if show:
+        print_results(t, report, config, gpu)
+    return DemoResult(records=t.records, report=report, sent=t.sent, errors=t.errors)
 
 
-def _fmt(v: float | None, unit: str = "", scale: float = 1.0, digits: int = 2) -> str:
-    return "-" if v is None else f"{v * scale:.{digits}f}{unit}"
+# ---- the screen -------------------------------------------------------------------------------
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def print_intro(config: EstimatorConfig, gpu: GpuSpec, seed: int, duration_s: float,
+                n: int, urls: Sequence[str], proxy_url: str) -> None:  # fmt: skip
+    lo, hi = RAMP_RPS
+    c = _console()
+    c.print(f"[bold]rightsizer demo[/]: 2 emulated engines ({DEMO_MODEL_CONFIG} on one "
+            f"{gpu.name} each, timed by the estimator's roofline engine model) at "
+            f"{', '.join(urls)}; the proxy at {proxy_url}")  # fmt: skip
+    c.print(f"traffic: {n} requests over {duration_s:g} s, ramping {lo:g} -> {hi:g} req/s "
+            f"(seed {seed}: the same schedule every run)")  # fmt: skip
+    c.print(f"SLO (the proxy's default): {describe_slo(config.slo)}")
+    c.print(f"the estimator assumes {gpu.key} at ${gpu.price_per_hour:.2f}/GPU-hour "
+            f"({gpu.price_source}, {gpu.price_date}) and fits its engine model on what the "
+            "proxy measures\n")  # fmt: skip
 
 
 def live_line(report: Report | None) -> str:
+    """One line, under 80 columns: what the estimator says now."""
     d = report.deployment(DEMO_MODEL) if report is not None else None
-    if d is None or d.status != "ok":
-        return "estimator: gathering data"
-    rate = d.traffic.rate_1m_rps if d.traffic is not None else None
-    breach = "never" if d.seconds_to_breach is None else f"{d.seconds_to_breach:.0f}s"
-    return (f"rate {_fmt(rate)}/s, capacity {_fmt(d.capacity_rps)}/s, "
-            f"util {_fmt(d.utilization, '%', 100, 0)}, breach in {breach}")  # fmt: skip
+    if d is None or d.status != "ok" or d.traffic is None:
+        why = "" if d is None else f" ({d.requests_observed} requests)"
+        return f"estimator: gathering data{why}"
+    band = f" +-{d.capacity_band.rel_error:.0%}" if d.capacity_band else ""
+    return (f"estimator: {d.traffic.rate_rps:.1f} req/s now, capacity "
+            f"{_num(d.capacity_rps)}{band}, utilization {_pct(d.utilization)}")  # fmt: skip
 
 
-def print_report(report: Report) -> None:
-    for d in report.deployments:
-        rate = d.traffic.rate_1m_rps if d.traffic is not None else None
-        rows = [
-            ["status", d.status], ["replicas now", str(d.replicas)],
-            ["current rate (req/s)", _fmt(rate)], ["capacity at SLO (req/s)", _fmt(d.capacity_rps)],
-            ["utilization", _fmt(d.utilization, "%", 100, 0)],
-            ["projected p95 TTFT / ITL (ms)", f"{_fmt(d.projected_ttft_p95_s, '', 1000, 0)} / "
-                                              f"{_fmt(d.projected_itl_p95_s, '', 1000, 1)}"],
-            ["observed p95 TTFT / ITL (ms)", f"{_fmt(d.observed_ttft_p95_s, '', 1000, 0)} / "
-                                             f"{_fmt(d.observed_itl_p95_s, '', 1000, 1)}"],
-            ["seconds to SLO breach", _fmt(d.seconds_to_breach, "", 1, 0).replace("-", "never")],
-            ["recommended replicas (N+1)", str(d.recommended_replicas)],
-            ["$ per hour", _fmt(d.cost.usd_per_hour if d.cost else None)],
-            ["$ per 1M output tokens", _fmt(d.cost.usd_per_1m_output_tokens if d.cost else None)],
-            ["fit error (p90 relative)", f"{_fmt(d.fit.rel_error_p90)} ({d.fit.source})"],
-        ]  # fmt: skip
-        print_table(f"Estimator: {d.model}", ["", "value"], rows)
-        for n in d.notes:
-            print(f"  note: {n}")
-        for r in d.recommendations:
-            print(f"  [{r.severity}] {r.kind}: {r.message}")
-        alts = [[a.label(), _fmt(a.capacity_rps), "yes" if a.meets_slo else "no",
-                 _fmt(a.usd_per_hour), _fmt(a.usd_per_1m_tokens), a.oom_risk]
-                for a in d.alternatives[:6]]  # fmt: skip
-        if alts:
-            header = ["deployment", "capacity req/s", "meets SLO", "$/h", "$/1M tok", "OOM risk"]
-            print_table("Right-sizing alternatives (cheapest meeting the SLO first)", header, alts)
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
-async def _drive_with_progress(
-    url: str, duration_s: float, requests: int, t: Traffic, est: Estimator
-) -> None:
-    """The traffic ramp, with the estimator refreshed (in a thread) every 3 s for the display."""
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
-    def rate(elapsed: float) -> float:  # a ramp from 2 to 14 requests/s
-        return 2.0 + 12.0 * min(1.0, elapsed / max(duration_s, 1e-9))
 
-    async def refresher() -> None:
-        while True:
-            await asyncio.sleep(3.0)
-            await asyncio.to_thread(est.refresh)
+async def drive_with_progress(url: str, plan: Sequence[Planned], t: Traffic,
+                              est: ChildEstimator, duration_s: float, *,
+                              show: bool = True) -> None:  # fmt: skip
+    """The schedule, with a two-line progress display (each line fits 80 columns) that keeps
+    moving while the last requests drain."""
+    if not show:
+        await drive(url, plan, t)
+        return
+    from rich.progress import Progress, TextColumn
 
-    from rich.progress import Progress
+    rate = ramp(duration_s)
+    with Progress(TextColumn("{task.description}", markup=False), console=_console()) as progress:
+        task = progress.add_task("", total=duration_s)
 
-    task_r = asyncio.create_task(refresher())
-    try:
-        with Progress() as progress:
-            task = progress.add_task("traffic", total=duration_s)
+        def tick(elapsed: float) -> None:
+            done = min(elapsed, duration_s) / max(duration_s, 1e-9)
+            bar = "#" * round(20 * done) + "." * (20 - round(20 * done))
+            head = (f"{min(elapsed, duration_s):3.0f}/{duration_s:g} s, "
+                    f"{rate(elapsed):4.1f} req/s offered"
+                    if elapsed < duration_s and t.sent < len(plan)
+                    else f"draining: {t.sent - t.done} in flight")  # fmt: skip
+            progress.update(task, completed=min(elapsed, duration_s),
+                            description=f"[{bar}] {head}, {t.done}/{t.sent} done\n"
+                            f"{live_line(est.report())}")  # fmt: skip
 
-            def tick(elapsed: float) -> None:
-                label = f"{rate(elapsed):4.1f} req/s offered, {t.done}/{t.sent} done"
-                label += f" | {live_line(est.report())}"
-                progress.update(task, completed=elapsed, description=label)
+        await drive(url, plan, t, on_tick=tick)
 
-            await drive(
-                url, DEMO_MODEL, duration_s=duration_s, max_requests=requests, rate=rate, t=t,
-                on_tick=tick,
-            )  # fmt: skip
-            progress.update(task, completed=duration_s)
-    finally:
-        task_r.cancel()
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    _console().print(table)
+
+
+def print_results(t: Traffic, report: Report, config: EstimatorConfig, gpu: GpuSpec) -> None:
+    """The one screen: what was measured, what is projected from it, against the SLO."""
+    c = _console()
+    lost = t.sent - len(t.records)
+    ok = [r for r in t.records if r.outcome is Outcome.OK]
+    print_table("Measured by the proxy, whole run (TTFT: streamed requests; ITL: every token "
+                "gap, pooled)", SUMMARY_HEADER, summary_rows(t.records))  # fmt: skip
+    c.print(f"tokens: {sum(r.prompt_tokens or 0 for r in ok)} prompt, "
+            f"{sum(r.completion_tokens or 0 for r in ok)} output; sent {t.sent}, recorded "
+            f"{len(t.records)}, errors {t.errors}, lost {lost}\n")  # fmt: skip
+    d = report.deployment(DEMO_MODEL)
+    if d is None:
+        c.print("estimator: no report")
+        return
+    fit = d.fit
+    window = f"last {d.observed_window_s:.0f} s" if d.observed_window_s else "-"
+    print_table(f"Estimator, for the run's end: {d.replicas}x {gpu.key}, model "
+                f"{fit.source} on {fit.samples} requests (p90 error {_pct(fit.rel_error_p90)})",
+                ["", f"measured ({window})", "projected"], estimator_rows(d))  # fmt: skip
+    for line in verdict_lines(d, config):
+        c.print(line)
+    scale = d.fit.scale_vs_prior
+    if scale is not None and abs(scale - 1.0) > 0.1:  # the emulators run on this host's CPU
+        c.print(f"note: the emulated engines decoded {scale:.2f}x as slowly as the {gpu.key} they "
+                f"emulate (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): the "
+                "estimator fits what it measured, so a busy host moves these figures")  # fmt: skip
+    for n in d.notes:
+        c.print(f"  note: {n}")
+    for r in d.recommendations:
+        c.print(f"  [{r.severity}] {r.kind}: {r.message}", markup=False)
+    alts = [[a.label() + (" (now)" if a.current else ""), a.verdict(),
+             _num(a.capacity_rps) if a.meets_slo else "-",
+             f"{a.usd_per_hour:.2f}" if a.meets_slo else "-",
+             _money(a.usd_per_1m_output_tokens) if a.meets_slo else "-"]
+            for a in d.alternatives[:6]]  # fmt: skip
+    if alts:
+        at = next((a.priced_at_rps for a in d.alternatives if a.priced_at_rps), None)
+        print_table("\nAlternatives, each sized for the forecast peak with N+1 (req/s: without "
+                    "the spare)", ["deployment", "verdict", "req/s", "$/h",
+                                   f"$/1M out @ {_num(at)} req/s"], alts)  # fmt: skip
+
+
+def _money(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def estimator_rows(d: DeploymentReport) -> list[list[str]]:
+    """Measured beside projected at the same rate."""
+    tr = d.traffic
+    return [
+        ["rate", f"{tr.rate_rps:.2f} req/s" if tr else "-", ""],
+        ["TTFT p95", f"{_ms(d.observed_ttft_p95_s, 0)} ms ({d.observed_requests} req)",
+         f"{_ms(d.projected_ttft_p95_s, 0)} ms"],
+        ["ITL p95 (all gaps)", f"{_ms(d.observed_itl_p95_s)} ms ({d.observed_gaps} gaps)",
+         f"{_ms(d.projected_itl_p95_s)} ms"],
+    ]  # fmt: skip
+
+
+def _met(ttft: float | None, itl: float | None, config: EstimatorConfig) -> str:
+    if ttft is None or itl is None:
+        return "unknown"
+    slo = config.slo
+    return "met" if ttft <= slo.ttft_p95_s and itl <= slo.itl_p95_s else "MISSED"
+
+
+def verdict_lines(d: DeploymentReport, config: EstimatorConfig) -> list[str]:
+    """The SLO verdicts, capacity, replicas and cost, each with what it stands on."""
+    out = [f"SLO {describe_slo(config.slo)}: measured "
+           f"{_met(d.observed_ttft_p95_s, d.observed_itl_p95_s, config)}, projected "
+           f"{_met(d.projected_ttft_p95_s, d.projected_itl_p95_s, config)}"]  # fmt: skip
+    band = d.capacity_band
+    if d.capacity_rps is not None and d.traffic is not None:
+        breach = ("now: the rate is above capacity" if d.seconds_to_breach == 0
+                  else "not within the horizon" if d.seconds_to_breach is None
+                  else f"in {d.seconds_to_breach:.0f} s")  # fmt: skip
+        out.append(f"capacity at the SLO: {d.capacity_rps:.1f} req/s on {d.replicas} replicas"
+                   + (f" +-{band.rel_error:.0%}" if band else "")
+                   + f" (limited by {d.limiting}); utilization {_pct(d.utilization)}; "
+                   f"SLO breach {breach}")  # fmt: skip
+        peak = max(d.traffic.forecast_peak_rps, d.traffic.rate_rps)
+        rec = ("too uncertain to size (see advice)" if d.recommended_replicas is None
+               else f"{d.recommended_replicas} (now {d.replicas})")  # fmt: skip
+        out.append(f"replicas for the forecast peak {peak:.2f} req/s with "
+                   f"{config.spare_replicas} spare: {rec}")  # fmt: skip
+    c, cc = d.cost, d.cost_at_capacity
+    if c is not None:
+        prices = [f"${f.usd_per_1m_output_tokens:.2f} {f.label()}" for f in (c, cc)
+                  if f is not None and f.usd_per_1m_output_tokens is not None]  # fmt: skip
+        out.append(f"cost: ${c.usd_per_hour:.2f}/h; per 1M output tokens: "
+                   + (", ".join(prices) or "-"))  # fmt: skip
+    return out
+
+
+# ---- what the proxy measured ------------------------------------------------------------------
+def _ms(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{1000 * x:.{digits}f}"
+
+
+def _quantiles(values: list[float], qs: Sequence[float]) -> list[float | None]:
+    if not values:
+        return [None for _ in qs]
+    s = sorted(values)
+    return [s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))] for q in qs]
+
+
+def summary_rows(records: list[RequestRecord]) -> list[list[str]]:
+    """Per backend and in all: TTFT percentiles over streamed OK requests, ITL percentiles over
+    all their token gaps (the records' gap histograms summed: the SLO's definition)."""
+    rows = []
+    by_backend: dict[str, list[RequestRecord]] = {}
+    for r in records:
+        by_backend.setdefault(r.backend or "none", []).append(r)
+    for name, recs in [*sorted(by_backend.items()), ("all", records)]:
+        ok = [r for r in recs if r.outcome is Outcome.OK]
+        ttft = _quantiles([r.ttft_s for r in ok if r.streamed and r.ttft_s is not None],
+                          (0.5, 0.95, 0.99))  # fmt: skip
+        dense = [0] * GAP_BINS
+        gaps = sum(add_gap_histogram(dense, r.itl) for r in ok)
+        itl = gap_quantiles(dense, (0.5, 0.95))
+        rows.append([name, str(len(recs)), str(len(ok)), *(_ms(x, 0) for x in ttft),
+                     *(_ms(x) for x in itl), str(gaps)])  # fmt: skip
+    return rows
+
+
+SUMMARY_HEADER = ["backend", "req", "ok", "TTFT p50", "p95", "p99 ms", "ITL p50", "p95 ms", "gaps"]

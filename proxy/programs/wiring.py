@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 
 from estimator.catalog import CatalogError
-from estimator.service import Estimator, EstimatorConfig
+from estimator.service import Estimator
+from estimator.settings import EstimatorConfigError
 from proxy.app import Deps
 from proxy.config import ConfigError, ProxyConfig
 from proxy.estimation import EstimatorProcess, EstimatorRunner, InProcessEstimator
@@ -16,31 +17,14 @@ from proxy.programs.emulator import EmulatorConfig, FixedPace, TimingModel
 
 
 def build_estimator(config: ProxyConfig, source: str = "config") -> Estimator:
-    """The online estimator from the ``estimator`` section; config errors name the key."""
-    e = config.estimator
-    est_cfg = EstimatorConfig(
-        slo_ttft_p95_s=e.slo_ttft_p95_s,
-        slo_itl_p95_s=e.slo_itl_p95_s,
-        gpu=e.gpu,
-        gpus_per_backend=e.gpus_per_backend,
-        quant=e.quant,
-        model_configs=dict(e.model_configs),
-        catalog_path=e.catalog,
-        refresh_interval_s=e.refresh_interval_s,
-        min_records=e.min_records,
-        trend_window_s=e.trend_window_s,
-        latency_window_s=e.latency_window_s,
-        forecast_horizon_s=e.forecast_horizon_s,
-        breach_horizon_s=e.breach_horizon_s,
-        advisor_interval_s=e.advisor_interval_s,
-    )
+    """The online estimator from the ``estimator`` section (an ``EstimatorConfig`` as it is);
+    a bad setting becomes a config error naming its key (``estimator.gpu``)."""
     try:
-        return Estimator(est_cfg)
-    except (CatalogError, ValueError) as exc:
-        key, _, reason = str(exc).partition(": ")
-        raise ConfigError(
-            source, key if key.startswith("estimator") else "estimator", reason or str(exc)
-        ) from None
+        return Estimator(config.estimator)
+    except EstimatorConfigError as exc:
+        raise ConfigError(source, exc.key, exc.reason) from None
+    except (CatalogError, OSError) as exc:  # the extra catalog file itself
+        raise ConfigError(source, "estimator.catalog", str(exc)) from None
 
 
 def estimator_deps(

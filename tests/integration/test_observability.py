@@ -294,7 +294,7 @@ def _estimator_config(**over: Any) -> dict[str, Any]:
         "enabled": True, "refresh_interval_s": 1.0, "gpu": "a10g",
         "model_configs": {"llama": MODEL_CONFIG}, "min_records": 20, "trend_window_s": 180.0,
         "latency_window_s": 30.0, "forecast_horizon_s": 300.0, "breach_horizon_s": 3600.0,
-        "advisor_interval_s": 3600.0, **over,
+        "advisor_gpus": ["a10g"], **over,
     }  # fmt: skip
 
 

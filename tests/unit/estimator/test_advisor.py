@@ -133,7 +133,7 @@ def test_round_len(tokens: float, want: int) -> None:
 
 
 def observed(**kw: object) -> advisor.Observed:
-    base: dict[str, object] = dict(rate_rps=1.0, rate_1h_rps=1.0, peak_rps=1.0,
+    base: dict[str, object] = dict(rate_rps=1.0, rate_long_rps=1.0, peak_rps=1.0,
                                    total_tokens_p999=3000.0, replicas=1, max_num_seqs=256,
                                    max_model_len=131072)  # fmt: skip
     base.update(kw)
@@ -173,13 +173,32 @@ def test_kv_bound_capacity_suggests_fp8_kv() -> None:
     assert advisor.advise_kv_dtype(cap, None, observed(kv_dtype="fp8")) is None
 
 
-@pytest.mark.parametrize(("rate_1h", "warn"), [(0.1, True), (0.5, False), (5.0, False)],
-                         ids=["idle", "busy", "over"])  # fmt: skip
-def test_underutilized_warning(rate_1h: float, warn: bool) -> None:
-    rec = advisor.advise_underused(2.0, observed(rate_1h_rps=rate_1h), 0.2)
+@pytest.mark.parametrize(("rate", "replicas", "window", "warn"),
+                         [(0.1, 3, 20.0, True), (0.5, 3, 3600.0, False), (5.0, 3, 3600.0, False),
+                          (0.1, 1, 3600.0, False)],
+                         ids=["idle", "busy", "over", "one-replica-needs-its-spare"])  # fmt: skip
+def test_underutilized_warning(rate: float, replicas: int, window: float, warn: bool) -> None:
+    # capacity 2.0 req/s on `replicas`; the forecast peak is the rate. One replica at a trickle
+    # still needs its spare (N+1): "under-utilized" beside "add a replica" contradicted itself
+    obs = observed(rate_long_rps=rate, peak_rps=rate, replicas=replicas, rate_long_window_s=window)
+    rec = advisor.advise_underused(2.0, obs, 0.2)
     assert (rec is not None) == warn
     if rec is not None:
         assert rec.severity == "warning" and rec.numbers["capacity_rps"] == 2.0
+        assert "over the last 20 s" in rec.message  # the data it stands on, not "last hour"
+
+
+@pytest.mark.parametrize(("replicas", "band", "value", "verdict"),
+                         [(1, 0.2, 3, "add 2"), (5, 0.2, 3, "2 fewer would do"),
+                          (3, 0.2, 3, "right-sized"), (1, 0.8, None, "uncertain by +-80%")],
+                         ids=["add", "fewer", "right", "too-uncertain"])  # fmt: skip
+def test_replica_advice_is_one_verdict(replicas: int, band: float, value: int | None,
+                                       verdict: str) -> None:  # fmt: skip
+    rec = advisor.advise_replicas(1.0, observed(peak_rps=1.5, replicas=replicas), 1, band)
+    assert rec.value == value and verdict in rec.message
+    assert rec.uncertainty is not None and rec.uncertainty.low <= rec.uncertainty.high
+    if value is None:  # no count, but the range it would be in
+        assert f"from {rec.uncertainty.low:.0f} to {rec.uncertainty.high:.0f}" in rec.message
 
 
 def test_oom_risk_warning() -> None:

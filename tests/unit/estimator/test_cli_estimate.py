@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from estimator.cli import add_estimate_arguments, run_estimate
+from estimator.cli import EXIT_PLOT_UNAVAILABLE, add_estimate_arguments, run_estimate
 from estimator.records import RequestRecord
 
 CONFIG = str(Path(__file__).parent / "configs" / "llama-3.1-8b.json")
@@ -70,8 +70,8 @@ def test_traffic_log(tmp_path: Path) -> None:
     code, text = run([*BASE, "--traffic-log", str(log), "--json", *FAST])
     assert code == 0
     d = json.loads(text)
-    assert d["rate_rps"] == pytest.approx(2.0, rel=0.01)
-    assert "empirical" in d["traffic"]
+    assert d["traffic"]["rate_rps"] == pytest.approx(2.0, rel=0.01)
+    assert "empirical" in d["traffic"]["description"]
 
 
 @pytest.mark.parametrize(
@@ -105,9 +105,9 @@ def test_bad_model_path(capsys: pytest.CaptureFixture[str]) -> None:
         (["--traffic", "rate=1,prompt=gauss:1"], "--traffic"),
         (["--traffic", "rate=1", "--slo", "ttft=1"], "--slo"),
         (["--traffic", "rate=1", "--gpus-per-replica", "0"], "--gpus-per-replica"),
-        ([], "--traffic"),
+        (["--traffic", "rate=1", "--traffic-log", "x.jsonl"], "--traffic-log"),
     ],
-    ids=["rate", "dist", "slo", "tp", "missing"],
+    ids=["rate", "dist", "slo", "tp", "both-sources"],
 )
 def test_parse_errors_exit_2(
     argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
@@ -116,3 +116,71 @@ def test_parse_errors_exit_2(
         parse(["--model", CONFIG, "--gpu", "l4", *argv])
     assert e.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_without_traffic_the_default_is_used_and_said() -> None:
+    code, text = run(["--model", CONFIG, "--gpu", "a100-80gb", *FAST])
+    assert code == 0
+    assert "the default: give --traffic for yours" in text and "1 req/s, prompt 512" in text
+
+
+def test_model_by_packaged_name_and_by_hugging_face_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snap = tmp_path / "hub" / "models--meta-llama--Llama-3.1-8B-Instruct" / "snapshots" / "1"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(Path(CONFIG).read_text())
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    for model in ("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", str(snap)):
+        code, text = run(["--model", model, "--gpu", "a100-80gb", "--json", *FAST])
+        assert code == 0, model
+        assert json.loads(text)["memory"]["params"] > 7e9
+
+
+def test_unknown_model_names_what_was_tried(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = run(["--model", "llama-9", "--gpu", "l4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--model" in err and "llama-3.1-8b" in err and "qwen2.5-7b" in err
+
+
+def test_the_first_things_a_memory_planner_shows() -> None:
+    code, text = run([*BASE, "--traffic", "rate=2,prompt=512,output=128", *FAST])
+    assert code == 0
+    for needle in ("8.03 B parameters", "KV cache 128 KiB per token", "memory per GPU",
+                   "weights 15.0", "KV capacity", "TTFT p95 <= 1000 ms"):  # fmt: skip
+        assert needle in text, needle
+
+
+def test_the_configuration_shown_is_the_one_the_alternatives_call_now() -> None:
+    code, text = run([*BASE, "--traffic", "rate=5,prompt=lognormal:1024:0.8,output=256",
+                      "--json", *FAST])  # fmt: skip
+    assert code == 0
+    d = json.loads(text)
+    now = next(a for a in d["alternatives"] if a["current"])
+    assert d["meets_slo_at_rate"] is True and d["utilization"] < 1.0
+    assert now["replicas"] == d["replicas"] == d["recommended_replicas"]
+    assert now["capacity_rps_per_replica"] == d["capacity_rps_per_replica"]
+    assert d["slo"]["ttft_p95_s"] == 1.0 and "every gap" in d["slo"]["definition"]
+
+
+def test_dead_options_show_their_verdict_without_prices() -> None:
+    big = str(Path(CONFIG).parent / "llama-2-70b.json")
+    code, text = run(["--model", big, "--gpu", "l4", "--alternatives", "l4,h100-sxm",
+                      "--max-simulated", "3", "--max-model-len", "4096"])  # fmt: skip
+    assert code == 0 and "does not fit" in text
+    for line in text.splitlines():
+        if "does not fit" in line and "x1xl4" in line.replace(" ", ""):
+            assert "$" not in line and "0.00" not in line
+
+
+def test_plot_without_matplotlib_prints_the_table_then_says_how(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the extra were not installed
+    code, text = run([*BASE, "--traffic", "rate=2", "--plot", str(tmp_path / "p.png"), *FAST])
+    assert code == EXIT_PLOT_UNAVAILABLE == 3
+    assert "capacity at SLO" in text and "pip install 'rightsizer[plot]'" in text
+    assert not (tmp_path / "p.png").exists()
