@@ -116,8 +116,14 @@ class ServerConfig:
     header_timeout_s: float = doc(
         "Longest time a client may take to send a request's headers (slowloris guard).", 10.0
     )
-    body_timeout_s: float = doc("Longest time a client may take to send a request body.", 30.0)
-    keepalive_s: float = doc("Idle client keep-alive connections are closed after this.", 30.0)
+    body_timeout_s: float = doc(
+        "Longest time a client may take to send a request body (408 after it).", 60.0
+    )
+    keepalive_s: float = doc(
+        "Idle client keep-alive connections are closed after this (longer than clients' own "
+        "idle timeouts, so a client does not reuse a connection the proxy is closing).",
+        75.0,
+    )
     max_connections: int = doc(
         "Client connections open at once at most; more are answered 503 and closed.", 4096
     )
@@ -150,7 +156,7 @@ class RelayConfig:
     max_event_bytes: int = doc(
         "Largest server-sent event (or unterminated tail) the relay holds; past it the stream "
         "ends with an SSE error event.",
-        4 * 1024 * 1024,
+        8 * 1024 * 1024,
     )
 
 
@@ -192,10 +198,11 @@ class TenantConfig:
     tokens_per_minute: int | None = doc(
         "Most prompt + completion tokens per minute (None: no limit).", None
     )
-    max_priority: str = doc(
-        "Highest priority class this tenant may ask for with x-priority when it is identified "
-        "by its API key (higher asks are lowered to it).",
-        "critical",
+    max_priority: str | None = doc(
+        "Highest priority class this tenant may ask for with x-priority (higher asks are "
+        "lowered to it); None: its own default class (priority), so asking for more takes "
+        "the operator's say-so.",
+        None,
     )
 
 
@@ -423,7 +430,7 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
 def _class_fields(obj: Any) -> list[tuple[str, str]]:
     """The priority-class fields of a config object (checked against PRIORITY_CLASSES)."""
     if isinstance(obj, TenantConfig):
-        return [("priority", obj.priority), ("max_priority", obj.max_priority)]
+        return [("priority", obj.priority), ("max_priority", obj.max_priority or obj.priority)]
     if isinstance(obj, AuthConfig):
         return [("anonymous_max_priority", obj.anonymous_max_priority)]
     return []

@@ -5,7 +5,8 @@ inside a class.
 Identity, first that applies:
 
 1. an ``Authorization: Bearer <key>`` (scheme case-insensitive) whose SHA-256 matches a
-   tenant's ``api_key_sha256``: that tenant, trusted up to its ``max_priority``;
+   tenant's ``api_key_sha256``: that tenant, up to its ``max_priority`` (default: its own
+   ``priority`` class);
 2. ``auth.required``: anything else is 401;
 3. ``x-tenant`` naming a configured tenant: that tenant, up to its ``max_priority``, unless the
    tenant has API keys, whose name then must come with one of them (401);
@@ -77,7 +78,7 @@ class TenantLedger:
         if token is not None and self.by_digest:
             t = self.by_digest.get(key_digest(token))
             if t is not None:
-                return Identity(t.name, t.priority, t.max_priority)
+                return Identity(t.name, t.priority, t.max_priority or t.priority)
         if self.auth.required:
             raise Unauthorized("The API key is missing or unknown.", code="invalid_api_key")
         name = parse_tenant(headers.get("x-tenant"), body)
@@ -89,7 +90,7 @@ class TenantLedger:
                 f"Tenant '{t.name}' is identified by its API key, not by x-tenant.",
                 code="invalid_api_key",
             )
-        return Identity(t.name, t.priority, t.max_priority)
+        return Identity(t.name, t.priority, t.max_priority or t.priority)
 
     # --- limits ---
 

@@ -248,12 +248,18 @@ async def test_tenant_limits_and_api_keys() -> None:
 )
 def test_priority_ceilings(headers: dict[str, str], tenant: str, ceiling: str) -> None:
     tenants = (
-        TenantConfig(name="vip", api_key_sha256=(key_digest("sk-vip"),)),
+        TenantConfig(name="vip", api_key_sha256=(key_digest("sk-vip"),), max_priority="critical"),
         TenantConfig(name="open-team", max_priority="high"),
     )
     s = make(tenants=tenants).scheduler
     who = s.tenants.identify(headers, None)
     assert (who.tenant, who.ceiling) == (tenant, ceiling)
+
+
+def test_a_tenant_cannot_ask_above_its_own_class_unless_allowed() -> None:
+    tenants = (TenantConfig(name="team", api_key_sha256=(key_digest("sk-t"),), priority="low"),)
+    who = make(tenants=tenants).scheduler.tenants.identify({"authorization": "Bearer sk-t"}, None)
+    assert (who.default_class, who.ceiling) == ("low", "low")
 
 
 def test_claiming_a_keyed_tenant_without_its_key_is_refused() -> None:
