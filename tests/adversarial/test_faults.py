@@ -485,7 +485,11 @@ def test_sigterm_turns_ready_503_while_draining(tmp_path: Path) -> None:
 
         async def scenario() -> tuple[list[int | str], Result]:
             running = asyncio.ensure_future(_run(port, [_stream_case("ready-s", max_tokens=100)]))
-            await asyncio.sleep(0.4)
+            for _ in range(100):  # the stream is in flight (on a busy host it can take a while)
+                await asyncio.sleep(0.05)
+                text = await asyncio.to_thread(p.metrics_text)
+                if metric_value(text, "rightsizer_backend_inflight_requests") >= 1:
+                    break
             os.kill(p.proc.pid, signal.SIGTERM)
             seen: list[int | str] = []
             for _ in range(5):

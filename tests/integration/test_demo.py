@@ -58,6 +58,7 @@ def same_engine_pair() -> tuple[DemoResult, DemoResult]:
     pytest.fail(f"the host changed the emulated engines' pace in every pair: {paces}")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_runs_of_the_same_seed_agree() -> None:
     first, second = same_engine_pair()

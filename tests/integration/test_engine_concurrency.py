@@ -19,7 +19,12 @@ import pytest
 from tests.support.procs import metric_value, running, start_proxy
 from tests.support.real_backends import RunningServer, require, start_vllm, vllm_available
 
-pytestmark = [pytest.mark.integration, pytest.mark.real_backend, pytest.mark.timeout(900)]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.real_backend,
+    pytest.mark.slow,
+    pytest.mark.timeout(900),
+]
 
 ENGINE_SEQS = 96
 CLIENTS = 128

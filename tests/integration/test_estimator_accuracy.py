@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import estimator_accuracy as ea
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TRACE_MEAN_TOL = 0.35
 TRACE_P95_TOL = 0.45

@@ -316,6 +316,7 @@ def cleanup() -> Iterator[contextlib.ExitStack]:
 
 
 # ---- 1. every query names exported metrics ---------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_dashboards_and_alerts_use_only_exported_metrics(cleanup: contextlib.ExitStack) -> None:
     assert len(DASHBOARDS) == 3
@@ -539,6 +540,7 @@ def _v(res: list[dict[str, Any]]) -> str:
     return f"{float(res[0]['value'][1]):.3f}" if res else "none"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_projected_breach_alert_fires_before_measured_breach(
     tmp_path: Path, cleanup: contextlib.ExitStack
