@@ -442,8 +442,9 @@ def backends() -> dict[str, Any]:
         min=0, max=1))  # fmt: skip
     lay.add(timeseries("Prefix-cache hit rate", "Engine prefix-cache hits / queries (tokens); "
                        "cached share of prompt tokens the backend reported.", targets(
-        (f"rate(rightsizer_engine_prefix_cache_hits_total{{{B}}}[{RI}]) "
-         f"/ rate(rightsizer_engine_prefix_cache_queries_total{{{B}}}[{RI}])", "engine {{backend}}"),
+        (f"rate(rightsizer_engine_prefix_cache_hits_total{{{B}}}[{RI}]) / "
+         f"rate(rightsizer_engine_prefix_cache_queries_total{{{B}}}[{RI}])",
+         "engine {{backend}}"),
         (f"sum by (backend) (rate(rightsizer_cached_prompt_tokens_total{{{B}}}[{RI}])) / sum by "
          f"(backend) (rate(rightsizer_prompt_tokens_total{{{B}}}[{RI}]))", "usage {{backend}}"),
         (f"rightsizer_estimator_backend_prefix_cache_hit_ratio{{{B}}}", "estimator {{backend}}"),
