@@ -9,6 +9,7 @@ retries, and resumes where it stopped."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -28,10 +29,30 @@ from proxy.telemetry import Metrics, metrics_handler
 log = logging.getLogger("rightsizer.estimator")
 
 
+class RecentIds:
+    """The last ``size`` request ids seen: a replica resends a batch whose acknowledgement Redis
+    could not deliver (at-least-once), and the estimator must count each request once."""
+
+    def __init__(self, size: int = 200_000) -> None:
+        self.size = size
+        self._order: collections.deque[str] = collections.deque()
+        self._seen: set[str] = set()
+
+    def first_time(self, rid: str) -> bool:
+        if rid in self._seen:
+            return False
+        self._seen.add(rid)
+        self._order.append(rid)
+        if len(self._order) > self.size:
+            self._seen.discard(self._order.popleft())
+        return True
+
+
 async def consume(
     est: InProcessEstimator, client: aioredis.Redis, stream: str, last_id: str
 ) -> None:
-    """Feed every record of the stream to the estimator, forever."""
+    """Feed every record of the stream to the estimator, once each, forever."""
+    recent = RecentIds()
     down = False
     while True:
         try:
@@ -50,7 +71,9 @@ async def consume(
                 last_id = entry_id.decode()
                 try:
                     for d in orjson.loads(fields[b"rs"]):
-                        est.observe(RequestRecord.from_dict(d))
+                        key = f"{d.get('request_id')}|{d.get('arrival_epoch')}|{d.get('end_s')}"
+                        if recent.first_time(key):  # a client may reuse its request ids
+                            est.observe(RequestRecord.from_dict(d))
                 except (KeyError, ValueError, TypeError):
                     log.warning("skipping a malformed records entry %s", last_id)
 
