@@ -8,11 +8,10 @@ is known to the shutdown drain while it runs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,33 +115,44 @@ class Exchange:
         self.started = False  # the response (status line) went to the client
 
 
-@contextlib.asynccontextmanager
-async def recorded(px: Proxy, request: web.Request, endpoint: str) -> AsyncIterator[Exchange]:
-    """Every request ends in exactly one record, whatever happens (see module docstring)."""
-    ex = Exchange(request[REQUEST_ID], endpoint)
-    meas = ex.meas
-    task = asyncio.current_task()
-    if task is not None:
-        px.drain.tasks.add(task)
-    try:
-        yield ex
-    except ProxyError as err:
-        meas.fail(outcome_of(err), err.status)
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
-        if meas.outcome is Outcome.SHUTDOWN:
-            pass  # the relay ended the stream with the shutdown event
-        elif meas.last_event_sent:
-            meas.outcome = Outcome.OK  # the client left after the last event: complete
-        else:
-            meas.fail(Outcome.CLIENT_CANCELLED, 499)
-        raise
-    except Exception:
-        meas.fail(Outcome.INTERNAL_ERROR, 500)
-        raise
-    finally:
-        if task is not None:
-            px.drain.tasks.discard(task)
+class recorded:
+    """Every request ends in exactly one record, whatever happens (see module docstring):
+    ``async with recorded(px, request, endpoint) as ex: ...``."""
+
+    __slots__ = ("ex", "px", "task")
+
+    def __init__(self, px: Proxy, request: web.Request, endpoint: str) -> None:
+        self.px = px
+        self.ex = Exchange(request[REQUEST_ID], endpoint)
+        self.task: asyncio.Task[Any] | None = None
+
+    async def __aenter__(self) -> Exchange:
+        self.task = asyncio.current_task()
+        if self.task is not None:
+            self.px.drain.tasks.add(self.task)
+        return self.ex
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        meas = self.ex.meas
+        if exc is None:
+            pass
+        elif isinstance(exc, ProxyError):
+            meas.fail(outcome_of(exc), exc.status)
+        elif isinstance(exc, asyncio.CancelledError | ConnectionResetError):
+            if meas.outcome is Outcome.SHUTDOWN:
+                pass  # the relay ended the stream with the shutdown event
+            elif meas.last_event_sent:
+                meas.outcome = Outcome.OK  # the client left after the last event: complete
+            else:
+                meas.fail(Outcome.CLIENT_CANCELLED, 499)
+        elif isinstance(exc, Exception):
+            meas.fail(Outcome.INTERNAL_ERROR, 500)
+        self._finish()
+
+    def _finish(self) -> None:
+        px, ex, meas = self.px, self.ex, self.ex.meas
+        if self.task is not None:
+            px.drain.tasks.discard(self.task)
         meas.end_s = time.perf_counter()
         if ex.ticket is not None:
             total = None
@@ -150,7 +160,7 @@ async def recorded(px: Proxy, request: web.Request, endpoint: str) -> AsyncItera
                 total = (meas.prompt_tokens or 0) + (meas.completion_tokens or 0)
             ex.ticket.release(total)
         req = ex.req
-        px.recorder.submit(meas, req, endpoint, req.body if req is not None else None)
+        px.recorder.submit(meas, req, ex.endpoint, req.body if req is not None else None)
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
@@ -159,6 +169,8 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
             f"The request body is {request.content_length} bytes; the limit is {limit}."
         )
     try:
+        if request.content.is_eof():  # all there already (the common case): no timer needed
+            return await request.read()
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:

@@ -223,6 +223,7 @@ class Metrics:
         self.registry = registry
         self.tenant_label = TenantLabels(max_tenants)
         self.plugin_timer = PluginTimer()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # as bounded as the labels
         r = registry
         self.requests = Counter(
             "rightsizer_requests",
@@ -357,33 +358,42 @@ class Metrics:
     def add_state(self, source: Callable[[], Iterable[Metric | GaugeRow]]) -> None:
         self.registry.register(StateCollector(source))
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the label lookup costs more than the update."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def record(self, rec: RequestRecord, itl_gaps: Sequence[float] = ()) -> None:
         """Everything per request, once, when it ends. ``rec.model`` is already bounded (a
         served or configured model, else ``unknown``); values are length-capped here too."""
+        child = self.child
         model = label(rec.model)
         backend = rec.backend or "none"
         tenant = self.tenant_label(label(rec.tenant))
         outcome = rec.outcome.value
-        self.requests.labels(model, backend, tenant, rec.priority, outcome).inc()
+        child(self.requests, model, backend, tenant, rec.priority, outcome).inc()
         if rec.e2e_s is not None:
-            self.e2e.labels(model, backend, outcome).observe(rec.e2e_s)
+            child(self.e2e, model, backend, outcome).observe(rec.e2e_s)
         if rec.queue_wait_s is not None:
-            self.queue_wait.labels(model, rec.priority).observe(rec.queue_wait_s)
+            child(self.queue_wait, model, rec.priority).observe(rec.queue_wait_s)
         if rec.outcome is not Outcome.OK:
             return
         if rec.streamed and rec.ttft_s is not None:
-            self.ttft.labels(model, backend).observe(rec.ttft_s)
+            child(self.ttft, model, backend).observe(rec.ttft_s)
         self.itl.observe_many((model, backend), itl_gaps)
         if rec.prompt_tokens is not None:
-            self.prompt_tokens.labels(model, backend, tenant).inc(rec.prompt_tokens)
-            self.prompt_len.labels(model).observe(rec.prompt_tokens)
+            child(self.prompt_tokens, model, backend, tenant).inc(rec.prompt_tokens)
+            child(self.prompt_len, model).observe(rec.prompt_tokens)
         if rec.completion_tokens is not None:
-            self.completion_tokens.labels(model, backend, tenant).inc(rec.completion_tokens)
-            self.completion_len.labels(model).observe(rec.completion_tokens)
+            child(self.completion_tokens, model, backend, tenant).inc(rec.completion_tokens)
+            child(self.completion_len, model).observe(rec.completion_tokens)
         if rec.cached_tokens:
-            self.cached_tokens.labels(model, backend).inc(rec.cached_tokens)
+            child(self.cached_tokens, model, backend).inc(rec.cached_tokens)
         if rec.tokens_estimated:
-            self.estimated_tokens.labels(model, backend).inc()
+            child(self.estimated_tokens, model, backend).inc()
 
     def _plugin_families(self) -> Iterator[Metric]:
         t = self.plugin_timer

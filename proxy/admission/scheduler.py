@@ -222,7 +222,7 @@ class Scheduler:
     def _count(
         self, req: InferenceRequest, err: Shed | NoHealthyBackend
     ) -> Shed | NoHealthyBackend:
-        self.metrics.shed.labels(req.model, req.priority, err.reason).inc()
+        self.metrics.child(self.metrics.shed, req.model, req.priority, err.reason).inc()
         return err
 
     def _shed(
@@ -246,9 +246,10 @@ class Scheduler:
     def _grant(self, req: InferenceRequest, free: list[Backend], ctx: RouteCtx) -> Ticket:
         d = self.router.route(ctx, free)
         best: Backend = d.ordered[0]  # type: ignore[assignment]
-        self.metrics.routing.labels(best.name, d.reason).inc()
+        m = self.metrics
+        m.child(m.routing, best.name, d.reason).inc()
         if d.matched_ratio is not None:
-            self.metrics.prefix_match.labels(req.model).observe(d.matched_ratio)
+            m.child(m.prefix_match, req.model).observe(d.matched_ratio)
         self.router.on_routed(ctx, best)
         self.tenants.dispatched(req.tenant, req.est_tokens)
         return Ticket(self, req, best, d.ordered[1:], counted=True)  # type: ignore[arg-type]
