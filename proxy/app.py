@@ -294,7 +294,9 @@ def _wire(
         if prefix is not None:
             prefix.subscribe(view.on_routed)
         recorder.subscribe("redis_stream", view.on_record)
-        metrics.watch_shared(lambda: view.up, lambda: dict(view.remote_by_backend()))
+        metrics.watch_shared(
+            lambda: view.up, lambda: dict(view.remote_by_backend()), lambda: view.syncs
+        )
     if est is not None:
         pool.on_snapshot(lambda _b, snap: est.observe_backend(snap))
         recorder.subscribe("estimator", lambda rec: _served(pool, rec) and est.observe(rec))

@@ -178,6 +178,7 @@ class RedisView:
         )
         self.up = False
         self.fresh = False  # synced every sync_interval_s
+        self.syncs = {"ok": 0, "failed": 0}  # completed sync rounds, for telemetry
         self.replicas = 1
         self._ever_up = False
         self._remote: dict[str, int] = {}
@@ -265,8 +266,10 @@ class RedisView:
         try:
             await asyncio.wait_for(self._sync(), timeout=self.cfg.op_timeout_s * 4)
         except (RedisError, OSError, TimeoutError) as exc:
+            self.syncs["failed"] += 1
             self._down(exc)
             return False
+        self.syncs["ok"] += 1
         if not self.up:
             log.warning(
                 "shared state: Redis is %s; state resynced", "back" if self._ever_up else "up"

@@ -444,8 +444,21 @@ class Metrics:
 
         self.add_state(rows)
 
-    def watch_shared(self, up: Callable[[], bool], remote: Callable[[], dict[str, int]]) -> None:
-        def rows() -> Iterator[GaugeRow]:
+    def watch_shared(
+        self,
+        up: Callable[[], bool],
+        remote: Callable[[], dict[str, int]],
+        syncs: Callable[[], dict[str, int]],
+    ) -> None:
+        def rows() -> Iterator[Metric | GaugeRow]:
+            fam = CounterMetricFamily(
+                "rightsizer_shared_state_syncs",
+                "Sync rounds with the shared state (Redis), by result.",
+                labels=["result"],
+            )
+            for result, n in sorted(syncs().items()):
+                fam.add_metric([result], float(n))
+            yield fam
             yield GaugeRow(
                 "rightsizer_shared_state_up",
                 "1 when the shared state (Redis) is reachable (0: serving on local state).",

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import subprocess
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +19,6 @@ import redis
 
 from tests.support.procs import (
     Proc,
-    free_port,
     http_get,
     metric_value,
     read_records,
@@ -28,46 +26,17 @@ from tests.support.procs import (
     start_proxy,
     wait_for,
 )
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 
 
-class RedisServer:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not installed (.ci/run installs it)")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port)
-        wait_for(lambda: _ping(client), timeout_s=10)
-        client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _ping(c: redis.Redis) -> bool:
-    try:
-        return bool(c.ping())
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    r = RedisServer(free_port())
+    r = RedisServer()
     r.start()
     yield r
-    r.kill()
+    r.stop()
 
 
 @pytest.fixture
@@ -141,6 +110,16 @@ def test_two_replicas_share_backend_limits(fleet: tuple[list[Proc], list[Proc]])
         assert metric_value(p.metrics_text(), "rightsizer_shared_state_up") == 1.0
 
 
+def _syncs(p: Proc) -> float:
+    return metric_value(p.metrics_text(), "rightsizer_shared_state_syncs_total", result="ok")
+
+
+def _two_syncs(proxies: list[Proc]) -> None:
+    """Wait until every replica completed two more sync rounds (no sleeping on a guess)."""
+    start = [_syncs(p) for p in proxies]
+    wait_for(lambda: all(_syncs(p) >= s + 2 for p, s in zip(proxies, start, strict=True)))
+
+
 def test_prefix_index_is_shared(fleet: tuple[list[Proc], list[Proc]]) -> None:
     proxies, _ = fleet
     a, b = (openai.OpenAI(base_url=p.url + "/v1", api_key="x", max_retries=0) for p in proxies)
@@ -148,7 +127,7 @@ def test_prefix_index_is_shared(fleet: tuple[list[Proc], list[Proc]]) -> None:
         system = f"You are assistant number {k}. " * 20
         a.chat.completions.create(model="emu", max_tokens=2, extra_headers={"x-request-id": f"a{k}"},
                                   messages=[{"role": "system", "content": system}, {"role": "user", "content": "hi"}])  # fmt: skip
-        time.sleep(0.2)  # a few sync intervals
+        _two_syncs(proxies)  # a has pushed its decision and b has pulled it
         b.chat.completions.create(model="emu", max_tokens=2, extra_headers={"x-request-id": f"b{k}"},
                                   messages=[{"role": "system", "content": system}, {"role": "user", "content": "bye"}])  # fmt: skip
     wait_for(lambda: len(read_records(proxies[1].extra["log"])) >= 6)  # type: ignore[arg-type]
@@ -190,7 +169,7 @@ def test_redis_outage_fails_no_request(
     )
     t.start()
     time.sleep(0.7)
-    redis_server.kill()
+    redis_server.signal(signal.SIGKILL)
     wait_for(
         lambda: all(
             metric_value(p.metrics_text(), "rightsizer_shared_state_up") == 0 for p in proxies
