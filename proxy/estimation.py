@@ -86,9 +86,10 @@ class RunnerStats:
 
 
 class InProcessEstimator:
-    """The estimator in this process; ``run`` refreshes it in a worker thread on a timer."""
+    """The estimator in this process; ``run`` refreshes it in a worker thread on a timer
+    (``interval_s`` None: no timer, the owner refreshes it, as the demo does)."""
 
-    def __init__(self, est: Any, interval_s: float) -> None:
+    def __init__(self, est: Any, interval_s: float | None) -> None:
         self.est, self.interval_s = est, interval_s
         self.stats = RunnerStats()
 
@@ -107,8 +108,10 @@ class InProcessEstimator:
         return [] if r is None else r.gauge_families()  # type: ignore[no-any-return]
 
     async def run(self) -> None:
+        if self.interval_s is None:
+            await asyncio.Event().wait()  # until cancelled
         while True:
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(self.interval_s or 0.0)
             started = time.perf_counter()
             try:
                 await asyncio.to_thread(self.est.refresh)
@@ -118,19 +121,16 @@ class InProcessEstimator:
             self.stats.refreshed(time.perf_counter() - started)
 
 
-class EstimatorProcess:
-    """The estimator in a child process (see the module docstring)."""
+class _Outbox:
+    """Records and snapshots waiting to go to an estimator in another process: ``observe*``
+    are O(1) on the request path; ``batch`` waits up to ``FLUSH_S`` (less when
+    ``FLUSH_RECORDS`` are waiting) and takes everything as one JSON frame, or None."""
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
+    def __init__(self) -> None:
         self.stats = RunnerStats()
         self._records: collections.deque[RequestRecord] = collections.deque()
         self._snapshots: collections.deque[BackendSnapshot] = collections.deque(maxlen=1024)
-        self._report: dict[str, Any] | None = None
-        self._families: list[GaugeFamily] = []
         self._wake = asyncio.Event()
-
-    # --- request path (O(1)) ---
 
     def observe(self, record: RequestRecord) -> None:
         q = self._records
@@ -143,6 +143,27 @@ class EstimatorProcess:
 
     def observe_backend(self, snapshot: BackendSnapshot) -> None:
         self._snapshots.append(snapshot)
+
+    async def batch(self) -> bytes | None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_S):
+                await self._wake.wait()
+        self._wake.clear()
+        records = [self._records.popleft() for _ in range(len(self._records))]
+        snaps = [self._snapshots.popleft() for _ in range(len(self._snapshots))]
+        if not (records or snaps):
+            return None
+        return orjson.dumps({"records": records, "snapshots": snaps})
+
+
+class EstimatorProcess(_Outbox):
+    """The estimator in a child process (see the module docstring)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self._report: dict[str, Any] | None = None
+        self._families: list[GaugeFamily] = []
 
     def report(self) -> dict[str, Any] | None:
         return self._report
@@ -190,14 +211,9 @@ class EstimatorProcess:
         interval = float(self.config.refresh_interval_s)
         next_refresh = time.monotonic() + interval
         while not reader.done():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(FLUSH_S):
-                    await self._wake.wait()
-            self._wake.clear()
-            records = [self._records.popleft() for _ in range(len(self._records))]
-            snaps = [self._snapshots.popleft() for _ in range(len(self._snapshots))]
-            if records or snaps:
-                _send(stdin, orjson.dumps({"records": records, "snapshots": snaps}))
+            frame = await self.batch()
+            if frame is not None:
+                _send(stdin, frame)
             if time.monotonic() >= next_refresh:
                 _send(stdin, orjson.dumps({"refresh": time.time()}))
                 next_refresh = time.monotonic() + interval
@@ -221,30 +237,15 @@ def _send(stream: asyncio.StreamWriter, payload: bytes) -> None:
     stream.write(_HEADER.pack(len(payload)) + payload)
 
 
-class SocketEstimator:
+class SocketEstimator(_Outbox):
     """A worker's view of the machine's one estimator (``serve --workers N``): records go to
     its unix socket in batches; the report is read from the file it replaces after each
     refresh (``proxy.programs.estimator_worker --serve``)."""
 
     def __init__(self, folder: str) -> None:
+        super().__init__()
         self.folder = folder
-        self.stats = RunnerStats()
-        self._records: collections.deque[RequestRecord] = collections.deque()
-        self._snapshots: collections.deque[BackendSnapshot] = collections.deque(maxlen=1024)
         self._loaded: tuple[float, dict[str, Any]] | None = None
-        self._wake = asyncio.Event()
-
-    def observe(self, record: RequestRecord) -> None:
-        q = self._records
-        if len(q) >= BUFFER_MAX:
-            q.popleft()
-            self.stats.dropped += 1
-        q.append(record)
-        if len(q) >= FLUSH_RECORDS:
-            self._wake.set()
-
-    def observe_backend(self, snapshot: BackendSnapshot) -> None:
-        self._snapshots.append(snapshot)
 
     def _latest(self) -> dict[str, Any] | None:
         path = f"{self.folder}/report.json"
@@ -285,14 +286,9 @@ class SocketEstimator:
                 continue
             try:
                 while True:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(FLUSH_S):
-                            await self._wake.wait()
-                    self._wake.clear()
-                    records = [self._records.popleft() for _ in range(len(self._records))]
-                    snaps = [self._snapshots.popleft() for _ in range(len(self._snapshots))]
-                    if records or snaps:
-                        _send(writer, orjson.dumps({"records": records, "snapshots": snaps}))
+                    frame = await self.batch()
+                    if frame is not None:
+                        _send(writer, frame)
                         await writer.drain()
             except (OSError, ConnectionError):
                 await asyncio.sleep(1.0)

@@ -51,7 +51,7 @@ from estimator.service import Estimator
 from estimator.settings import EstimatorConfig, describe_slo, resolve_model_config
 from proxy.app import Deps, build_app
 from proxy.config import load_config
-from proxy.estimation import RunnerStats
+from proxy.estimation import InProcessEstimator
 from proxy.programs.emulator import EmulatorConfig, EmulatorServer, TimingModel
 from proxy.server import GuardedRunner
 
@@ -228,32 +228,6 @@ class ChildEstimator:
         self._pool.shutdown(cancel_futures=True)
 
 
-class _AppView:
-    """What the proxy app reads of the demo's estimator (``proxy.estimation.EstimatorRunner``):
-    the demo refreshes it on its own clock, so ``run`` only waits."""
-
-    def __init__(self, est: ChildEstimator) -> None:
-        self.est = est
-        self.stats = RunnerStats()
-
-    def observe(self, record: RequestRecord) -> None:
-        self.est.observe(record)
-
-    def observe_backend(self, snapshot: BackendSnapshot) -> None:
-        self.est.observe_backend(snapshot)
-
-    def report(self) -> dict[str, Any] | None:
-        r = self.est.report()
-        return None if r is None else r.to_dict()
-
-    def families(self) -> list[Any]:
-        r = self.est.report()
-        return [] if r is None else r.gauge_families()
-
-    async def run(self) -> None:
-        await asyncio.Event().wait()
-
-
 # ---- the engines and the estimator's settings -------------------------------------------------
 def demo_engine(gpu_key: str = DEMO_GPU) -> tuple[EmulatorConfig, TimingModel]:
     """Llama-3.1-8B on one ``gpu_key``, emulated with the estimator's physical engine model."""
@@ -316,7 +290,8 @@ async def demo(*, duration_s: float, requests: int, seed: int, show: bool = True
         "health": {"interval_s": 1.0, "scrape_interval_s": 1.0},
         "estimator": {"refresh_interval_s": config.refresh_interval_s, "gpu": DEMO_GPU},
     })  # fmt: skip
-    deps = Deps(estimator=_AppView(est), subscribers=[("demo", t.records.append)])
+    # the demo refreshes the estimator on its own clock: the app gets it without a timer
+    deps = Deps(estimator=InProcessEstimator(est, None), subscribers=[("demo", t.records.append)])
     proxy_runner, proxy_url = await start_site(build_app(proxy_config, deps))
     runners.insert(0, proxy_runner)
     gpu: GpuSpec = catalog[DEMO_GPU]
