@@ -356,24 +356,31 @@ async def _pump(
                 continue
             data = b"".join(pending) + data
             pending, pending_len = [], 0
-        end = data.rfind(sep)
-        if end < 0:
-            if len(data) > max_event_bytes:
-                raise _EventTooLarge
-            pending, pending_len = [data], len(data)
-            continue
-        end += len(sep)
-        if end == len(data):
+        if data.endswith(sep):  # the usual read: whole events
             block = data
         else:
+            end = data.rfind(sep)
+            if end < 0:
+                if len(data) > max_event_bytes:
+                    raise _EventTooLarge
+                pending, pending_len = [data], len(data)
+                continue
+            end += len(sep)
             block = data[:end]
             pending, pending_len = [data[end:]], len(data) - end
             if pending_len > max_event_bytes:
                 raise _EventTooLarge
         if meas.first_token_s is None or markers(block) is not None:
             block = _classify(meas, st, block, now, strip_usage)
-        else:
-            _add_gaps(meas, st, block.count(sep), now)
+        else:  # k content events after a gap: k gaps of gap/k (inlined _add_gaps)
+            k = block.count(sep)
+            gap = (now - st.last_t) / k
+            if k == 1:
+                meas.gaps.append(gap)
+            else:
+                meas.gaps.extend([gap] * k)
+            meas.content_events += k
+            st.last_t = now
         if block:
             await out.write(block)
             if st.done:
