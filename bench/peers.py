@@ -36,18 +36,20 @@ def rightsizer_peers() -> list[dict[str, object]]:
     env = {"PYTHONPATH": str(ROOT), "RIGHTSIZER_GPU__ENABLED": "false"}
     base = f"{sys.executable} -m proxy serve --host 127.0.0.1 --port {{port}} --backend {{backend}}"
 
-    def peer(name: str, extra: str, notes: str, more_env: dict[str, str] | None = None) -> dict:
-        return {"name": name, "cmd": f"{base} {extra}".strip(), "url": "http://127.0.0.1:{port}",
-                "env": {**env, **(more_env or {})}, "ready_timeout": 60, "notes": notes}  # fmt: skip
+    def peer(name: str, extra: str, notes: str, **more_env: str) -> dict[str, object]:
+        return {
+            "name": name,
+            "cmd": f"{base} {extra}".strip(),
+            "url": "http://127.0.0.1:{port}",
+            "env": {**env, **more_env},
+            "ready_timeout": 60,
+            "notes": notes,
+        }
 
+    nosched = {"RIGHTSIZER_SCHEDULING__ENABLED": "false"}
     return [
         peer("rightsizer", "--workers 1", "defaults, one worker"),
-        peer(
-            "rightsizer-nosched",
-            "--workers 1",
-            "one worker, scheduling off",
-            {"RIGHTSIZER_SCHEDULING__ENABLED": "false"},
-        ),
+        peer("rightsizer-nosched", "--workers 1", "one worker, scheduling off", **nosched),
         peer("rightsizer-2w", "--workers 2", "defaults, two workers"),
     ]
 
