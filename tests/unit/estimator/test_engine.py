@@ -106,8 +106,14 @@ def test_roofline_prior_terms(catalog: dict[str, GpuSpec]) -> None:
     bw = g.mem_bandwidth_bps * eff.bandwidth
     assert p.overhead_s == pytest.approx(eff.step_overhead_s + weight_bytes(a, "bf16") / bw)
     assert p.kv_s_per_token == pytest.approx(a.kv_bytes_per_token("auto") / bw)
-    flops = a.prefill_flops(1024, 0) / 1024
-    assert p.prefill_s_per_token == pytest.approx(flops / (g.bf16_flops * eff.prefill_mfu))
+    body = a.active_matmul_params - a.lm_head_params
+    assert p.prefill_s_per_token == pytest.approx(2 * body / (g.bf16_flops * eff.prefill_mfu))
+    # the attention term prices exactly what prefill_flops counts beyond the matmuls
+    pairs = 1024 * 1025 // 2
+    attn = a.prefill_flops(1024, 0) - 2 * body * 1024 - 2 * a.lm_head_params
+    assert p.prefill_attn_s_per_pair * pairs == pytest.approx(
+        attn / (g.bf16_flops * eff.prefill_mfu)
+    )
 
 
 def test_tensor_parallel_splits_work_and_adds_allreduce(catalog: dict[str, GpuSpec]) -> None:
