@@ -88,7 +88,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from estimator.engine import StepModel
+from estimator.engine import COEFFICIENT_NAMES, StepModel
 from estimator.records import Outcome, RequestRecord
 
 # ring columns
@@ -179,6 +179,18 @@ class Calibration:
     itl_p90_re: float | None
     queue_s_per_request: float  # nuisance q
     trusted: bool
+
+    def vs_prior(self) -> dict[str, float]:
+        """How far the live engine is from its prior (the engine profile's roofline): the
+        ratio fitted / prior of each coefficient, and of the ITL at batch 8 and the prefill
+        time of a 1024-token prompt (1.0: the profile was right; 2.0: twice as slow)."""
+        out = {}
+        for name, fit, pri in zip(COEFFICIENT_NAMES, self.step.coefficients(),
+                                  self.prior.coefficients(), strict=True):  # fmt: skip
+            out[name] = fit / pri if pri > 0 else math.nan
+        out["itl_batch8"] = self.step.itl_at(8, 1024) / max(self.prior.itl_at(8, 1024), 1e-12)
+        out["prefill_1024"] = self.step.ttft_idle(1024) / max(self.prior.ttft_idle(1024), 1e-12)
+        return out
 
 
 class OnlineCalibrator:
@@ -271,12 +283,21 @@ def fit_rows(
         rows, w = rows[keep], w[keep]
     stride = -(-rows.shape[0] // max(1, config.max_fit_records))
     xt, yt, wt, xi, yi, wi, spread, span = _design(rows, w, max_num_seqs, max(1, stride))
+    # terms the prior fixes and the fit does not learn: the per-request API cost in every
+    # TTFT, the routed experts a decode step touches in every ITL (estimator.engine)
+    yt_obs, yi_obs = yt, yi
+    if prior.request_overhead_s:
+        yt = np.maximum(yt - prior.request_overhead_s, 0.1 * yt)
+    if prior.moe_weight_s and prior.moe_experts:
+        miss = 1.0 - min(prior.moe_topk, prior.moe_experts) / prior.moe_experts
+        moe = prior.moe_weight_s * (1.0 - np.power(miss, np.maximum(xi[2], 1.0)))
+        yi = np.maximum(yi - moe, 0.1 * yi)
     p = np.array([*prior.coefficients(), 0.0])
     coef = _robust_fit(np.hstack([xt, xi]), np.concatenate([yt, yi]),
                        np.concatenate([wt, wi]), p, tau, config)  # fmt: skip
     n_eff = float(w.sum())
-    t_mare, t_p90 = _rel_errors(coef @ xt, yt, wt)
-    i_mare, i_p90 = _rel_errors(coef @ xi, yi, wi)
+    t_mare, t_p90 = _rel_errors(coef @ xt + (yt_obs - yt), yt_obs, wt)
+    i_mare, i_p90 = _rel_errors(coef @ xi + (yi_obs - yi), yi_obs, wi)
     trusted = (
         n_eff >= config.min_records
         and t_mare is not None
@@ -288,6 +309,7 @@ def fit_rows(
     drift_sigma, drift_tau = _drift(np.log(yi / np.maximum(coef @ xi, 1e-12)), span, wi)
     step = dataclasses.replace(
         step,
+        **prior.extras(),
         jitter_sigma=_jitter(spread, xi[1], wi),
         drift_sigma=drift_sigma,
         drift_tau_s=drift_tau,

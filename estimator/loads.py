@@ -4,7 +4,9 @@
   --request-rate``); the first ``warmup_fraction`` (10%) of requests is left out.
 - ``Load.concurrency(n)``: closed loop, ``n`` clients each sending its next request the
   moment its previous one ends (``vllm bench serve --max-concurrency``, GenAI-Perf / AIPerf
-  ``--concurrency``, NIM's tables); every request counts, as those tools count them.
+  ``--concurrency``, NIM's tables). The clients start at random times within one request's
+  duration (out of phase, as a real engine's noise soon makes them) and their first requests are left
+  out: the steady state, as GenAI-Perf's measurement window measures it.
 - ``Load.burst(n)``: all ``n`` requests at once (``--request-rate inf``, ``trtllm-bench
   throughput``: the maximum-throughput scenario); every request counts.
 
@@ -144,13 +146,31 @@ def simulate_load(
         arrivals = [0.0] * n
     else:
         k = min(n, int(load.value))
-        arrivals = [0.0] * k + [math.inf] * (n - k)
+        spread = _request_duration(step, workload, k)
+        starts = np.sort(np.random.default_rng([seed, 0xC10]).uniform(0.0, spread, k))
+        arrivals = starts.tolist() + [math.inf] * (n - k)
     sim = _Sim(step, limits, arrivals, prompts.tolist(), outputs.tolist(), seed=seed,
                closed_loop=closed)  # fmt: skip
     sim.run()
-    warm = warmup_fraction if warmup_fraction is not None else (0.1 if not closed and
-                                                                load.kind == "poisson" else 0.0)  # fmt: skip
+    if warmup_fraction is not None:
+        warm = warmup_fraction
+    elif load.kind == "poisson":
+        warm = 0.1
+    elif closed:  # the first wave (all clients at once) is the start-up transient
+        warm = min(load.value / n, 0.5)
+    else:
+        warm = 0.0
     return _summarise_load(sim, load, warm)
+
+
+def _request_duration(step: StepModel, workload: Workload, clients: int) -> float:
+    """A rough duration of one request with ``clients`` running: the closed loop's clients
+    start spread over it, so that they run out of phase from the start (in a real run the
+    engine's noise desynchronises clients that start together within a few requests; the
+    simulated engine has no such noise and would keep them in lockstep)."""
+    prompt, output = workload.mean_prompt, workload.mean_output
+    itl = step.itl_at(clients, prompt + output / 2)
+    return step.ttft_idle(int(prompt)) + max(output - 1, 0) * itl
 
 
 def _summarise_load(sim: _Sim, load: Load, warmup: float) -> LoadResult:
