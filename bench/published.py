@@ -272,7 +272,7 @@ def render(cs: Sequence[Comparison]) -> str:
         r = c.row
         load = f"{r.load} {r.load_value:g}" if r.load else "-"
         lines.append(f"{r.id:<26} {'test' if r.held_out else 'train':<5} {r.engine:<7} "
-                     f"{r.model:<20} {str(r.gpu):<10} {r.tp:>2} {r.quant:<5} "
+                     f"{r.model:<20} {r.gpu!s:<10} {r.tp:>2} {r.quant:<5} "
                      f"{f'{r.isl}/{r.osl}':>11} {load:<16} {c.metric:<15} {c.predicted:>10.4g} "
                      f"{c.published:>10.4g} {c.error:>+7.1%}")  # fmt: skip
     s = summary(cs)
@@ -292,48 +292,63 @@ def render(cs: Sequence[Comparison]) -> str:
 
 # --- fitting -----------------------------------------------------------------------------
 
-_FIT_FIELDS = ("step_overhead_s", "per_seq_overhead_s", "prefill_mfu", "decode_bandwidth",
-               "api_ttft_s")  # fmt: skip
+
+def _fit_names(engine: str, rows: Sequence[Row]) -> list[str]:
+    """The factors fitted for ``engine``: its step, per-sequence and per-request costs, and a
+    prefill MFU and decode bandwidth factor per GPU generation its training rows cover."""
+    gens = sorted({gpu_generation(get_gpu(catalog(), r.gpu)) for r in rows if r.gpu})
+    names = ["step_overhead_s", "per_seq_overhead_s"]
+    if any(m.startswith("ttft") for r in rows for m in r.published):
+        names.append("api_ttft_s")
+    return names + [f"prefill_mfu:{g}" for g in gens] + [f"decode_bandwidth:{g}" for g in gens]
 
 
-def _scaled(p: EngineProfile, x: np.ndarray) -> EngineProfile:
-    f = np.exp(x)
+def _scaled(p: EngineProfile, names: Sequence[str], x: np.ndarray) -> EngineProfile:
+    f = dict(zip(names, np.exp(x), strict=True))
+    mfu, attn, bw = dict(p.prefill_mfu), dict(p.attention_mfu), dict(p.decode_bandwidth)
+    for name, v in f.items():
+        field_, _, gen = name.partition(":")
+        if field_ == "prefill_mfu":
+            base = p.efficiency_for(p.prefill_mfu, gen)
+            mfu[gen] = min(base * v, 0.95)
+            attn[gen] = min(p.efficiency_for(p.attention_mfu, gen) * v, 0.95)
+        elif field_ == "decode_bandwidth":
+            bw[gen] = min(p.efficiency_for(p.decode_bandwidth, gen) * v, 0.95)
     return dataclasses.replace(
         p,
-        step_overhead_s=p.step_overhead_s * f[0],
-        per_seq_overhead_s=p.per_seq_overhead_s * f[1],
-        prefill_mfu={k: min(v * f[2], 0.95) for k, v in p.prefill_mfu.items()},
-        attention_mfu={k: min(v * f[2], 0.95) for k, v in p.attention_mfu.items()},
-        decode_bandwidth={k: min(v * f[3], 0.95) for k, v in p.decode_bandwidth.items()},
-        api_ttft_s=p.api_ttft_s * f[4],
-    )
+        step_overhead_s=p.step_overhead_s * f.get("step_overhead_s", 1.0),
+        per_seq_overhead_s=p.per_seq_overhead_s * f.get("per_seq_overhead_s", 1.0),
+        api_ttft_s=p.api_ttft_s * f.get("api_ttft_s", 1.0),
+        prefill_mfu=mfu, attention_mfu=attn, decode_bandwidth=bw,
+    )  # fmt: skip
 
 
 def fit_engine(engine: str, rows: Sequence[Row], iters: int) -> EngineProfile:
-    """Scale factors on the profile's time constants minimising the squared log error of the
-    training rows' latency and throughput metrics (Nelder-Mead on log factors, a weak pull
-    to 1 so unidentified constants stay put)."""
+    """Factors on the profile's time constants (``_fit_names``) minimising the mean squared
+    log error of the training rows' latency and throughput metrics, with a weak pull to 1 so
+    that constants the rows cannot tell apart stay put (Powell's method on log factors)."""
     from scipy.optimize import minimize
 
     base = get_profile(engine)
     train = [r for r in rows if r.engine == engine and not r.held_out and r.load]
     if not train:
         return base
+    names = _fit_names(engine, train)
 
     def loss(x: np.ndarray) -> float:
-        prof = _scaled(base, x)
-        errs = [math.log(max(c.predicted, 1e-9) / c.published)
-                for c in compare(train, {engine: prof}) if GROUP[c.metric] not in ("weights", "kv")]  # fmt: skip
+        prof = _scaled(base, names, x)
+        cs = compare(train, {engine: prof})
+        errs = [math.log(max(c.predicted, 1e-9) / c.published) for c in cs
+                if GROUP[c.metric] not in ("weights", "kv")]  # fmt: skip
         return float(np.mean(np.square(errs))) + 1e-3 * float(np.sum(np.square(x)))
 
-    k = len(_FIT_FIELDS)
-    simplex = np.vstack([np.zeros(k), 0.3 * np.eye(k)])  # steps of +35% in each factor
-    res = minimize(loss, np.zeros(k), method="Nelder-Mead",
-                   options={"maxiter": iters, "xatol": 1e-2, "fatol": 1e-5,
-                            "initial_simplex": simplex})  # fmt: skip
-    print(f"{engine}: {len(train)} training rows, loss {res.fun:.4f}, factors "
-          + ", ".join(f"{n} x{math.exp(v):.3f}" for n, v in zip(_FIT_FIELDS, res.x, strict=True)))
-    return _scaled(base, res.x)
+    res = minimize(loss, np.zeros(len(names)), method="Powell",
+                   bounds=[(-1.5, 1.5)] * len(names),
+                   options={"maxiter": iters, "xtol": 1e-2, "ftol": 1e-4})  # fmt: skip
+    factors = ", ".join(f"{n} x{math.exp(v):.3f}" for n, v in zip(names, res.x, strict=True))
+    start = loss(np.zeros(len(names)))
+    print(f"{engine}: {len(train)} training rows, loss {start:.4f} -> {res.fun:.4f}, {factors}")
+    return _scaled(base, names, res.x)
 
 
 def bands_of(cs: Sequence[Comparison]) -> dict[str, tuple[float, float]]:
@@ -360,12 +375,14 @@ def _profile_text(p: EngineProfile) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--json", type=Path, help="write the comparisons as JSON")
     ap.add_argument("--fit", action="store_true", help="refit the time constants (training rows)")
     ap.add_argument("--engines", default="trtllm,vllm,sglang", help="engines --fit fits")
-    ap.add_argument("--iters", type=int, default=120, help="Nelder-Mead iterations per engine")
+    ap.add_argument("--iters", type=int, default=3, help="Powell iterations per engine")
     args = ap.parse_args(argv)
     rows = load_rows(args.data)
     if args.fit:

@@ -4,11 +4,12 @@
   --request-rate``); the first ``warmup_fraction`` (10%) of requests is left out.
 - ``Load.concurrency(n)``: closed loop, ``n`` clients each sending its next request the
   moment its previous one ends (``vllm bench serve --max-concurrency``, GenAI-Perf / AIPerf
-  ``--concurrency``, NIM's tables). The clients start at random times within one request's
-  duration (out of phase, as a real engine's noise soon makes them) and their first requests are left
-  out: the steady state, as GenAI-Perf's measurement window measures it.
-- ``Load.burst(n)``: all ``n`` requests at once (``--request-rate inf``, ``trtllm-bench
-  throughput``: the maximum-throughput scenario); every request counts.
+  ``--concurrency``, NIM's tables). The clients start at random times within one
+  request's duration (out of phase, as a real engine's noise soon makes them) and their
+  first requests are left out: the steady state, as GenAI-Perf's measurement window
+  measures it.
+- ``Load.burst(n)``: all ``n`` requests at once (``--request-rate inf``,
+  ``trtllm-bench throughput``: the maximum-throughput scenario); every request counts.
 
 :func:`simulate_load` returns a :class:`LoadResult`: mean, p50, p90, p95 and p99 of TTFT,
 ITL (pooled over every token gap, token-weighted), TPOT (per request, ``(e2e - ttft) /

@@ -203,12 +203,9 @@ def kv_bytes_per_token_per_gpu(arch: ModelArch, kv_dtype: str = "auto", *, tp: i
 
 def vllm_default_limits(gpu: GpuSpec) -> tuple[int, int]:
     """``(max_num_batched_tokens, max_num_seqs)`` that vLLM's OpenAI server picks for ``gpu``
-    (``EngineArgs.get_batch_defaults``)."""
-    if gpu.memory_bytes >= 160 * GIB:
-        return 16384, 1024
-    if gpu.memory_bytes >= 70 * GIB and "a100" not in gpu.name.lower():
-        return 8192, 1024
-    return 2048, 256
+    (``EngineArgs.get_batch_defaults``; the vllm engine profile's limits)."""
+    lim = engine_limits(get_profile("vllm"), gpu)
+    return lim.max_num_batched_tokens, lim.max_num_seqs
 
 
 def _activation_per_token(arch: ModelArch, tp: int) -> float:

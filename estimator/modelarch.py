@@ -177,8 +177,12 @@ class ModelArch:
     @property
     def routed_expert_params(self) -> int:
         """Parameters of all routed experts (0 for a dense model)."""
-        return self.num_moe_layers * self.num_experts * 3 * self.hidden_size * (
-            self.moe_intermediate_size
+        return (
+            self.num_moe_layers
+            * self.num_experts
+            * 3
+            * self.hidden_size
+            * (self.moe_intermediate_size)
         )
 
     def _kv_elems_per_layer(self) -> int:
@@ -537,8 +541,9 @@ def module_params(arch: ModelArch) -> list[tuple[str, int]]:
     for i in range(arch.num_layers):
         pre = f"model.layers.{i}"
         if arch.kv_lora_rank is None:
-            out += [(f"{pre}.self_attn.q_proj", hidden * q), (f"{pre}.self_attn.k_proj", hidden * kv),
-                    (f"{pre}.self_attn.v_proj", hidden * kv), (f"{pre}.self_attn.o_proj", q * hidden)]  # fmt: skip
+            attn = f"{pre}.self_attn"
+            out += [(f"{attn}.q_proj", hidden * q), (f"{attn}.k_proj", hidden * kv),
+                    (f"{attn}.v_proj", hidden * kv), (f"{attn}.o_proj", q * hidden)]  # fmt: skip
         if arch.num_moe_layers and i >= first_moe:
             out.append((f"{pre}.mlp.experts", 3 * hidden * arch.moe_intermediate_size
                         * arch.num_experts))  # fmt: skip

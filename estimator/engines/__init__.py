@@ -35,8 +35,14 @@ __all__ = [
 DEFAULT_ENGINE = "vllm"
 # the registry: module name under estimator.engines -> its PROFILE (one line per engine)
 _MODULES: tuple[str, ...] = ("vllm", "sglang", "trtllm", "tgi", "llamacpp")
-_ALIASES = {"tensorrt-llm": "trtllm", "tensorrt_llm": "trtllm", "trt-llm": "trtllm",
-            "llama.cpp": "llamacpp", "llama-cpp": "llamacpp", "text-generation-inference": "tgi"}  # fmt: skip
+_ALIASES = {
+    "tensorrt-llm": "trtllm",
+    "tensorrt_llm": "trtllm",
+    "trt-llm": "trtllm",
+    "llama.cpp": "llamacpp",
+    "llama-cpp": "llamacpp",
+    "text-generation-inference": "tgi",
+}
 _CACHE: dict[str, EngineProfile] = {}
 
 
@@ -73,8 +79,11 @@ def default_limits(profile: EngineProfile, gpu: GpuSpec) -> LimitDefaults:
         name = f"{gpu.key} {gpu.name}".lower()
         if not any(x in name for x in profile.large_gpu_exclude):
             if gpu.memory_bytes >= 160 * GIB and profile.name == "vllm":
-                return LimitDefaults(max_num_seqs=big.max_num_seqs,
-                                     max_num_batched_tokens=16384, block_size=big.block_size)
+                return LimitDefaults(
+                    max_num_seqs=big.max_num_seqs,
+                    max_num_batched_tokens=16384,
+                    block_size=big.block_size,
+                )
             return big
     return profile.limits
 

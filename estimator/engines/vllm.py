@@ -27,16 +27,20 @@ PROFILE = EngineProfile(
     attention_mfu={"default": 0.35},
     decode_bandwidth={"default": 0.75, "hopper": 0.75, "ampere": 0.78, "cpu": 0.75},
     api_ttft_s=0.010,
-    memory=MemorySemantics(kv_budget="fraction_of_total",
-                           fraction_knob="gpu_memory_utilization", default_fraction=0.9),
+    memory=MemorySemantics(
+        kv_budget="fraction_of_total", fraction_knob="gpu_memory_utilization", default_fraction=0.9
+    ),
     limits=LimitDefaults(max_num_seqs=256, max_num_batched_tokens=2048, block_size=16),
-    large_gpu_limits=LimitDefaults(max_num_seqs=1024, max_num_batched_tokens=8192,
-                                   block_size=16),
+    large_gpu_limits=LimitDefaults(max_num_seqs=1024, max_num_batched_tokens=8192, block_size=16),
     large_gpu_min_gib=70.0,
     large_gpu_exclude=("a100",),
     cpu_limits=LimitDefaults(max_num_seqs=128, max_num_batched_tokens=2048, block_size=128),
-    cpu_memory=MemorySemantics(kv_budget="fixed_space", fraction_knob="VLLM_CPU_KVCACHE_SPACE",
-                               default_space_gib=4.0, profiles_activations=False),
+    cpu_memory=MemorySemantics(
+        kv_budget="fixed_space",
+        fraction_knob="VLLM_CPU_KVCACHE_SPACE",
+        default_space_gib=4.0,
+        profiles_activations=False,
+    ),
     scheduler="fcfs",
     sources=(
         "bench/data/published.yaml: rows with engine vllm (vLLM nightly latency benchmark, "
