@@ -152,7 +152,8 @@ def predict(row: Row, profile: EngineProfile | None = None) -> dict[str, float]:
     plan = plan_memory(arch, gpu, tp=row.tp, quant=row.quant, kv_dtype=row.kv_dtype,
                        gpu_memory_utilization=s.get("kv_fraction"), engine=prof,
                        max_num_seqs=s.get("max_num_seqs"), max_model_len=max_len,
-                       max_num_batched_tokens=s.get("max_num_batched_tokens"))  # fmt: skip
+                       max_num_batched_tokens=s.get("max_num_batched_tokens"),
+                       attention_dp=bool(s.get("attention_dp")))  # fmt: skip
     if "kv_tokens" in row.published:
         out["kv_tokens"] = float(plan.kv_capacity_tokens)
     if not row.load:
@@ -172,7 +173,8 @@ def predict(row: Row, profile: EngineProfile | None = None) -> dict[str, float]:
 def simulate_row(row: Row, prof: EngineProfile, arch: ModelArch, gpu: GpuSpec,
                  plan: Any) -> LoadResult:  # fmt: skip
     step = roofline_prior(arch, gpu, tp=row.tp, quant=row.quant, kv_dtype=row.kv_dtype,
-                          engine=prof, offline=row.offline)  # fmt: skip
+                          engine=prof, offline=row.offline,
+                          attention_dp=bool(row.settings.get("attention_dp")))  # fmt: skip
     kv = max(plan.kv_capacity_tokens, plan.block_size, row.isl + row.osl)
     limits = EngineLimits(max_num_seqs=plan.max_num_seqs, kv_capacity_tokens=kv,
                           block_size=plan.block_size,
@@ -300,6 +302,8 @@ def _fit_names(engine: str, rows: Sequence[Row]) -> list[str]:
     names = ["step_overhead_s", "per_seq_overhead_s"]
     if any(m.startswith("ttft") for r in rows for m in r.published):
         names.append("api_ttft_s")
+    if any(arch_of(r.model).is_moe for r in rows):
+        names.append("moe_efficiency")
     return names + [f"prefill_mfu:{g}" for g in gens] + [f"decode_bandwidth:{g}" for g in gens]
 
 
@@ -319,6 +323,7 @@ def _scaled(p: EngineProfile, names: Sequence[str], x: np.ndarray) -> EngineProf
         step_overhead_s=p.step_overhead_s * f.get("step_overhead_s", 1.0),
         per_seq_overhead_s=p.per_seq_overhead_s * f.get("per_seq_overhead_s", 1.0),
         api_ttft_s=p.api_ttft_s * f.get("api_ttft_s", 1.0),
+        moe_efficiency=min(p.moe_efficiency * f.get("moe_efficiency", 1.0), 1.0),
         prefill_mfu=mfu, attention_mfu=attn, decode_bandwidth=bw,
     )  # fmt: skip
 
@@ -371,7 +376,8 @@ def _profile_text(p: EngineProfile) -> str:
             f"    per_seq_overhead_s={p.per_seq_overhead_s:.6g},\n"
             f"    prefill_mfu={tab(p.prefill_mfu)},\n    attention_mfu={tab(p.attention_mfu)},\n"
             f"    decode_bandwidth={tab(p.decode_bandwidth)},\n"
-            f"    api_ttft_s={p.api_ttft_s:.6g},")  # fmt: skip
+            f"    api_ttft_s={p.api_ttft_s:.6g},\n"
+            f"    moe_efficiency={p.moe_efficiency:.3f},")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -245,6 +245,8 @@ class Efficiency:
     """Fixed latency of one all-reduce (two per layer per step with tensor parallelism)."""
     request_overhead_s: float = 0.0
     """Per-request fixed cost in TTFT (API server), see ``StepModel.request_overhead_s``."""
+    moe_efficiency: float = 1.0
+    """Routed experts' kernels relative to dense ones (``EngineProfile.moe_efficiency``)."""
 
 
 def efficiency_of(
@@ -264,6 +266,7 @@ def efficiency_of(
         per_seq_overhead_s=p.per_seq_overhead_s,
         allreduce_latency_s=p.allreduce_latency_s,
         request_overhead_s=0.0 if offline else p.api_ttft_s,
+        moe_efficiency=p.moe_efficiency,
     )
 
 
@@ -278,6 +281,7 @@ def roofline_prior(
     engine: str | EngineProfile = DEFAULT_ENGINE,
     enforce_eager: bool = False,
     offline: bool = False,
+    attention_dp: bool = False,
 ) -> StepModel:
     """A physical first guess of the step model from datasheet numbers (before any data).
 
@@ -292,6 +296,9 @@ def roofline_prior(
     ``mem_bandwidth_bps * bandwidth``. With ``tp > 1`` each token costs two ring all-reduces
     per layer of ``hidden * 2`` bytes, ``2 (tp - 1) / tp`` of them on the wire per GPU, at
     half the (bidirectional) ``interconnect_bps`` times the ``interconnect`` efficiency.
+    ``attention_dp`` (attention data parallel, MoE deployments): each GPU streams whole
+    attention weights and reads the whole KV of its own sequences (``1 / tp`` of the
+    context); the all-reduce cost is kept as the price of the experts' all-to-all.
     """
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
@@ -299,7 +306,16 @@ def roofline_prior(
     peak = gpu.peak_flops(quant) * tp
     bandwidth = gpu.mem_bandwidth_bps * eff.bandwidth
     body = arch.active_matmul_params - arch.lm_head_params
-    prefill_flops_per_token = 2.0 * body
+    active_experts = (
+        arch.num_moe_layers
+        * arch.experts_per_token
+        * 3
+        * arch.hidden_size
+        * (arch.moe_intermediate_size)
+    )
+    moe_eff = eff.moe_efficiency if active_experts else 1.0
+    # the active experts' FLOPs priced at the (lower) grouped-GEMM efficiency
+    prefill_flops_per_token = 2.0 * (body - active_experts) + 2.0 * active_experts / moe_eff
     attn_flops_per_pair = arch.prefill_attn_flops_per_pair()
     attn_peak = gpu.bf16_flops * tp * (eff.attention_mfu or eff.prefill_mfu)
     decode_flops_per_token = arch.decode_flops_per_token(0)
@@ -311,8 +327,9 @@ def roofline_prior(
         link = (gpu.interconnect_bps or _PCIE_FALLBACK_BPS) / 2 * eff.interconnect
         allreduce_s_per_token = wire_bytes / link
         allreduce_fixed_s = 2 * arch.num_layers * eff.allreduce_latency_s
-    experts_s = routed_expert_bytes(arch, quant, tp=tp) / bandwidth
-    weights_s = weight_bytes(arch, quant, tp=tp) / bandwidth - experts_s
+    experts_s = routed_expert_bytes(arch, quant, tp=tp) / (bandwidth * moe_eff)
+    weights = weight_bytes(arch, quant, tp=tp, attention_dp=attention_dp)
+    weights_s = (weights - routed_expert_bytes(arch, quant, tp=tp)) / bandwidth
     return StepModel(
         overhead_s=eff.step_overhead_s + weights_s + allreduce_fixed_s,
         prefill_s_per_token=prefill_flops_per_token / (peak * eff.prefill_mfu)
@@ -320,7 +337,8 @@ def roofline_prior(
         decode_s_per_seq=decode_flops_per_token / (peak * eff.decode_mfu)
         + eff.per_seq_overhead_s
         + allreduce_s_per_token,
-        kv_s_per_token=kv_bytes_per_token_per_gpu(arch, kv_dtype, tp=tp) / bandwidth,
+        kv_s_per_token=kv_bytes_per_token_per_gpu(arch, kv_dtype, tp=tp, attention_dp=attention_dp)
+        / bandwidth,
         prefill_attn_s_per_pair=attn_flops_per_pair / attn_peak,
         request_overhead_s=eff.request_overhead_s,
         moe_weight_s=experts_s,

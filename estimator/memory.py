@@ -74,7 +74,7 @@ from estimator.engines import (
     memory_semantics,
 )
 from estimator.engines import default_limits as engine_limits
-from estimator.modelarch import ModelArch
+from estimator.modelarch import ModelArch, module_params
 
 __all__ = [
     "QUANTIZATIONS",
@@ -166,8 +166,12 @@ def routed_expert_bytes(arch: ModelArch, quant: str = "bf16", *, tp: int = 1) ->
     return arch.routed_expert_params * q.bytes_per_param(arch.hidden_size) / tp
 
 
-def weight_bytes(arch: ModelArch, quant: str = "bf16", *, tp: int = 1) -> int:
-    """Bytes of weights on one GPU of a ``tp``-way tensor-parallel deployment (tp=1: total)."""
+def weight_bytes(
+    arch: ModelArch, quant: str = "bf16", *, tp: int = 1, attention_dp: bool = False
+) -> int:
+    """Bytes of weights on one GPU of a ``tp``-way tensor-parallel deployment (tp=1: total).
+    ``attention_dp``: attention data parallel (TensorRT-LLM ``enable_attention_dp``, SGLang
+    ``--enable-dp-attention``): every GPU keeps whole attention weights, the rest is split."""
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
     q = get_quantization(quant)
@@ -179,7 +183,14 @@ def weight_bytes(arch: ModelArch, quant: str = "bf16", *, tp: int = 1) -> int:
     per_gpu = (body - replicated) * per_param / tp + replicated * per_param + outer_bytes / tp
     per_gpu += _kv_proj_replication(arch, tp) * per_param
     per_gpu += _mixed_extra(arch, q) / tp
+    if attention_dp and tp > 1:
+        per_gpu += attention_params(arch) * per_param * (1.0 - 1.0 / tp)
     return math.ceil(per_gpu)
+
+
+def attention_params(arch: ModelArch) -> int:
+    """Parameters of the attention projections of all layers (q, k, v, o)."""
+    return sum(n for name, n in module_params(arch) if ".self_attn." in name)
 
 
 def _kv_proj_replication(arch: ModelArch, tp: int) -> float:
@@ -191,10 +202,15 @@ def _kv_proj_replication(arch: ModelArch, tp: int) -> float:
     return per_head * (1.0 - arch.num_kv_heads / tp)
 
 
-def kv_bytes_per_token_per_gpu(arch: ModelArch, kv_dtype: str = "auto", *, tp: int = 1) -> float:
+def kv_bytes_per_token_per_gpu(
+    arch: ModelArch, kv_dtype: str = "auto", *, tp: int = 1, attention_dp: bool = False
+) -> float:
     """KV bytes one token takes on each GPU: KV heads split by tp (at least one per GPU);
-    MLA's latent is whole on every GPU."""
+    MLA's latent is whole on every GPU. With ``attention_dp`` each GPU holds the whole KV of
+    its own sequences: per token of the deployment, ``1 / tp`` of the full bytes per GPU."""
     full = arch.kv_bytes_per_token(kv_dtype)
+    if attention_dp:
+        return full / tp
     if arch.is_mla:
         return full
     heads = arch.num_kv_heads
@@ -344,6 +360,7 @@ def plan_memory(
     enforce_eager: bool = False,
     kv_cache_space_bytes: int | None = None,
     kv_cache_tokens: int | None = None,
+    attention_dp: bool = False,
 ) -> MemoryPlan:
     """Plan one deployment's memory as ``engine`` would size it (module docstring; vLLM by
     default). Longer than ~50 lines only by the flat constructor call at its end.
@@ -353,7 +370,9 @@ def plan_memory(
     ``kv_cache_free_gpu_mem_fraction``: a fraction of the memory *free after* weights and
     activations); None: the engine's default. On a CPU entry the engine's CPU build is planned
     (vLLM: ``kv_cache_space_bytes``, default ``VLLM_CPU_KVCACHE_SPACE`` = 4 GiB; no GPU memory
-    arithmetic); ``kv_cache_tokens`` sets a fixed-token KV cache (llama.cpp's ``-c``).
+    arithmetic); ``kv_cache_tokens`` sets a fixed-token KV cache (llama.cpp's ``-c``);
+    ``attention_dp``: attention data parallel (whole attention weights on every GPU, each
+    GPU the full KV of its own sequences).
     ``max_model_len`` defaults to, and is capped at, the model's ``max_position_embeddings``;
     ``max_num_batched_tokens``, ``max_num_seqs`` and ``block_size`` to the engine's defaults
     for the GPU; ``typical_context_tokens`` (for the preemption check) to
@@ -378,11 +397,11 @@ def plan_memory(
     max_len = min(max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
     batched = max_num_batched_tokens or limits.max_num_batched_tokens
     typical = typical_context_tokens or min(max_len, _TYPICAL_CONTEXT)
-    weights = weight_bytes(arch, quant, tp=tp)
+    weights = weight_bytes(arch, quant, tp=tp, attention_dp=attention_dp)
     activation, graphs, non_torch = _runtime_bytes(arch, tp=tp, batched_tokens=batched,
                                                    max_num_seqs=max_num_seqs, sem=sem,
                                                    enforce_eager=enforce_eager)  # fmt: skip
-    per_token = kv_bytes_per_token_per_gpu(arch, kv_dtype, tp=tp)
+    per_token = kv_bytes_per_token_per_gpu(arch, kv_dtype, tp=tp, attention_dp=attention_dp)
     runtime = weights + activation + graphs + non_torch
     if sem.kv_budget == "fraction_of_free":
         budget = gpu.memory_bytes

@@ -16,6 +16,8 @@ Fields, in the step-time formula of :mod:`estimator.engine`:
   ``attention_mfu[generation]`` the same for the prompt's attention (flash attention).
 - ``decode_bandwidth[generation]``: fraction of HBM bandwidth reached streaming weights and
   KV in a decode step.
+- ``moe_efficiency``: the routed experts' kernels relative to a dense layer's (prefill
+  FLOPs and weight streaming of the experts divided by it).
 - ``api_ttft_s``: per-request fixed cost in TTFT outside the engine's steps (HTTP, chat
   template, tokenisation, detokenisation in the API server); zero for offline benchmarks.
 - ``memory``: how the engine sizes its KV cache (:class:`MemorySemantics`).
@@ -106,6 +108,9 @@ class EngineProfile:
     """Limits of the engine's CPU build, where it has one."""
     cpu_memory: MemorySemantics | None = None
     scheduler: Scheduler = "fcfs"
+    moe_efficiency: float = 1.0
+    """Efficiency of the routed experts' grouped GEMMs relative to a dense layer's (prefill
+    FLOPs and weight streaming of the experts; < 1: MoE kernels reach less of the peaks)."""
     interconnect: float = 0.7
     allreduce_latency_s: float = 8e-6
     sources: tuple[str, ...] = ()

@@ -20,12 +20,12 @@ PROFILE = EngineProfile(
     name="vllm",
     title="vLLM (V1 engine)",
     versions="0.5.x-0.6.x (V0, nightly latency runs), 0.6.0 (sglang's comparison)",
-    step_overhead_s=0.0015,
-    per_seq_overhead_s=1.0e-5,
+    step_overhead_s=0.00132799,
+    per_seq_overhead_s=1.55795e-05,
     eager_step_overhead_s=0.004,
-    prefill_mfu={"default": 0.45, "hopper": 0.45, "ampere": 0.55, "ada": 0.45, "cpu": 0.5},
-    attention_mfu={"default": 0.35},
-    decode_bandwidth={"default": 0.75, "hopper": 0.75, "ampere": 0.78, "cpu": 0.75},
+    prefill_mfu={"default": 0.450, "hopper": 0.257, "ampere": 0.477, "ada": 0.450, "cpu": 0.500},
+    attention_mfu={"default": 0.350, "ampere": 0.303, "hopper": 0.200},
+    decode_bandwidth={"default": 0.750, "hopper": 0.695, "ampere": 0.808, "cpu": 0.750},
     api_ttft_s=0.010,
     memory=MemorySemantics(
         kv_budget="fraction_of_total", fraction_knob="gpu_memory_utilization", default_fraction=0.9
