@@ -995,6 +995,18 @@ def ensure_model(name: str) -> None:
     tmp.rename(dest)
 
 
+def save_sent(path: Path, sent: Sequence[Sent], plan: Sequence[tuple[float, int]],
+              capacity: float, ramp_id: int) -> None:  # fmt: skip
+    """Append one ramp's requests as the client saw them (JSON lines: the step's factor and
+    rate, then ``Sent``'s fields) so that a run can be replayed offline against other step
+    models (``bench/replay_ramp.py``)."""
+    factors = [f for f, n in plan for _ in range(n)]
+    with path.open("a", encoding="utf-8") as fh:
+        for f, r in zip(factors, sent, strict=True):
+            row = {"ramp": ramp_id, "factor": f, "rate": f * capacity, **asdict(r)}
+            fh.write(json.dumps(row) + "\n")
+
+
 def run(s: Settings, *, log: Any = print, keep_dir: Path | None = None) -> Outcome_:
     """Start vLLM and the proxy, run the phases, stop everything; see the module docstring."""
     from procs import start_proxy
@@ -1057,6 +1069,7 @@ def run(s: Settings, *, log: Any = print, keep_dir: Path | None = None) -> Outco
         )
 
         snap = engine_snapshot(server.url, backend)
+        (workdir / "snapshot.json").write_text(json.dumps(snap.to_dict()))
         t2 = time.monotonic()
         pred, step_model, limits = predict(records, snap, s)
         phases["predict"] = time.monotonic() - t2
@@ -1077,6 +1090,7 @@ def run(s: Settings, *, log: Any = print, keep_dir: Path | None = None) -> Outco
             tenants = [f"ramp{len(steps) + k}" for k, (_, n) in enumerate(plan) for _ in range(n)]
             reqs = draw_requests(s, len(rates), rng)
             sent = asyncio.run(run_poisson(proxy.url, reqs, rates, tenants, rng))
+            save_sent(workdir / "ramp_sent.jsonl", sent, plan, c, len(steps))
             t_0 = sent[0].arrival
             rep = replay(step_model, limits, [r.arrival - t_0 for r in sent],
                          [r.prompt_len for r in sent], [r.max_tokens for r in sent])  # fmt: skip

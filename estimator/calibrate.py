@@ -35,6 +35,21 @@ requests at dispatch, this one excluded; ``M`` = ``max_num_seqs`` when known, el
   separate offset: it would leave ``c0`` and ``c_d`` nearly unidentifiable); on a LAN it is
   well under a millisecond.
 
+Prefill attention (``c_attn``, ``StepModel.prefill_attn_s_per_pair``): a sixth coefficient
+priced per (query, key) pair of the prefills above: the record's own prompt's pairs
+(``u (u + 1) / 2 + u * cached`` for ``u`` uncached tokens) in its TTFT row, and the pairs of
+the prefills inside its decode, per step, in its ITL row. A mix of prompt lengths separates it
+from ``c_p`` (twice the tokens, four times the pairs); one length alone leaves it to the
+prior. ``CalibratorConfig.fit_attention`` False drops it (the calibrator before issue 14,
+whose linear ``c_p`` averaged over the mix under-priced the long prompts' steps).
+
+Terms the prior fixes (carried to the fitted model, not fitted): the per-request API cost
+``request_overhead_s`` is subtracted from every TTFT target, and the routed experts a decode
+step touches (``moe_weight_s`` times the share ``Dbar`` sequences reach) from every ITL
+target, before the fit; the reported fit errors are on the observed values.
+``Calibration.vs_prior()`` says how far the live engine is from its prior (the engine
+profile's roofline): fitted / prior for each coefficient, an ITL and a prefill.
+
 Identifiability: the data pin down ``c0``, ``c_p`` and the cost of one more running sequence
 ``c_d + c_kv * ctx_bar`` best; the split between ``c_d`` and ``c_kv`` rests on how much the
 contexts of requests differ, and is weak when one of the two is small: there the prior
@@ -92,12 +107,13 @@ from estimator.engine import COEFFICIENT_NAMES, StepModel
 from estimator.records import Outcome, RequestRecord
 
 # ring columns
-_T, _DISPATCH, _FIRST, _END, _UNCACHED, _PROMPT, _COMPLETION, _INFLIGHT, _SPREAD = range(9)
-_NCOL = 9
+_T, _DISPATCH, _FIRST, _END, _UNCACHED, _PROMPT, _COMPLETION, _INFLIGHT, _SPREAD, _PAIRS = range(10)
+_NCOL = 10
 _MIN_SPREAD_GAPS = 20  # gaps a record needs for its ITL p95 / p50 to count
 _MIN_CLEAN = 10  # records with uninterrupted decodes needed to use only those for the jitter
 _Z95 = 1.6448536
-_NPARAM = 5  # c0, c_p, c_d, c_kv, q (queue)
+_NPARAM = 6  # c0, c_p, c_d, c_kv, c_attn, q (queue)
+_ATTN, _QUEUE = 4, 5
 _DRIFT_MIN_PAIRS = 30
 _DRIFT_MAX_ROWS = 600  # most recent ITL rows used for the drift (pairs grow as n^2)
 _DRIFT_MAX_SIGMA = 0.5
@@ -152,6 +168,11 @@ class CalibratorConfig:
     100k records then costs the projection, not the fit. 0: refit on every call."""
     refit_max_age_s: float = 60.0
     """Longest reuse of a fit (the age weights, and so the prior's share, drift with time)."""
+    fit_attention: bool = True
+    """Fit the prefill attention term (``StepModel.prefill_attn_s_per_pair``: seconds per
+    (query, key) pair) beside the linear prefill cost: a mix of prompt lengths tells them
+    apart (a 512-token prompt attends four times the pairs of a 256-token one for twice the
+    tokens). False: no attention term (the calibrator before issue 14)."""
 
     def __post_init__(self) -> None:
         if self.capacity < 1 or self.half_life_s <= 0 or self.prior_strength < 0:
@@ -236,8 +257,10 @@ class OnlineCalibrator:
             else math.nan
         )
         t = f if e != e else e
+        u = p - (record.cached_tokens or 0)
+        pairs = u * (u + 1) / 2 + u * (p - u)  # attention pairs of its own prefill
         self._buf[self._n % self.config.capacity] = (
-            t, d, f, e, p - (record.cached_tokens or 0), p, c, r, spread
+            t, d, f, e, u, p, c, r, spread, pairs
         )  # fmt: skip
         self._n += 1
         if t > self._newest:
@@ -292,7 +315,9 @@ def fit_rows(
         miss = 1.0 - min(prior.moe_topk, prior.moe_experts) / prior.moe_experts
         moe = prior.moe_weight_s * (1.0 - np.power(miss, np.maximum(xi[2], 1.0)))
         yi = np.maximum(yi - moe, 0.1 * yi)
-    p = np.array([*prior.coefficients(), 0.0])
+    if not config.fit_attention:
+        xt[_ATTN], xi[_ATTN] = 0.0, 0.0
+    p = np.array([*prior.coefficients(), prior.prefill_attn_s_per_pair, 0.0])
     coef = _robust_fit(np.hstack([xt, xi]), np.concatenate([yt, yi]),
                        np.concatenate([wt, wi]), p, tau, config)  # fmt: skip
     n_eff = float(w.sum())
@@ -306,10 +331,11 @@ def fit_rows(
         and i_mare <= config.max_itl_mare
     )
     step = StepModel.from_coefficients(coef[:4].tolist())
+    attn = float(coef[_ATTN]) if config.fit_attention else 0.0
     drift_sigma, drift_tau = _drift(np.log(yi / np.maximum(coef @ xi, 1e-12)), span, wi)
     step = dataclasses.replace(
         step,
-        **prior.extras(),
+        **{**prior.extras(), "prefill_attn_s_per_pair": attn},
         jitter_sigma=_jitter(spread, xi[1], wi),
         drift_sigma=drift_sigma,
         drift_tau_s=drift_tau,
@@ -318,7 +344,7 @@ def fit_rows(
         step=step, prior=prior,
         n_records=int(rows.shape[0]), n_ttft=int(yt.size), n_itl=int(yi.size), n_effective=n_eff,
         prior_share=tau / (tau + n_eff) if tau else 0.0, ttft_mare=t_mare, ttft_p90_re=t_p90,
-        itl_mare=i_mare, itl_p90_re=i_p90, queue_s_per_request=float(coef[4]), trusted=trusted,
+        itl_mare=i_mare, itl_p90_re=i_p90, queue_s_per_request=float(coef[_QUEUE]), trusted=trusted,
     )  # fmt: skip
 
 
@@ -344,14 +370,18 @@ def _design(
     ad = a * np.minimum(r, m)
     excess = np.maximum(0.0, r + 1 - m) if math.isfinite(m) else np.zeros_like(r)
     prefill_before = _prefill_tokens_between(all_rows, disp, first)  # own prompt included
-    xt = np.stack([a, np.maximum(prefill_before, unc), ad, ad * ctx_bar, excess])
+    pairs_before = _prefill_tokens_between(all_rows, disp, first, _PAIRS)
+    own_pairs = rows[:, _PAIRS]
+    xt = np.stack([a, np.maximum(prefill_before, unc), ad, ad * ctx_bar,
+                   np.maximum(pairs_before, own_pairs), excess])  # fmt: skip
     okt = yt > 1e-6
     # ITL rows
     steps = np.maximum(comp - 1, 1)
     yi = (end - first) / steps
     pf = _prefill_tokens_between(all_rows, first, end) / steps
+    pp = _prefill_tokens_between(all_rows, first, end, _PAIRS) / steps
     dd = np.minimum(_decode_concurrency(all_rows, rows), m)
-    xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, np.zeros_like(r)])
+    xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, pp, np.zeros_like(r)])
     oki = (comp >= 2) & np.isfinite(yi) & (yi > 1e-7)
     span = np.stack([first[oki], end[oki]])
     return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki], rows[oki, _SPREAD], span
@@ -446,12 +476,15 @@ def _decode_concurrency(all_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.where(ok, 1.0 + scale * np.maximum(mean_inflight - 1.0, 0.0), snapshot)
 
 
-def _prefill_tokens_between(rows: np.ndarray, first: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Per query: uncached prompt tokens of all ``rows`` whose first token fell in
-    ``(first, end]``, i.e. prefills that shared steps with that record's decode."""
+def _prefill_tokens_between(
+    rows: np.ndarray, first: np.ndarray, end: np.ndarray, column: int = _UNCACHED
+) -> np.ndarray:
+    """Per query: uncached prompt tokens (or another ``column``: their attention pairs) of all
+    ``rows`` whose first token fell in ``(first, end]``, i.e. prefills that shared steps with
+    that record's decode."""
     order = np.argsort(rows[:, _FIRST])
     fs = rows[order, _FIRST]
-    csum = np.concatenate([[0.0], np.cumsum(rows[order, _UNCACHED])])
+    csum = np.concatenate([[0.0], np.cumsum(rows[order, column])])
     by_first = np.argsort(first)
     at_first = np.empty(first.size, dtype=np.intp)
     at_first[by_first] = np.searchsorted(fs, first[by_first], side="right")
@@ -479,7 +512,7 @@ def _robust_fit(
     coef = _nnls_qp(*_normal(xr, w, zero, zero))
     scale = np.maximum(np.maximum(prior, coef), 1e-12)
     # the prior counts as tau records: in units of one record's squared residual (sigma^2)
-    reg = np.where(np.arange(_NPARAM) < 4, tau, tau * 1e-3) / scale**2
+    reg = np.where(np.arange(_NPARAM) < _QUEUE, tau, tau * 1e-3) / scale**2
     stride = max(1, y.size // _SCALE_SAMPLE)
     dof = y.size / max(1.0, y.size - _NPARAM)  # few records: residuals understate the noise
     huber = max(1, cfg.irls_iterations)
