@@ -302,6 +302,8 @@ def _fit_names(engine: str, rows: Sequence[Row]) -> list[str]:
     names = ["step_overhead_s", "per_seq_overhead_s"]
     if any(m.startswith("ttft") for r in rows for m in r.published):
         names.append("api_ttft_s")
+        if any(r.load == "burst" and not r.offline for r in rows):
+            names.append("api_service_s")
     if any(arch_of(r.model).is_moe for r in rows):
         names.append("moe_efficiency")
     return names + [f"prefill_mfu:{g}" for g in gens] + [f"decode_bandwidth:{g}" for g in gens]
@@ -323,6 +325,7 @@ def _scaled(p: EngineProfile, names: Sequence[str], x: np.ndarray) -> EngineProf
         step_overhead_s=p.step_overhead_s * f.get("step_overhead_s", 1.0),
         per_seq_overhead_s=p.per_seq_overhead_s * f.get("per_seq_overhead_s", 1.0),
         api_ttft_s=p.api_ttft_s * f.get("api_ttft_s", 1.0),
+        api_service_s=p.api_service_s * f.get("api_service_s", 1.0),
         moe_efficiency=min(p.moe_efficiency * f.get("moe_efficiency", 1.0), 1.0),
         prefill_mfu=mfu, attention_mfu=attn, decode_bandwidth=bw,
     )  # fmt: skip
@@ -376,7 +379,7 @@ def _profile_text(p: EngineProfile) -> str:
             f"    per_seq_overhead_s={p.per_seq_overhead_s:.6g},\n"
             f"    prefill_mfu={tab(p.prefill_mfu)},\n    attention_mfu={tab(p.attention_mfu)},\n"
             f"    decode_bandwidth={tab(p.decode_bandwidth)},\n"
-            f"    api_ttft_s={p.api_ttft_s:.6g},\n"
+            f"    api_ttft_s={p.api_ttft_s:.6g},\n    api_service_s={p.api_service_s:.6g},\n"
             f"    moe_efficiency={p.moe_efficiency:.3f},")  # fmt: skip
 
 

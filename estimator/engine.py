@@ -45,7 +45,12 @@ all of them. With expert parallelism each GPU holds ``E / ep`` whole experts ins
 Per-request fixed cost: ``request_overhead_s`` (the engine profile's ``api_ttft_s``: HTTP,
 chat template, tokenisation and detokenisation in the API server) adds to every request's
 TTFT and end-to-end latency without occupying the engine's steps (the API server is its own
-process); the simulator delays each request's entry into the engine by it.
+process); the simulator delays each request's entry into the engine by it. Of it,
+``api_service_s`` is work the API server does one request at a time (a single process
+tokenising, templating, detokenising): a burst of requests queues there before the engine
+sees them, which caps the request rate at ``1 / api_service_s`` (a small model on a fast GPU
+is API-bound: vLLM 0.19 served a 0.6B model at 93 req/s on an H100, its TTFT in a burst of
+500 mostly that queue).
 
 ``step_time`` is called by the emulated engine on every step: plain float arithmetic, no numpy.
 
@@ -105,13 +110,16 @@ class StepModel:
     """Seconds per (query, key) pair of prefill attention (module docstring)."""
     request_overhead_s: float = 0.0
     """Per-request fixed cost in TTFT outside the engine's steps (module docstring)."""
+    api_service_s: float = 0.0
+    """Of ``request_overhead_s``, the part the API server spends on one request at a time
+    (tokenisation, detokenisation): under a burst, requests queue for it (module docstring)."""
     moe_weight_s: float = 0.0
     """Seconds to stream every routed expert's weights once (0: dense model)."""
     moe_topk: int = 0
     moe_experts: int = 0
 
     def __post_init__(self) -> None:
-        extra = ("prefill_attn_s_per_pair", "request_overhead_s", "moe_weight_s")
+        extra = ("prefill_attn_s_per_pair", "request_overhead_s", "moe_weight_s", "api_service_s")
         for name in (*COEFFICIENT_NAMES, "jitter_sigma", "drift_sigma", *extra):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
@@ -193,6 +201,7 @@ class StepModel:
         return {
             "prefill_attn_s_per_pair": self.prefill_attn_s_per_pair,
             "request_overhead_s": self.request_overhead_s,
+            "api_service_s": self.api_service_s,
             "moe_weight_s": self.moe_weight_s,
             "moe_topk": self.moe_topk,
             "moe_experts": self.moe_experts,
@@ -245,6 +254,8 @@ class Efficiency:
     """Fixed latency of one all-reduce (two per layer per step with tensor parallelism)."""
     request_overhead_s: float = 0.0
     """Per-request fixed cost in TTFT (API server), see ``StepModel.request_overhead_s``."""
+    api_service_s: float = 0.0
+    """Its serialised part, see ``StepModel.api_service_s``."""
     moe_efficiency: float = 1.0
     """Routed experts' kernels relative to dense ones (``EngineProfile.moe_efficiency``)."""
 
@@ -266,6 +277,7 @@ def efficiency_of(
         per_seq_overhead_s=p.per_seq_overhead_s,
         allreduce_latency_s=p.allreduce_latency_s,
         request_overhead_s=0.0 if offline else p.api_ttft_s,
+        api_service_s=0.0 if offline else p.api_service_s,
         moe_efficiency=p.moe_efficiency,
     )
 
@@ -341,6 +353,7 @@ def roofline_prior(
         / bandwidth,
         prefill_attn_s_per_pair=attn_flops_per_pair / attn_peak,
         request_overhead_s=eff.request_overhead_s,
+        api_service_s=min(eff.api_service_s, eff.request_overhead_s),
         moe_weight_s=experts_s,
         moe_topk=arch.experts_per_token if experts_s > 0 else 0,
         moe_experts=arch.num_experts if experts_s > 0 else 0,

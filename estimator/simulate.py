@@ -345,9 +345,12 @@ class _Sim:
         closed_loop: bool = False,
     ) -> None:
         n = len(arrivals)
-        self.api = step.request_overhead_s
-        # the engine sees a request after the API server's per-request work
-        arrivals = [a + self.api for a in arrivals]
+        # the engine sees a request after the API server's per-request work: a latency
+        # (request_overhead_s) of which api_service_s is serialised (one request at a time)
+        self.api, self.api_service = step.request_overhead_s, step.api_service_s
+        self.api_free = -math.inf
+        self.client = list(arrivals)  # when each client sent its request
+        arrivals = [self._through_api(a) for a in arrivals]
         self.closed = closed_loop
         self.assigned = sum(1 for a in arrivals if a < math.inf)
         self.reserve = limits.reserve_output
@@ -559,8 +562,18 @@ class _Sim:
         self.finish_t[i] = self.t
         if self.closed and self.assigned < len(self.arr):
             # the client whose request ended sends its next one at once (closed loop)
-            self.arr[self.assigned] = self.t + self.api
+            self.client[self.assigned] = self.t
+            self.arr[self.assigned] = self._through_api(self.t)
             self.assigned += 1
+
+    def _through_api(self, t: float) -> float:
+        """When a request sent at ``t`` reaches the engine: the API server serves requests
+        one at a time for ``api_service_s`` each, within ``request_overhead_s`` of latency."""
+        if t == math.inf or not (self.api or self.api_service):
+            return t + self.api
+        start = max(t, self.api_free)
+        self.api_free = start + self.api_service
+        return start + max(self.api, self.api_service)
 
     def _preempt(self) -> None:
         """vLLM recompute preemption of the most recently admitted running sequence."""
@@ -638,7 +651,7 @@ class _Sim:
         self._finish_decoders()
 
     def trace(self) -> SimTrace:
-        arrival = np.asarray(self.arr) - self.api  # when the client sent it
+        arrival = np.asarray(self.client)  # when the client sent it
         finish = np.asarray(self.finish_t)
         done_sorted = np.sort(finish)
         inflight = np.arange(arrival.size) - np.searchsorted(done_sorted, arrival, side="right")

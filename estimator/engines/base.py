@@ -19,7 +19,9 @@ Fields, in the step-time formula of :mod:`estimator.engine`:
 - ``moe_efficiency``: the routed experts' kernels relative to a dense layer's (prefill
   FLOPs and weight streaming of the experts divided by it).
 - ``api_ttft_s``: per-request fixed cost in TTFT outside the engine's steps (HTTP, chat
-  template, tokenisation, detokenisation in the API server); zero for offline benchmarks.
+  template, tokenisation, detokenisation in the API server); zero for offline benchmarks;
+  ``api_service_s`` is its serialised part (the API server works on one request at a time:
+  a burst queues there, and it caps the request rate).
 - ``memory``: how the engine sizes its KV cache (:class:`MemorySemantics`).
 - ``limits``: default batching limits (:class:`LimitDefaults`); ``large_gpu_limits`` replace
   them on GPUs with at least ``large_gpu_min_gib`` of memory (vLLM's defaults depend on it).
@@ -99,6 +101,9 @@ class EngineProfile:
     decode_bandwidth: Mapping[str, float]
     api_ttft_s: float
     memory: MemorySemantics
+    api_service_s: float = 0.0
+    """Of ``api_ttft_s``, the part the API server spends on one request at a time (a burst
+    queues for it; it caps the request rate at ``1 / api_service_s``)."""
     limits: LimitDefaults
     large_gpu_limits: LimitDefaults | None = None
     large_gpu_min_gib: float = 70.0

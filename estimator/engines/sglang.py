@@ -21,6 +21,7 @@ PROFILE = EngineProfile(
     attention_mfu={"default": 0.400, "ampere": 0.512, "hopper": 0.445},
     decode_bandwidth={"default": 0.780, "ampere": 0.827, "hopper": 0.612},
     api_ttft_s=0.00270822,
+    api_service_s=0.002,
     memory=MemorySemantics(
         kv_budget="fraction_of_total",
         fraction_knob="mem_fraction_static",

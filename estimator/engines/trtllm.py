@@ -23,6 +23,7 @@ PROFILE = EngineProfile(
     attention_mfu={"default": 0.450, "ada": 0.290, "ampere": 0.507, "hopper": 0.497},
     decode_bandwidth={"default": 0.800, "ada": 0.902, "ampere": 0.856, "hopper": 0.745},
     api_ttft_s=0.00338057,
+    api_service_s=0.001,
     memory=MemorySemantics(
         kv_budget="fraction_of_free",
         fraction_knob="kv_cache_free_gpu_mem_fraction",

@@ -26,7 +26,8 @@ PROFILE = EngineProfile(
     prefill_mfu={"default": 0.450, "hopper": 0.257, "ampere": 0.477, "ada": 0.450, "cpu": 0.500},
     attention_mfu={"default": 0.350, "ampere": 0.303, "hopper": 0.200},
     decode_bandwidth={"default": 0.750, "hopper": 0.695, "ampere": 0.808, "cpu": 0.750},
-    api_ttft_s=0.010,
+    api_ttft_s=0.020,
+    api_service_s=0.005,
     memory=MemorySemantics(
         kv_budget="fraction_of_total", fraction_knob="gpu_memory_utilization", default_fraction=0.9
     ),

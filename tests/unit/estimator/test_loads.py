@@ -84,3 +84,18 @@ def test_load_rejects_nonsense() -> None:
     r = simulate_load(STEP, LIMITS, WL, Load.burst(10))
     lo, hi = r.band("throughput")
     assert lo <= r.output_tokens_per_s <= hi
+
+
+def test_a_burst_queues_at_the_api_server() -> None:
+    """The API server's serialised work caps the request rate at 1 / api_service_s and
+    puts the queue in every request's TTFT; one request alone sees only the latency."""
+    api = dataclasses.replace(STEP, request_overhead_s=0.03, api_service_s=0.01)
+    fast = dataclasses.replace(STEP, overhead_s=1e-4, decode_s_per_seq=1e-6, kv_s_per_token=0.0,
+                               prefill_s_per_token=1e-7)  # fmt: skip
+    fast_api = dataclasses.replace(fast, request_overhead_s=0.03, api_service_s=0.01)
+    r = simulate_load(fast_api, LIMITS, Workload.fixed(100, 20), Load.burst(200))
+    assert r.requests_per_s <= 1 / 0.01 * 1.01
+    assert r.ttft.mean > 0.5 * 200 * 0.01  # the n-th request waits for n - 1 ahead of it
+    one = simulate_load(api, LIMITS, WL, Load.concurrency(1), n_requests=20)
+    base = simulate_load(STEP, LIMITS, WL, Load.concurrency(1), n_requests=20)
+    assert one.ttft.mean - base.ttft.mean == pytest.approx(0.03, rel=1e-6)
