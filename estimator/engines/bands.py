@@ -4,9 +4,9 @@
 ``estimator.loads``). A prediction ``v`` is given as ``[v * lo, v * hi]``."""
 
 BANDS: dict[str, tuple[float, float]] = {
-    "default": (0.75, 1.3),
-    "throughput": (0.8, 1.25),
-    "ttft": (0.7, 1.4),
-    "itl": (0.8, 1.25),
-    "e2e": (0.8, 1.25),
+    "default": (0.858, 1.173),
+    "throughput": (0.858, 1.104),
+    "ttft": (0.909, 1.104),
+    "itl": (0.891, 1.173),
+    "e2e": (0.921, 1.122),
 }
