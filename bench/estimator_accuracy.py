@@ -124,8 +124,8 @@ SERVED = "small84m"  # the served model name (whatever model a run serves)
 # terms differ (layers, attention heads, KV heads, MLP width).
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     # issue 14's unseen shape: 12 layers, multi-head attention (KV heads = heads)
-    "mha12": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-              "num_key_value_heads": 12, "intermediate_size": 2048},
+    "mha12": {"hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "intermediate_size": 1536},
     # wide and shallow, grouped-query attention with one KV head per 4
     "wide4": {"hidden_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 16,
               "num_key_value_heads": 4, "intermediate_size": 4096},

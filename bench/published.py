@@ -331,6 +331,30 @@ def _scaled(p: EngineProfile, names: Sequence[str], x: np.ndarray) -> EngineProf
     )  # fmt: skip
 
 
+def _fold(row: Row, k: int) -> int:
+    return int(hashlib.sha256(f"{row.id}/cv".encode()).hexdigest(), 16) % k
+
+
+def cross_validated_bands(rows: Sequence[Row], engines: Sequence[str], iters: int,
+                          k: int = 3) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """Bands from out-of-fold residuals: the training rows split ``k`` ways, the profiles
+    refitted on ``k - 1`` folds and the rest predicted, for every fold; the band of a metric
+    is the 10th-90th percentile of ``published / predicted`` over those predictions. Held-out
+    rows never enter. (In-sample residuals understate the error of a new row.)"""
+    train = [r for r in rows if not r.held_out]
+    out_of_fold: list[Comparison] = []
+    for fold in range(k):
+        fit_rows_ = [r for r in train if _fold(r, k) != fold]
+        fitted = {e: fit_engine(e, fit_rows_, iters) for e in engines}
+        out_of_fold += compare([r for r in train if _fold(r, k) == fold], fitted)
+    groups: dict[str, list[float]] = {}
+    for c in out_of_fold:
+        if GROUP[c.metric] not in ("weights", "kv"):
+            groups.setdefault(GROUP[c.metric], []).append(c.published / c.predicted)
+    return {g: (round(float(np.quantile(v, 0.1)), 3), round(float(np.quantile(v, 0.9)), 3))
+            for g, v in groups.items() if len(v) >= 5}  # fmt: skip
+
+
 def fit_engine(engine: str, rows: Sequence[Row], iters: int) -> EngineProfile:
     """Factors on the profile's time constants (``_fit_names``) minimising the mean squared
     log error of the training rows' latency and throughput metrics, with a weak pull to 1 so
@@ -339,6 +363,8 @@ def fit_engine(engine: str, rows: Sequence[Row], iters: int) -> EngineProfile:
 
     base = get_profile(engine)
     train = [r for r in rows if r.engine == engine and not r.held_out and r.load]
+    if len(train) < 3:
+        return base
     if not train:
         return base
     names = _fit_names(engine, train)
@@ -392,10 +418,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fit", action="store_true", help="refit the time constants (training rows)")
     ap.add_argument("--engines", default="trtllm,vllm,sglang", help="engines --fit fits")
     ap.add_argument("--iters", type=int, default=3, help="Powell iterations per engine")
+    ap.add_argument("--cv-bands", action="store_true",
+                    help="bands from 3-fold cross-validation on the training rows")  # fmt: skip
     args = ap.parse_args(argv)
     rows = load_rows(args.data)
+    engines = [e for e in args.engines.split(",") if e]
+    if args.cv_bands:
+        print(
+            "BANDS (out-of-fold, training rows):", cross_validated_bands(rows, engines, args.iters)
+        )
+        return 0
     if args.fit:
-        fitted = {e: fit_engine(e, rows, args.iters) for e in args.engines.split(",") if e}
+        fitted = {e: fit_engine(e, rows, args.iters) for e in engines}
         for e, p in fitted.items():
             print(f"\n# {e}\n{_profile_text(p)}")
         cs = compare(rows, fitted)

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--no-attention", action="store_true",
                     help="fit without the prefill attention term (the calibrator before it)")  # fmt: skip
+    ap.add_argument("--jitter", type=float, help="replace the fitted jitter sigma")
     a = ap.parse_args(argv)
     snap = BackendSnapshot.from_dict(json.loads((a.dir / "snapshot.json").read_text()))
     records = [r for r in ea.read_records(a.dir / "requests.jsonl", "low")
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     fit = cal.fit(max_num_seqs=cfg.max_num_seqs)
     step, source, _ = choose_step(fit, None, cfg.min_records)
     assert step is not None
+    if a.jitter is not None:
+        step = replace(step, jitter_sigma=a.jitter)
     limits, _ = engine_limits([snap], None, cfg, 0.0)
     print(f"{len(records)} low-phase records; fit ({source}): c0 {step.overhead_s * 1e3:.2f} ms, "
           f"c_p {step.prefill_s_per_token * 1e6:.1f} us/token, c_d "
@@ -91,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{pair(st.ttft_mean_s, st.replay_ttft_mean_s):>22} "
                   f"{pair(st.itl_mean_s, st.replay_itl_mean_s):>22}")  # fmt: skip
             lo = hi
-    _ = replace
     return 0
 
 

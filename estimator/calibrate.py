@@ -336,7 +336,7 @@ def fit_rows(
     step = dataclasses.replace(
         step,
         **{**prior.extras(), "prefill_attn_s_per_pair": attn},
-        jitter_sigma=_jitter(spread, xi[1], wi),
+        jitter_sigma=_jitter(spread[0], spread[1], wi * spread[2]),
         drift_sigma=drift_sigma,
         drift_tau_s=drift_tau,
     )
@@ -384,19 +384,46 @@ def _design(
     xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, pp, np.zeros_like(r)])
     oki = (comp >= 2) & np.isfinite(yi) & (yi > 1e-7)
     span = np.stack([first[oki], end[oki]])
-    return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki], rows[oki, _SPREAD], span
+    # per ITL row: prefills that began inside its decode, as a share of its gaps
+    fs = np.sort(all_rows[:, _FIRST])
+    finite_end = np.where(np.isfinite(end), end, first)
+    n_int = np.searchsorted(fs, finite_end, side="right") - np.searchsorted(fs, first, side="right")
+    share = n_int / steps
+    spread = np.stack([rows[oki, _SPREAD], share[oki], steps[oki]])
+    return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki], spread, span
 
 
-def _jitter(spread: np.ndarray, interrupting: np.ndarray, w: np.ndarray) -> float:
-    """Lognormal sigma of the step jitter (module docstring) from the ITL rows' spreads and
-    prefill tokens that fell inside their decodes; 0 without usable records."""
-    ok = np.isfinite(spread) & (w > 0)
+def _jitter(spread: np.ndarray, interrupted: np.ndarray, w: np.ndarray) -> float:
+    """Lognormal sigma of the step jitter (module docstring) from the ITL rows' spreads
+    ``ln(p95 / p50)``, the share of their gaps that other requests' prefills interrupted, and
+    weights (age x gaps); 0 without usable records.
+
+    Rows whose interruptions are under 5% of their gaps: their p95 is not itself one of the
+    prefill steps the simulator models, yet it holds what arrivals do to the steps around them
+    (rows with none at all are the quiet moments, and understate it). The sigma is the one
+    whose lognormal has the p95 of the *mixture* of the rows' lognormals (each row's gaps over
+    its own median, pooled by gap): the rows' spreads differ, and the pooled tail, which the
+    ITL p95 is judged on, is heavier than the median row's."""
+    ok = np.isfinite(spread) & (w > 0) & (spread >= 0)
     if not ok.any():
         return 0.0
-    clean = ok & (interrupting <= 0)
-    use = clean if int(clean.sum()) >= _MIN_CLEAN else ok
-    sigma = _weighted_median(spread[use], w[use]) / _Z95
-    return float(min(max(sigma, 0.0), 1.0))
+    quiet = ok & (interrupted < 0.05)
+    use = quiet if int(quiet.sum()) >= _MIN_CLEAN else ok
+    sig = np.maximum(spread[use] / _Z95, 1e-4)
+    ww = w[use] / w[use].sum()
+    lo, hi = 0.0, float(np.max(sig)) * 4.0 + 1e-3  # ln(p95 / median) of the mixture
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if float(np.sum(ww * _norm_cdf(mid / sig))) < 0.95:
+            lo = mid
+        else:
+            hi = mid
+    return float(min(max(hi / _Z95, 0.0), 1.0))
+
+
+def _norm_cdf(z: np.ndarray) -> np.ndarray:
+    out: np.ndarray = 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
+    return out
 
 
 def _drift(resid: np.ndarray, span: np.ndarray, w: np.ndarray) -> tuple[float, float]:
