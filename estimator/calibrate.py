@@ -357,7 +357,7 @@ def _design(
     if all_rows.shape[0] == 0:
         z = np.zeros((_NPARAM, 0))
         e = np.zeros(0)
-        return z, e, e, z, e, e, e, np.zeros((2, 0))
+        return z, e, e, z, e, e, np.zeros((3, 0)), np.zeros((2, 0))
     rows, w = all_rows[::stride], all_w[::stride]
     m = float(max_num_seqs) if max_num_seqs else math.inf
     first, end, disp = rows[:, _FIRST], rows[:, _END], rows[:, _DISPATCH]
