@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dir", type=Path)
     ap.add_argument("--no-attention", action="store_true",
-                    help="fit without the prefill attention term (the calibrator before it)")  # fmt: skip
+                    help="fit without the prefill attention term")  # fmt: skip
     ap.add_argument("--jitter", type=float, help="replace the fitted jitter sigma")
     a = ap.parse_args(argv)
     snap = BackendSnapshot.from_dict(json.loads((a.dir / "snapshot.json").read_text()))
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
           f"c_p {step.prefill_s_per_token * 1e6:.1f} us/token, c_d "
           f"{step.decode_s_per_seq * 1e6:.1f} us, c_kv {step.kv_s_per_token * 1e9:.2f} ns, "
           f"attention {step.prefill_attn_s_per_pair * 1e9:.3f} ns/pair, jitter "
-          f"{step.jitter_sigma:.3f}, fit error TTFT {fit.ttft_mare}, ITL {fit.itl_mare}")  # fmt: skip
+          f"{step.jitter_sigma:.3f}, fit error TTFT {fit.ttft_mare:.3f}, "
+          f"ITL {fit.itl_mare:.3f}")  # fmt: skip
     s = ea.Settings(max_num_seqs=cfg.max_num_seqs)
     print(f"{'step':>6} {'n':>4} {'TTFT p95 meas/model':>22} {'ITL p95 meas/model':>22} "
           f"{'TTFT mean meas/model':>22} {'ITL mean meas/model':>22}")  # fmt: skip
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             def pair(m: float, p: float) -> str:
                 return f"{m * 1e3:8.1f}/{p * 1e3:6.1f} {(p / m - 1):+5.0%}"
 
-            print(f"{factors[lo]:>5.2f}C {hi - lo:>4} {pair(st.ttft_p95_s, st.replay_ttft_p95_s):>22} "
+            ttft95 = pair(st.ttft_p95_s, st.replay_ttft_p95_s)
+            print(f"{factors[lo]:>5.2f}C {hi - lo:>4} {ttft95:>22} "
                   f"{pair(st.itl_p95_s, st.replay_itl_p95_s):>22} "
                   f"{pair(st.ttft_mean_s, st.replay_ttft_mean_s):>22} "
                   f"{pair(st.itl_mean_s, st.replay_itl_mean_s):>22}")  # fmt: skip
