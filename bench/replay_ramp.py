@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
           f"c_p {step.prefill_s_per_token * 1e6:.1f} us/token, c_d "
           f"{step.decode_s_per_seq * 1e6:.1f} us, c_kv {step.kv_s_per_token * 1e9:.2f} ns, "
           f"attention {step.prefill_attn_s_per_pair * 1e9:.3f} ns/pair, jitter "
-          f"{step.jitter_sigma:.3f}, fit error TTFT {fit.ttft_mare:.3f}, "
-          f"ITL {fit.itl_mare:.3f}")  # fmt: skip
+          f"{step.jitter_sigma:.3f}, fit error TTFT {fit.ttft_mare or math.nan:.3f}, "
+          f"ITL {fit.itl_mare or math.nan:.3f}")  # fmt: skip
     s = ea.Settings(max_num_seqs=cfg.max_num_seqs)
     print(f"{'step':>6} {'n':>4} {'TTFT p95 meas/model':>22} {'ITL p95 meas/model':>22} "
           f"{'TTFT mean meas/model':>22} {'ITL mean meas/model':>22}")  # fmt: skip
