@@ -268,6 +268,7 @@ def efficiency_of(
     no API server in the path (``LLM.generate``, ``trtllm-bench``), so no per-request cost."""
     p = get_profile(engine)
     gen = gpu_generation(gpu)
+    api, service = (p.cpu_api_ttft_s, 0.0) if gen == "cpu" else (p.api_ttft_s, p.api_service_s)
     return Efficiency(
         prefill_mfu=p.efficiency_for(p.prefill_mfu, gen),
         attention_mfu=p.efficiency_for(p.attention_mfu, gen),
@@ -276,8 +277,8 @@ def efficiency_of(
         step_overhead_s=p.step_overhead_s + (p.eager_step_overhead_s if enforce_eager else 0.0),
         per_seq_overhead_s=p.per_seq_overhead_s,
         allreduce_latency_s=p.allreduce_latency_s,
-        request_overhead_s=0.0 if offline else p.api_ttft_s,
-        api_service_s=0.0 if offline else p.api_service_s,
+        request_overhead_s=0.0 if offline else api,
+        api_service_s=0.0 if offline else service,
         moe_efficiency=p.moe_efficiency,
     )
 
