@@ -338,14 +338,16 @@ def _fold(row: Row, k: int) -> int:
 def cross_validated_bands(rows: Sequence[Row], engines: Sequence[str], iters: int,
                           k: int = 3) -> dict[str, tuple[float, float]]:  # fmt: skip
     """Bands from out-of-fold residuals: the training rows split ``k`` ways, the profiles
-    refitted on ``k - 1`` folds and the rest predicted, for every fold; the band of a metric
+    refitted on ``k - 1`` folds from neutral constants (:func:`neutral`) and the rest
+    predicted, for every fold; the band of a metric
     is the 10th-90th percentile of ``published / predicted`` over those predictions. Held-out
     rows never enter. (In-sample residuals understate the error of a new row.)"""
     train = [r for r in rows if not r.held_out]
     out_of_fold: list[Comparison] = []
     for fold in range(k):
         fit_rows_ = [r for r in train if _fold(r, k) != fold]
-        fitted = {e: fit_engine(e, fit_rows_, iters) for e in engines}
+        fitted = {e: fit_engine(e, fit_rows_, iters, start=neutral(get_profile(e)))
+                  for e in engines}  # fmt: skip
         out_of_fold += compare([r for r in train if _fold(r, k) == fold], fitted)
     groups: dict[str, list[float]] = {}
     for c in out_of_fold:
@@ -355,13 +357,26 @@ def cross_validated_bands(rows: Sequence[Row], engines: Sequence[str], iters: in
             for g, v in groups.items() if len(v) >= 5}  # fmt: skip
 
 
-def fit_engine(engine: str, rows: Sequence[Row], iters: int) -> EngineProfile:
+def neutral(p: EngineProfile) -> EngineProfile:
+    """``p`` with its fitted constants replaced by data-independent starting values (the
+    generic roofline efficiencies), so that a cross-validation fold starts from nothing the
+    other folds' rows taught."""
+    gens = {*p.prefill_mfu, *p.decode_bandwidth}
+    return dataclasses.replace(
+        p, step_overhead_s=0.003, per_seq_overhead_s=2e-5, api_ttft_s=0.01, api_service_s=0.003,
+        moe_efficiency=1.0, prefill_mfu={g: 0.5 for g in gens},
+        attention_mfu={g: 0.4 for g in gens}, decode_bandwidth={g: 0.75 for g in gens},
+    )  # fmt: skip
+
+
+def fit_engine(engine: str, rows: Sequence[Row], iters: int,
+               start: EngineProfile | None = None) -> EngineProfile:  # fmt: skip
     """Factors on the profile's time constants (``_fit_names``) minimising the mean squared
     log error of the training rows' latency and throughput metrics, with a weak pull to 1 so
     that constants the rows cannot tell apart stay put (Powell's method on log factors)."""
     from scipy.optimize import minimize
 
-    base = get_profile(engine)
+    base = start or get_profile(engine)
     train = [r for r in rows if r.engine == engine and not r.held_out and r.load]
     if len(train) < 3:
         return base
