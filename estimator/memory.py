@@ -1,4 +1,17 @@
-"""GPU memory of a vLLM deployment: weights, runtime overheads, KV cache, OOM risk.
+"""GPU memory of a deployment: weights, runtime overheads, KV cache, OOM risk.
+
+Each engine sizes its KV cache its own way (``estimator.engines``, ``MemorySemantics``):
+vLLM and SGLang give it a fraction of the *total* memory less weights and runtime (vLLM
+subtracts its profile run's peaks; SGLang's ``mem_fraction_static`` covers weights and pool),
+TensorRT-LLM a fraction of the memory *free after* weights and activations
+(``kv_cache_free_gpu_mem_fraction``), vLLM's CPU build a fixed ``VLLM_CPU_KVCACHE_SPACE``
+(no GPU memory arithmetic: :func:`cpu_plan`), llama.cpp a fixed ``-c`` tokens. What follows
+is vLLM's, the default engine. Mixed-precision checkpoints: the parameters a checkpoint's
+``quantization_config`` leaves unconverted (``modules_to_not_convert``, ``ignore``) are
+counted at 16 bits. Attention data parallel (``attention_dp``): whole attention weights on
+every GPU, each GPU the whole KV of its own sequences.
+
+This module runs past 400 lines: the engines' sizing rules sit beside the one plan they fill.
 
 Weights (``weight_bytes``)::
 
@@ -18,11 +31,13 @@ Per GPU, vLLM (V1's profiler) gives the KV cache what is left of
 
     weights + activation peak + CUDA graphs + non-torch memory
 
-- activation peak: the larger of the profile run's forward pass over
-  ``max_num_batched_tokens`` tokens, per token 2 bytes * (3*H residual/norm/output copies +
-  the wider of the attention (q, k, v, o) and MLP (gate+up, activation) widths / tp [+ k*H
-  for MoE]), and the sampler's dummy run, ``max_num_seqs * vocab * 16 bytes`` (fp32 logits,
-  fp32 probabilities and int64 sort indices for top-k/top-p).
+- activation peak: the profile run's forward pass over ``max_num_batched_tokens`` tokens, per
+  token 2 bytes * (3*H residual/norm/output copies + the wider of the attention (q, k, v, o)
+  and MLP (gate+up, activation) widths / tp [+ k*H for MoE]), *plus* the sampler's dummy run,
+  ``max_num_seqs * vocab * 16 bytes`` (fp32 logits, fp32 probabilities and int64 sort
+  indices for top-k/top-p): V1 profiles both in one run and both peaks stay allocated (issue
+  14: taking the larger one under-counted a large FP8 MoE by GiBs); plus, for MoE, the fused
+  kernel's intermediate caches (``M * topk * (max(2N, H) + N)`` 16-bit values).
 - CUDA graphs: 256 MiB + the activations of the largest captured batch
   (``min(max_num_seqs, 512)`` tokens); vLLM profiles and subtracts this by default.
 - non-torch: 128 MiB (cuBLAS workspaces and the like), + 512 MiB with tp > 1 (NCCL and

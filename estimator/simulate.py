@@ -53,6 +53,13 @@ statistics. ``stable`` is False when the waiting queue
 keeps growing: at the last arrival more than ``max(10, 5%)`` of the requests still wait for
 admission and the last quarter waited over 1.5x as long as the second quarter.
 
+Per-request overhead (``StepModel.request_overhead_s``, ``api_service_s``): a request enters
+the engine after the API server's work; its serialised part is a FIFO stage (a burst queues
+there). TTFT and e2e count from the client's send. ``EngineLimits.reserve_output``: admission
+reserves the blocks of the prompt and the whole output (TensorRT-LLM's guaranteed-no-evict);
+no decode step then needs a new block and nothing is preempted. Closed-loop clients (arrival
+times set when a request ends): ``estimator.loads``.
+
 ``replay`` runs the same engine on a given request trace (arrival times and lengths) instead
 of draws from a ``Workload``, so a measured run can be compared with the model request by
 request (bench/estimator_accuracy.py).
