@@ -304,6 +304,7 @@ def _fit_names(engine: str, rows: Sequence[Row]) -> list[str]:
         names.append("api_ttft_s")
         if any(r.load == "burst" and not r.offline for r in rows):
             names.append("api_service_s")
+    names.append("kv_efficiency")
     if any(arch_of(r.model).is_moe for r in rows):
         names.append("moe_efficiency")
     return names + [f"prefill_mfu:{g}" for g in gens] + [f"decode_bandwidth:{g}" for g in gens]
@@ -327,6 +328,7 @@ def _scaled(p: EngineProfile, names: Sequence[str], x: np.ndarray) -> EngineProf
         api_ttft_s=p.api_ttft_s * f.get("api_ttft_s", 1.0),
         api_service_s=p.api_service_s * f.get("api_service_s", 1.0),
         moe_efficiency=min(p.moe_efficiency * f.get("moe_efficiency", 1.0), 1.0),
+        kv_efficiency=min(p.kv_efficiency * f.get("kv_efficiency", 1.0), 2.0),
         prefill_mfu=mfu, attention_mfu=attn, decode_bandwidth=bw,
     )  # fmt: skip
 
@@ -364,7 +366,7 @@ def neutral(p: EngineProfile) -> EngineProfile:
     gens = {*p.prefill_mfu, *p.decode_bandwidth}
     return dataclasses.replace(
         p, step_overhead_s=0.003, per_seq_overhead_s=2e-5, api_ttft_s=0.01, api_service_s=0.003,
-        moe_efficiency=1.0, prefill_mfu={g: 0.5 for g in gens},
+        moe_efficiency=1.0, kv_efficiency=1.0, prefill_mfu={g: 0.5 for g in gens},
         attention_mfu={g: 0.4 for g in gens}, decode_bandwidth={g: 0.75 for g in gens},
     )  # fmt: skip
 
@@ -421,7 +423,8 @@ def _profile_text(p: EngineProfile) -> str:
             f"    prefill_mfu={tab(p.prefill_mfu)},\n    attention_mfu={tab(p.attention_mfu)},\n"
             f"    decode_bandwidth={tab(p.decode_bandwidth)},\n"
             f"    api_ttft_s={p.api_ttft_s:.6g},\n    api_service_s={p.api_service_s:.6g},\n"
-            f"    moe_efficiency={p.moe_efficiency:.3f},")  # fmt: skip
+            f"    moe_efficiency={p.moe_efficiency:.3f},\n"
+            f"    kv_efficiency={p.kv_efficiency:.3f},")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -258,6 +258,8 @@ class Efficiency:
     """Its serialised part, see ``StepModel.api_service_s``."""
     moe_efficiency: float = 1.0
     """Routed experts' kernels relative to dense ones (``EngineProfile.moe_efficiency``)."""
+    kv_efficiency: float = 1.0
+    """KV reads relative to weight streaming (``EngineProfile.kv_efficiency``)."""
 
 
 def efficiency_of(
@@ -280,6 +282,7 @@ def efficiency_of(
         request_overhead_s=0.0 if offline else api,
         api_service_s=0.0 if offline else service,
         moe_efficiency=p.moe_efficiency,
+        kv_efficiency=p.kv_efficiency,
     )
 
 
@@ -351,7 +354,7 @@ def roofline_prior(
         + eff.per_seq_overhead_s
         + allreduce_s_per_token,
         kv_s_per_token=kv_bytes_per_token_per_gpu(arch, kv_dtype, tp=tp, attention_dp=attention_dp)
-        / bandwidth,
+        / (bandwidth * eff.kv_efficiency),
         prefill_attn_s_per_pair=attn_flops_per_pair / attn_peak,
         request_overhead_s=eff.request_overhead_s,
         api_service_s=min(eff.api_service_s, eff.request_overhead_s),

@@ -16,6 +16,7 @@ Fields, in the step-time formula of :mod:`estimator.engine`:
   ``attention_mfu[generation]`` the same for the prompt's attention (flash attention).
 - ``decode_bandwidth[generation]``: fraction of HBM bandwidth reached streaming weights and
   KV in a decode step.
+- ``kv_efficiency``: decode attention's KV reads relative to weight streaming.
 - ``moe_efficiency``: the routed experts' kernels relative to a dense layer's (prefill
   FLOPs and weight streaming of the experts divided by it).
 - ``api_ttft_s``: per-request fixed cost in TTFT outside the engine's steps (HTTP, chat
@@ -116,6 +117,10 @@ class EngineProfile:
     """Limits of the engine's CPU build, where it has one."""
     cpu_memory: MemorySemantics | None = None
     scheduler: Scheduler = "fcfs"
+    kv_efficiency: float = 1.0
+    """Bandwidth of decode attention's paged KV reads relative to ``decode_bandwidth`` (weight
+    streaming): > 1 where the attention kernels read the cache better than the weights are
+    streamed (TensorRT-LLM's XQA with an FP8 cache), < 1 where worse."""
     moe_efficiency: float = 1.0
     """Efficiency of the routed experts' grouped GEMMs relative to a dense layer's (prefill
     FLOPs and weight streaming of the experts; < 1: MoE kernels reach less of the peaks)."""
