@@ -89,6 +89,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -116,7 +117,24 @@ from estimator.service import Estimator, EstimatorConfig  # noqa: E402
 from estimator.simulate import EngineLimits, Replay, Workload, replay, simulate  # noqa: E402
 
 MODEL_DIR = "small84m"
-SERVED = "small84m"
+SERVED = "small84m"  # the served model name (whatever model a run serves)
+# Other model shapes a run can serve (``--model``), made on first use beside small84m with its
+# tokenizer: random-weight Llama configs that differ from small84m where the step model's
+# terms differ (layers, attention heads, KV heads, MLP width).
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    # issue 14's unseen shape: 12 layers, multi-head attention (KV heads = heads)
+    "mha12": {"hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "intermediate_size": 1536},
+    # wide and shallow, grouped-query attention with one KV head per 4
+    "wide4": {"hidden_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 16,
+              "num_key_value_heads": 4, "intermediate_size": 4096},
+}  # fmt: skip
+# Length mixes a run can draw (``--mix``): (prompt lengths, output lengths), each drawn
+# uniformly and independently; "lognormal" is the default mix of the Settings fields.
+MIXES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "short": ((256, 512), (16, 48)),  # issue 14's mix: short outputs, prefill-heavy steps
+    "long-out": ((128, 256), (96, 160)),  # decode-heavy
+}
 VOCAB = 4096
 FIRST_ID = 3  # 0-2: unk, bos, eos
 WARMUP_FRACTION = 0.1
@@ -163,6 +181,12 @@ class Settings:
     the predicted capacity of this server varies by about 5% from seed to seed."""
     use_prior: bool = False
     """Give the estimator the model config and the ``cpu`` catalog entry (roofline prior)."""
+    model: str = MODEL_DIR
+    """The model folder the server serves (``MODEL_DIR`` or a ``MODEL_SHAPES`` key)."""
+    prompt_choices: tuple[int, ...] = ()
+    """When set, prompt lengths are drawn uniformly from these instead of the lognormal."""
+    output_choices: tuple[int, ...] = ()
+    """When set, output lengths are drawn uniformly from these instead of the uniform range."""
 
     @classmethod
     def test(cls, **kw: Any) -> Settings:
@@ -241,6 +265,10 @@ def draw_requests(s: Settings, n: int, rng: np.random.Generator) -> list[tuple[l
     lens = rng.lognormal(math.log(s.prompt_median), s.prompt_sigma, n)
     lens = np.clip(np.rint(lens), s.prompt_min, s.prompt_max).astype(int)
     outs = rng.integers(s.output_min, s.output_max + 1, n)
+    if s.prompt_choices:
+        lens = rng.choice(np.asarray(s.prompt_choices), n)
+    if s.output_choices:
+        outs = rng.choice(np.asarray(s.output_choices), n)
     return [
         (rng.integers(FIRST_ID, VOCAB, int(p)).tolist(), int(o))
         for p, o in zip(lens, outs, strict=True)
@@ -678,7 +706,7 @@ def estimator_config(s: Settings) -> EstimatorConfig:
     if s.use_prior:
         from tests.support.real_backends import MODELS
 
-        kw = dict(gpu="cpu", model_configs={SERVED: str(MODELS / MODEL_DIR / "config.json")})
+        kw = dict(gpu="cpu", model_configs={SERVED: str(MODELS / s.model / "config.json")})
     return EstimatorConfig(
         sim_requests=s.sim_requests,
         slo_ttft_p95_s=s.slo_ttft_s,
@@ -923,6 +951,53 @@ def _step_at(steps: Sequence[StepResult], factor: float) -> StepResult | None:
     return next((st for st in steps if math.isclose(st.factor, factor, rel_tol=1e-9)), None)
 
 
+_MAKE_SHAPE = """
+import json, shutil, sys
+from pathlib import Path
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+src, dest, shape = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=4096, max_position_embeddings=2048, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=False, **shape)
+LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(dest, safe_serialization=True)
+for f in src.iterdir():
+    if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+        shutil.copy(f, dest / f.name)
+"""
+
+
+def ensure_model(name: str) -> None:
+    """Make ``MODEL_SHAPES[name]`` beside ``MODEL_DIR`` (same tokenizer) when it is missing;
+    with the vLLM venv's Python (torch, transformers), seeded, a few seconds."""
+    from real_backends import MODELS, VLLM_PYTHON
+
+    dest = MODELS / name
+    if name == MODEL_DIR or (dest / "config.json").is_file():
+        return
+    if name not in MODEL_SHAPES:
+        raise SystemExit(f"unknown model {name!r}; known: {MODEL_DIR}, {', '.join(MODEL_SHAPES)}")
+    import subprocess
+
+    tmp = MODELS / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run([str(VLLM_PYTHON), "-c", _MAKE_SHAPE, str(MODELS / MODEL_DIR), str(tmp),
+                    json.dumps(MODEL_SHAPES[name])], check=True)  # fmt: skip
+    tmp.rename(dest)
+
+
+def save_sent(path: Path, sent: Sequence[Sent], plan: Sequence[tuple[float, int]],
+              capacity: float, ramp_id: int) -> None:  # fmt: skip
+    """Append one ramp's requests as the client saw them (JSON lines: the step's factor and
+    rate, then ``Sent``'s fields) so that a run can be replayed offline against other step
+    models (``bench/replay_ramp.py``)."""
+    factors = [f for f, n in plan for _ in range(n)]
+    with path.open("a", encoding="utf-8") as fh:
+        for f, r in zip(factors, sent, strict=True):
+            row = {"ramp": ramp_id, "factor": f, "rate": f * capacity, **asdict(r)}
+            fh.write(json.dumps(row) + "\n")
+
+
 def run(s: Settings, *, log: Any = print, keep_dir: Path | None = None) -> Outcome_:
     """Start vLLM and the proxy, run the phases, stop everything; see the module docstring."""
     from tests.support.procs import start_proxy
@@ -936,7 +1011,8 @@ def run(s: Settings, *, log: Any = print, keep_dir: Path | None = None) -> Outco
     req_log = workdir / "requests.jsonl"
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
-        server = start_vllm(MODEL_DIR, served_name=SERVED, max_num_seqs=s.max_num_seqs)
+        ensure_model(s.model)
+        server = start_vllm(s.model, served_name=SERVED, max_num_seqs=s.max_num_seqs)
         stack.callback(server.stop)
         proxy = start_proxy(
             [server.url],
@@ -984,6 +1060,7 @@ def run(s: Settings, *, log: Any = print, keep_dir: Path | None = None) -> Outco
         )
 
         snap = engine_snapshot(server.url, backend)
+        (workdir / "snapshot.json").write_text(json.dumps(snap.to_dict()))
         t2 = time.monotonic()
         pred, step_model, limits = predict(records, snap, s)
         phases["predict"] = time.monotonic() - t2
@@ -1004,6 +1081,7 @@ def run(s: Settings, *, log: Any = print, keep_dir: Path | None = None) -> Outco
             tenants = [f"ramp{len(steps) + k}" for k, (_, n) in enumerate(plan) for _ in range(n)]
             reqs = draw_requests(s, len(rates), rng)
             sent = asyncio.run(run_poisson(proxy.url, reqs, rates, tenants, rng))
+            save_sent(workdir / "ramp_sent.jsonl", sent, plan, c, len(steps))
             t_0 = sent[0].arrival
             rep = replay(step_model, limits, [r.arrival - t_0 for r in sent],
                          [r.prompt_len for r in sent], [r.max_tokens for r in sent])  # fmt: skip
@@ -1074,7 +1152,7 @@ def _ms(x: float | None) -> str:
 def render(o: Outcome_) -> str:
     s, p = o.settings, o.prediction
     lines = [
-        f"server: vLLM CPU {MODEL_DIR}, max_num_seqs {s.max_num_seqs}, KV "
+        f"server: vLLM CPU {o.settings.model}, max_num_seqs {s.max_num_seqs}, KV "
         f"{p.kv_capacity_tokens} tokens; SLO p95 TTFT <= {s.slo_ttft_s:g} s, "
         f"p95 ITL <= {s.slo_itl_s * 1e3:g} ms",
         f"low-rate phase: {p.records} records at {s.low_rate:g} req/s "
@@ -1341,6 +1419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="give the estimator the model config and the cpu catalog entry",
     )
+    ap.add_argument("--model", help=f"model to serve: {MODEL_DIR} (default) or "
+                    f"{', '.join(MODEL_SHAPES)} (made on first use)")  # fmt: skip
+    ap.add_argument("--mix", choices=sorted(MIXES), help="length mix instead of the default "
+                    "lognormal prompts / uniform outputs")  # fmt: skip
     ap.add_argument("--keep", metavar="DIR", help="keep the request log in DIR")
     ap.add_argument("--nice", type=int, default=0, help="renice this process (and children)")
     ap.add_argument(
@@ -1365,6 +1447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         kw["use_prior"] = True
     if a.no_isolate:
         kw["isolate"] = False
+    if a.model:
+        kw["model"] = a.model
+    if a.mix:
+        kw["prompt_choices"], kw["output_choices"] = MIXES[a.mix]
     seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [kw.pop("seed", 1)]
     started = time.monotonic()
     outcomes = []

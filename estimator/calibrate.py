@@ -35,6 +35,21 @@ requests at dispatch, this one excluded; ``M`` = ``max_num_seqs`` when known, el
   separate offset: it would leave ``c0`` and ``c_d`` nearly unidentifiable); on a LAN it is
   well under a millisecond.
 
+Prefill attention (``c_attn``, ``StepModel.prefill_attn_s_per_pair``): a sixth coefficient
+priced per (query, key) pair of the prefills above: the record's own prompt's pairs
+(``u (u + 1) / 2 + u * cached`` for ``u`` uncached tokens) in its TTFT row, and the pairs of
+the prefills inside its decode, per step, in its ITL row. A mix of prompt lengths separates it
+from ``c_p`` (twice the tokens, four times the pairs); one length alone leaves it to the
+prior. ``CalibratorConfig.fit_attention`` False drops it (the calibrator before issue 14,
+whose linear ``c_p`` averaged over the mix under-priced the long prompts' steps).
+
+Terms the prior fixes (carried to the fitted model, not fitted): the per-request API cost
+``request_overhead_s`` is subtracted from every TTFT target, and the routed experts a decode
+step touches (``moe_weight_s`` times the share ``Dbar`` sequences reach) from every ITL
+target, before the fit; the reported fit errors are on the observed values.
+``Calibration.vs_prior()`` says how far the live engine is from its prior (the engine
+profile's roofline): fitted / prior for each coefficient, an ITL and a prefill.
+
 Identifiability: the data pin down ``c0``, ``c_p`` and the cost of one more running sequence
 ``c_d + c_kv * ctx_bar`` best; the split between ``c_d`` and ``c_kv`` rests on how much the
 contexts of requests differ, and is weak when one of the two is small: there the prior
@@ -88,16 +103,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from estimator.engine import StepModel
+from estimator.engine import COEFFICIENT_NAMES, StepModel
 from estimator.records import Outcome, RequestRecord
 
 # ring columns
-_T, _DISPATCH, _FIRST, _END, _UNCACHED, _PROMPT, _COMPLETION, _INFLIGHT, _SPREAD = range(9)
-_NCOL = 9
+_T, _DISPATCH, _FIRST, _END, _UNCACHED, _PROMPT, _COMPLETION, _INFLIGHT, _SPREAD, _PAIRS = range(10)
+_NCOL = 10
 _MIN_SPREAD_GAPS = 20  # gaps a record needs for its ITL p95 / p50 to count
 _MIN_CLEAN = 10  # records with uninterrupted decodes needed to use only those for the jitter
 _Z95 = 1.6448536
-_NPARAM = 5  # c0, c_p, c_d, c_kv, q (queue)
+_NPARAM = 6  # c0, c_p, c_d, c_kv, c_attn, q (queue)
+_ATTN, _QUEUE = 4, 5
 _DRIFT_MIN_PAIRS = 30
 _DRIFT_MAX_ROWS = 600  # most recent ITL rows used for the drift (pairs grow as n^2)
 _DRIFT_MAX_SIGMA = 0.5
@@ -152,6 +168,11 @@ class CalibratorConfig:
     100k records then costs the projection, not the fit. 0: refit on every call."""
     refit_max_age_s: float = 60.0
     """Longest reuse of a fit (the age weights, and so the prior's share, drift with time)."""
+    fit_attention: bool = True
+    """Fit the prefill attention term (``StepModel.prefill_attn_s_per_pair``: seconds per
+    (query, key) pair) beside the linear prefill cost: a mix of prompt lengths tells them
+    apart (a 512-token prompt attends four times the pairs of a 256-token one for twice the
+    tokens). False: no attention term (the calibrator before issue 14)."""
 
     def __post_init__(self) -> None:
         if self.capacity < 1 or self.half_life_s <= 0 or self.prior_strength < 0:
@@ -179,6 +200,18 @@ class Calibration:
     itl_p90_re: float | None
     queue_s_per_request: float  # nuisance q
     trusted: bool
+
+    def vs_prior(self) -> dict[str, float]:
+        """How far the live engine is from its prior (the engine profile's roofline): the
+        ratio fitted / prior of each coefficient, and of the ITL at batch 8 and the prefill
+        time of a 1024-token prompt (1.0: the profile was right; 2.0: twice as slow)."""
+        out = {}
+        for name, fit, pri in zip(COEFFICIENT_NAMES, self.step.coefficients(),
+                                  self.prior.coefficients(), strict=True):  # fmt: skip
+            out[name] = fit / pri if pri > 0 else math.nan
+        out["itl_batch8"] = self.step.itl_at(8, 1024) / max(self.prior.itl_at(8, 1024), 1e-12)
+        out["prefill_1024"] = self.step.ttft_idle(1024) / max(self.prior.ttft_idle(1024), 1e-12)
+        return out
 
 
 class OnlineCalibrator:
@@ -224,8 +257,10 @@ class OnlineCalibrator:
             else math.nan
         )
         t = f if e != e else e
+        u = p - (record.cached_tokens or 0)
+        pairs = u * (u + 1) / 2 + u * (p - u)  # attention pairs of its own prefill
         self._buf[self._n % self.config.capacity] = (
-            t, d, f, e, p - (record.cached_tokens or 0), p, c, r, spread
+            t, d, f, e, u, p, c, r, spread, pairs
         )  # fmt: skip
         self._n += 1
         if t > self._newest:
@@ -271,12 +306,23 @@ def fit_rows(
         rows, w = rows[keep], w[keep]
     stride = -(-rows.shape[0] // max(1, config.max_fit_records))
     xt, yt, wt, xi, yi, wi, spread, span = _design(rows, w, max_num_seqs, max(1, stride))
-    p = np.array([*prior.coefficients(), 0.0])
+    # terms the prior fixes and the fit does not learn: the per-request API cost in every
+    # TTFT, the routed experts a decode step touches in every ITL (estimator.engine)
+    yt_obs, yi_obs = yt, yi
+    if prior.request_overhead_s:
+        yt = np.maximum(yt - prior.request_overhead_s, 0.1 * yt)
+    if prior.moe_weight_s and prior.moe_experts:
+        miss = 1.0 - min(prior.moe_topk, prior.moe_experts) / prior.moe_experts
+        moe = prior.moe_weight_s * (1.0 - np.power(miss, np.maximum(xi[2], 1.0)))
+        yi = np.maximum(yi - moe, 0.1 * yi)
+    if not config.fit_attention:
+        xt[_ATTN], xi[_ATTN] = 0.0, 0.0
+    p = np.array([*prior.coefficients(), prior.prefill_attn_s_per_pair, 0.0])
     coef = _robust_fit(np.hstack([xt, xi]), np.concatenate([yt, yi]),
                        np.concatenate([wt, wi]), p, tau, config)  # fmt: skip
     n_eff = float(w.sum())
-    t_mare, t_p90 = _rel_errors(coef @ xt, yt, wt)
-    i_mare, i_p90 = _rel_errors(coef @ xi, yi, wi)
+    t_mare, t_p90 = _rel_errors(coef @ xt + (yt_obs - yt), yt_obs, wt)
+    i_mare, i_p90 = _rel_errors(coef @ xi + (yi_obs - yi), yi_obs, wi)
     trusted = (
         n_eff >= config.min_records
         and t_mare is not None
@@ -285,10 +331,12 @@ def fit_rows(
         and i_mare <= config.max_itl_mare
     )
     step = StepModel.from_coefficients(coef[:4].tolist())
+    attn = float(coef[_ATTN]) if config.fit_attention else 0.0
     drift_sigma, drift_tau = _drift(np.log(yi / np.maximum(coef @ xi, 1e-12)), span, wi)
     step = dataclasses.replace(
         step,
-        jitter_sigma=_jitter(spread, xi[1], wi),
+        **{**prior.extras(), "prefill_attn_s_per_pair": attn},
+        jitter_sigma=_jitter(spread[0], spread[1], wi * spread[2]),
         drift_sigma=drift_sigma,
         drift_tau_s=drift_tau,
     )
@@ -296,7 +344,7 @@ def fit_rows(
         step=step, prior=prior,
         n_records=int(rows.shape[0]), n_ttft=int(yt.size), n_itl=int(yi.size), n_effective=n_eff,
         prior_share=tau / (tau + n_eff) if tau else 0.0, ttft_mare=t_mare, ttft_p90_re=t_p90,
-        itl_mare=i_mare, itl_p90_re=i_p90, queue_s_per_request=float(coef[4]), trusted=trusted,
+        itl_mare=i_mare, itl_p90_re=i_p90, queue_s_per_request=float(coef[_QUEUE]), trusted=trusted,
     )  # fmt: skip
 
 
@@ -309,7 +357,7 @@ def _design(
     if all_rows.shape[0] == 0:
         z = np.zeros((_NPARAM, 0))
         e = np.zeros(0)
-        return z, e, e, z, e, e, e, np.zeros((2, 0))
+        return z, e, e, z, e, e, np.zeros((3, 0)), np.zeros((2, 0))
     rows, w = all_rows[::stride], all_w[::stride]
     m = float(max_num_seqs) if max_num_seqs else math.inf
     first, end, disp = rows[:, _FIRST], rows[:, _END], rows[:, _DISPATCH]
@@ -322,29 +370,60 @@ def _design(
     ad = a * np.minimum(r, m)
     excess = np.maximum(0.0, r + 1 - m) if math.isfinite(m) else np.zeros_like(r)
     prefill_before = _prefill_tokens_between(all_rows, disp, first)  # own prompt included
-    xt = np.stack([a, np.maximum(prefill_before, unc), ad, ad * ctx_bar, excess])
+    pairs_before = _prefill_tokens_between(all_rows, disp, first, _PAIRS)
+    own_pairs = rows[:, _PAIRS]
+    xt = np.stack([a, np.maximum(prefill_before, unc), ad, ad * ctx_bar,
+                   np.maximum(pairs_before, own_pairs), excess])  # fmt: skip
     okt = yt > 1e-6
     # ITL rows
     steps = np.maximum(comp - 1, 1)
     yi = (end - first) / steps
     pf = _prefill_tokens_between(all_rows, first, end) / steps
+    pp = _prefill_tokens_between(all_rows, first, end, _PAIRS) / steps
     dd = np.minimum(_decode_concurrency(all_rows, rows), m)
-    xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, np.zeros_like(r)])
+    xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, pp, np.zeros_like(r)])
     oki = (comp >= 2) & np.isfinite(yi) & (yi > 1e-7)
     span = np.stack([first[oki], end[oki]])
-    return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki], rows[oki, _SPREAD], span
+    # per ITL row: prefills that began inside its decode, as a share of its gaps
+    fs = np.sort(all_rows[:, _FIRST])
+    finite_end = np.where(np.isfinite(end), end, first)
+    n_int = np.searchsorted(fs, finite_end, side="right") - np.searchsorted(fs, first, side="right")
+    share = n_int / steps
+    spread = np.stack([rows[oki, _SPREAD], share[oki], steps[oki]])
+    return xt[:, okt], yt[okt], w[okt], xi[:, oki], yi[oki], w[oki], spread, span
 
 
-def _jitter(spread: np.ndarray, interrupting: np.ndarray, w: np.ndarray) -> float:
-    """Lognormal sigma of the step jitter (module docstring) from the ITL rows' spreads and
-    prefill tokens that fell inside their decodes; 0 without usable records."""
-    ok = np.isfinite(spread) & (w > 0)
+def _jitter(spread: np.ndarray, interrupted: np.ndarray, w: np.ndarray) -> float:
+    """Lognormal sigma of the step jitter (module docstring) from the ITL rows' spreads
+    ``ln(p95 / p50)``, the share of their gaps that other requests' prefills interrupted, and
+    weights (age x gaps); 0 without usable records.
+
+    Rows whose interruptions are under 5% of their gaps: their p95 is not itself one of the
+    prefill steps the simulator models, yet it holds what arrivals do to the steps around them
+    (rows with none at all are the quiet moments, and understate it). The sigma is the one
+    whose lognormal has the p95 of the *mixture* of the rows' lognormals (each row's gaps over
+    its own median, pooled by gap): the rows' spreads differ, and the pooled tail, which the
+    ITL p95 is judged on, is heavier than the median row's."""
+    ok = np.isfinite(spread) & (w > 0) & (spread >= 0)
     if not ok.any():
         return 0.0
-    clean = ok & (interrupting <= 0)
-    use = clean if int(clean.sum()) >= _MIN_CLEAN else ok
-    sigma = _weighted_median(spread[use], w[use]) / _Z95
-    return float(min(max(sigma, 0.0), 1.0))
+    quiet = ok & (interrupted < 0.05)
+    use = quiet if int(quiet.sum()) >= _MIN_CLEAN else ok
+    sig = np.maximum(spread[use] / _Z95, 1e-4)
+    ww = w[use] / w[use].sum()
+    lo, hi = 0.0, float(np.max(sig)) * 4.0 + 1e-3  # ln(p95 / median) of the mixture
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if float(np.sum(ww * _norm_cdf(mid / sig))) < 0.95:
+            lo = mid
+        else:
+            hi = mid
+    return float(min(max(hi / _Z95, 0.0), 1.0))
+
+
+def _norm_cdf(z: np.ndarray) -> np.ndarray:
+    out: np.ndarray = 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
+    return out
 
 
 def _drift(resid: np.ndarray, span: np.ndarray, w: np.ndarray) -> tuple[float, float]:
@@ -424,12 +503,15 @@ def _decode_concurrency(all_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.where(ok, 1.0 + scale * np.maximum(mean_inflight - 1.0, 0.0), snapshot)
 
 
-def _prefill_tokens_between(rows: np.ndarray, first: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Per query: uncached prompt tokens of all ``rows`` whose first token fell in
-    ``(first, end]``, i.e. prefills that shared steps with that record's decode."""
+def _prefill_tokens_between(
+    rows: np.ndarray, first: np.ndarray, end: np.ndarray, column: int = _UNCACHED
+) -> np.ndarray:
+    """Per query: uncached prompt tokens (or another ``column``: their attention pairs) of all
+    ``rows`` whose first token fell in ``(first, end]``, i.e. prefills that shared steps with
+    that record's decode."""
     order = np.argsort(rows[:, _FIRST])
     fs = rows[order, _FIRST]
-    csum = np.concatenate([[0.0], np.cumsum(rows[order, _UNCACHED])])
+    csum = np.concatenate([[0.0], np.cumsum(rows[order, column])])
     by_first = np.argsort(first)
     at_first = np.empty(first.size, dtype=np.intp)
     at_first[by_first] = np.searchsorted(fs, first[by_first], side="right")
@@ -457,7 +539,7 @@ def _robust_fit(
     coef = _nnls_qp(*_normal(xr, w, zero, zero))
     scale = np.maximum(np.maximum(prior, coef), 1e-12)
     # the prior counts as tau records: in units of one record's squared residual (sigma^2)
-    reg = np.where(np.arange(_NPARAM) < 4, tau, tau * 1e-3) / scale**2
+    reg = np.where(np.arange(_NPARAM) < _QUEUE, tau, tau * 1e-3) / scale**2
     stride = max(1, y.size // _SCALE_SAMPLE)
     dof = y.size / max(1.0, y.size - _NPARAM)  # few records: residuals understate the noise
     huber = max(1, cfg.irls_iterations)

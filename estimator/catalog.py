@@ -187,6 +187,44 @@ def load_gpu_catalog(
     return {key: _parse_gpu(key, fields, file) for key, (fields, file) in raw.items()}
 
 
+_GENERATIONS: tuple[tuple[str, str], ...] = (
+    # (substring of the GPU's name or key, generation), first match wins
+    ("b200", "blackwell"),
+    ("gb200", "blackwell"),
+    ("h100", "hopper"),
+    ("h200", "hopper"),
+    ("gh200", "hopper"),
+    ("h20", "hopper"),
+    ("l40", "ada"),
+    ("l4", "ada"),
+    ("4090", "ada"),
+    ("a100", "ampere"),
+    ("a10", "ampere"),
+    ("a30", "ampere"),
+    ("a40", "ampere"),
+    ("t4", "turing"),
+    ("v100", "volta"),
+    ("mi300", "cdna3"),
+    ("mi325", "cdna3"),
+)
+
+
+def gpu_generation(gpu: GpuSpec) -> str:
+    """The accelerator's architecture generation (``hopper``, ``ampere``, ``ada``, ``blackwell``,
+    ``turing``, ``volta``, ``cdna3``), ``cpu`` for generic (CPU) entries, else ``unknown``.
+
+    Engine profiles (``estimator.engines``) key their efficiencies by it: the same engine reaches
+    different fractions of the datasheet peaks on different generations (kernels, FP8 support).
+    """
+    if gpu.vendor == "generic" or gpu.key == "cpu":
+        return "cpu"
+    text = f"{gpu.key} {gpu.name}".lower()
+    for needle, generation in _GENERATIONS:
+        if needle in text:
+            return generation
+    return "unknown"
+
+
 def get_gpu(catalog: Mapping[str, GpuSpec], key: str) -> GpuSpec:
     """The GPU ``key`` (case-insensitive); :class:`UnknownGpu` lists the known keys."""
     spec = catalog.get(key) or catalog.get(key.lower())

@@ -1,4 +1,17 @@
-"""GPU memory of a vLLM deployment: weights, runtime overheads, KV cache, OOM risk.
+"""GPU memory of a deployment: weights, runtime overheads, KV cache, OOM risk.
+
+Each engine sizes its KV cache its own way (``estimator.engines``, ``MemorySemantics``):
+vLLM and SGLang give it a fraction of the *total* memory less weights and runtime (vLLM
+subtracts its profile run's peaks; SGLang's ``mem_fraction_static`` covers weights and pool),
+TensorRT-LLM a fraction of the memory *free after* weights and activations
+(``kv_cache_free_gpu_mem_fraction``), vLLM's CPU build a fixed ``VLLM_CPU_KVCACHE_SPACE``
+(no GPU memory arithmetic: :func:`cpu_plan`), llama.cpp a fixed ``-c`` tokens. What follows
+is vLLM's, the default engine. Mixed-precision checkpoints: the parameters a checkpoint's
+``quantization_config`` leaves unconverted (``modules_to_not_convert``, ``ignore``) are
+counted at 16 bits. Attention data parallel (``attention_dp``): whole attention weights on
+every GPU, each GPU the whole KV of its own sequences.
+
+This module runs past 400 lines: the engines' sizing rules sit beside the one plan they fill.
 
 Weights (``weight_bytes``)::
 
@@ -18,11 +31,13 @@ Per GPU, vLLM (V1's profiler) gives the KV cache what is left of
 
     weights + activation peak + CUDA graphs + non-torch memory
 
-- activation peak: the larger of the profile run's forward pass over
-  ``max_num_batched_tokens`` tokens, per token 2 bytes * (3*H residual/norm/output copies +
-  the wider of the attention (q, k, v, o) and MLP (gate+up, activation) widths / tp [+ k*H
-  for MoE]), and the sampler's dummy run, ``max_num_seqs * vocab * 16 bytes`` (fp32 logits,
-  fp32 probabilities and int64 sort indices for top-k/top-p).
+- activation peak: the profile run's forward pass over ``max_num_batched_tokens`` tokens, per
+  token 2 bytes * (3*H residual/norm/output copies + the wider of the attention (q, k, v, o)
+  and MLP (gate+up, activation) widths / tp [+ k*H for MoE]), *plus* the sampler's dummy run,
+  ``max_num_seqs * vocab * 16 bytes`` (fp32 logits, fp32 probabilities and int64 sort
+  indices for top-k/top-p): V1 profiles both in one run and both peaks stay allocated (issue
+  14: taking the larger one under-counted a large FP8 MoE by GiBs); plus, for MoE, the fused
+  kernel's intermediate caches (``M * topk * (max(2N, H) + N)`` 16-bit values).
 - CUDA graphs: 256 MiB + the activations of the largest captured batch
   (``min(max_num_seqs, 512)`` tokens); vLLM profiles and subtracts this by default.
 - non-torch: 128 MiB (cuBLAS workspaces and the like), + 512 MiB with tp > 1 (NCCL and
@@ -66,7 +81,15 @@ import numpy as np
 import numpy.typing as npt
 
 from estimator.catalog import QUANTIZATIONS, GpuSpec, Quantization, get_quantization
-from estimator.modelarch import ModelArch
+from estimator.engines import (
+    DEFAULT_ENGINE,
+    EngineProfile,
+    MemorySemantics,
+    get_profile,
+    memory_semantics,
+)
+from estimator.engines import default_limits as engine_limits
+from estimator.modelarch import ModelArch, module_params
 
 __all__ = [
     "QUANTIZATIONS",
@@ -77,6 +100,7 @@ __all__ = [
     "kv_bytes_per_token_per_gpu",
     "max_concurrent_seqs",
     "plan_memory",
+    "routed_expert_bytes",
     "vllm_default_limits",
     "weight_bytes",
 ]
@@ -89,6 +113,7 @@ _NON_TORCH_BYTES = 128 * MIB
 _NCCL_BYTES = 512 * MIB
 _SAMPLER_BYTES_PER_LOGIT = 16  # fp32 logits + fp32 probabilities + int64 sort indices
 _TYPICAL_CONTEXT = 2048  # default "typical" sequence length for the preemption check
+_FUSED_MOE_CHUNK = 32768  # vLLM's VLLM_FUSED_MOE_CHUNK_SIZE: tokens per fused-MoE call
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,13 +153,40 @@ _CHECKPOINT_QUANT = {"fp8": "fp8", "gptq": "int4", "awq": "int4", "gptq_marlin":
 
 
 def checkpoint_quant(arch: ModelArch) -> str:
-    """The weight format a checkpoint ships in, from ``quantization_config.quant_method``
-    (fp8 -> ``fp8``, GPTQ/AWQ -> ``int4``); ``auto`` (16-bit) when none or not recognised."""
+    """The weight format a checkpoint ships in, from its ``quantization_config`` (fp8,
+    fbgemm_fp8, modelopt FP8 -> ``fp8``; GPTQ/AWQ -> ``int4``; compressed-tensors by its
+    config groups); ``auto`` (16-bit) when none or not recognised."""
+    if arch.quant_format:
+        return arch.quant_format
     return _CHECKPOINT_QUANT.get((arch.quantization or "").lower(), "auto")
 
 
-def weight_bytes(arch: ModelArch, quant: str = "bf16", *, tp: int = 1) -> int:
-    """Bytes of weights on one GPU of a ``tp``-way tensor-parallel deployment (tp=1: total)."""
+def _mixed_extra(arch: ModelArch, q: Quantization) -> float:
+    """Extra bytes of the parameters a checkpoint in format ``q`` leaves in 16-bit
+    (``modules_to_not_convert`` / ``ignore``): only when ``q`` is the checkpoint's own format
+    (quantizing at load time converts every linear layer)."""
+    if not arch.quant_skipped_params or arch.quant_format is None:
+        return 0.0
+    if get_quantization(arch.quant_format).name != q.name:
+        return 0.0
+    return arch.quant_skipped_params * (2.0 - q.bytes_per_param(arch.hidden_size))
+
+
+def routed_expert_bytes(arch: ModelArch, quant: str = "bf16", *, tp: int = 1) -> float:
+    """Bytes of routed-expert weights on one GPU (split over ``tp`` GPUs, by tensor or expert
+    parallelism alike); 0 for a dense model."""
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    q = get_quantization(quant)
+    return arch.routed_expert_params * q.bytes_per_param(arch.hidden_size) / tp
+
+
+def weight_bytes(
+    arch: ModelArch, quant: str = "bf16", *, tp: int = 1, attention_dp: bool = False
+) -> int:
+    """Bytes of weights on one GPU of a ``tp``-way tensor-parallel deployment (tp=1: total).
+    ``attention_dp``: attention data parallel (TensorRT-LLM ``enable_attention_dp``, SGLang
+    ``--enable-dp-attention``): every GPU keeps whole attention weights, the rest is split."""
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
     q = get_quantization(quant)
@@ -145,7 +197,15 @@ def weight_bytes(arch: ModelArch, quant: str = "bf16", *, tp: int = 1) -> int:
     replicated = min(arch.replicated_params, body)
     per_gpu = (body - replicated) * per_param / tp + replicated * per_param + outer_bytes / tp
     per_gpu += _kv_proj_replication(arch, tp) * per_param
+    per_gpu += _mixed_extra(arch, q) / tp
+    if attention_dp and tp > 1:
+        per_gpu += attention_params(arch) * per_param * (1.0 - 1.0 / tp)
     return math.ceil(per_gpu)
+
+
+def attention_params(arch: ModelArch) -> int:
+    """Parameters of the attention projections of all layers (q, k, v, o)."""
+    return sum(n for name, n in module_params(arch) if ".self_attn." in name)
 
 
 def _kv_proj_replication(arch: ModelArch, tp: int) -> float:
@@ -157,10 +217,15 @@ def _kv_proj_replication(arch: ModelArch, tp: int) -> float:
     return per_head * (1.0 - arch.num_kv_heads / tp)
 
 
-def kv_bytes_per_token_per_gpu(arch: ModelArch, kv_dtype: str = "auto", *, tp: int = 1) -> float:
+def kv_bytes_per_token_per_gpu(
+    arch: ModelArch, kv_dtype: str = "auto", *, tp: int = 1, attention_dp: bool = False
+) -> float:
     """KV bytes one token takes on each GPU: KV heads split by tp (at least one per GPU);
-    MLA's latent is whole on every GPU."""
+    MLA's latent is whole on every GPU. With ``attention_dp`` each GPU holds the whole KV of
+    its own sequences: per token of the deployment, ``1 / tp`` of the full bytes per GPU."""
     full = arch.kv_bytes_per_token(kv_dtype)
+    if attention_dp:
+        return full / tp
     if arch.is_mla:
         return full
     heads = arch.num_kv_heads
@@ -169,12 +234,9 @@ def kv_bytes_per_token_per_gpu(arch: ModelArch, kv_dtype: str = "auto", *, tp: i
 
 def vllm_default_limits(gpu: GpuSpec) -> tuple[int, int]:
     """``(max_num_batched_tokens, max_num_seqs)`` that vLLM's OpenAI server picks for ``gpu``
-    (``EngineArgs.get_batch_defaults``)."""
-    if gpu.memory_bytes >= 160 * GIB:
-        return 16384, 1024
-    if gpu.memory_bytes >= 70 * GIB and "a100" not in gpu.name.lower():
-        return 8192, 1024
-    return 2048, 256
+    (``EngineArgs.get_batch_defaults``; the vllm engine profile's limits)."""
+    lim = engine_limits(get_profile("vllm"), gpu)
+    return lim.max_num_batched_tokens, lim.max_num_seqs
 
 
 def _activation_per_token(arch: ModelArch, tp: int) -> float:
@@ -194,15 +256,41 @@ def _activation_per_token(arch: ModelArch, tp: int) -> float:
     return 2.0 * (3 * arch.hidden_size + max(attn, mlp) / tp + moe_out)
 
 
+def _moe_workspace(arch: ModelArch, tp: int, tokens: int) -> int:
+    """Fused-MoE intermediate caches for ``tokens`` batched tokens (vLLM's triton kernel:
+    ``M * topk * (max(2 N, H) + N)`` 16-bit values, ``N`` the expert width per GPU)."""
+    if not arch.is_moe:
+        return 0
+    n = arch.moe_intermediate_size / tp
+    m = min(tokens, _FUSED_MOE_CHUNK)
+    return math.ceil(m * arch.experts_per_token * (max(2 * n, arch.hidden_size) + n) * 2)
+
+
 def _runtime_bytes(
-    arch: ModelArch, *, tp: int, batched_tokens: int, max_num_seqs: int
+    arch: ModelArch,
+    *,
+    tp: int,
+    batched_tokens: int,
+    max_num_seqs: int,
+    sem: MemorySemantics | None = None,
+    enforce_eager: bool = False,
 ) -> tuple[int, int, int]:
-    """(activation peak, CUDA graphs, non-torch) bytes per GPU."""
+    """(activation peak, CUDA graphs, non-torch) bytes per GPU under the engine's memory
+    semantics (vLLM's by default)."""
+    sem = sem or get_profile(DEFAULT_ENGINE).memory
     per_token = _activation_per_token(arch, tp)
-    sampler = max_num_seqs * arch.vocab_size * _SAMPLER_BYTES_PER_LOGIT
-    activation = math.ceil(max(batched_tokens * per_token, sampler))
-    graphs = math.ceil(_GRAPH_FIXED_BYTES + min(max_num_seqs, _MAX_GRAPH_BATCH) * per_token)
-    non_torch = _NON_TORCH_BYTES + (_NCCL_BYTES if tp > 1 else 0)
+    activation = 0
+    if sem.profiles_activations:
+        forward = batched_tokens * per_token
+        sampler = max_num_seqs * arch.vocab_size * _SAMPLER_BYTES_PER_LOGIT
+        peak = forward + sampler if sem.sums_sampler_and_forward else max(forward, sampler)
+        if sem.moe_workspace:
+            peak += _moe_workspace(arch, tp, batched_tokens)
+        activation = math.ceil(peak)
+    graphs = 0
+    if sem.cuda_graph_bytes and not enforce_eager:
+        graphs = math.ceil(sem.cuda_graph_bytes + min(max_num_seqs, _MAX_GRAPH_BATCH) * per_token)
+    non_torch = sem.non_torch_bytes + (_NCCL_BYTES if tp > 1 and sem.non_torch_bytes else 0)
     return activation, graphs, non_torch
 
 
@@ -277,37 +365,69 @@ def plan_memory(
     tp: int = 1,
     quant: str = "bf16",
     kv_dtype: str = "auto",
-    gpu_memory_utilization: float = 0.9,
+    gpu_memory_utilization: float | None = None,
     max_num_seqs: int | None = None,
     max_model_len: int | None = None,
     max_num_batched_tokens: int | None = None,
-    block_size: int = 16,
+    block_size: int | None = None,
     typical_context_tokens: int | None = None,
+    engine: str | EngineProfile = DEFAULT_ENGINE,
+    enforce_eager: bool = False,
+    kv_cache_space_bytes: int | None = None,
+    kv_cache_tokens: int | None = None,
+    attention_dp: bool = False,
 ) -> MemoryPlan:
-    """Plan one deployment's memory as vLLM would size it (see the module docstring).
+    """Plan one deployment's memory as ``engine`` would size it (module docstring; vLLM by
+    default). Longer than ~50 lines only by the flat constructor call at its end.
 
-    Longer than ~50 lines only by the flat constructor call at its end.
-
+    ``gpu_memory_utilization`` is the engine's memory fraction (vLLM's
+    ``gpu_memory_utilization``, SGLang's ``mem_fraction_static``, TensorRT-LLM's
+    ``kv_cache_free_gpu_mem_fraction``: a fraction of the memory *free after* weights and
+    activations); None: the engine's default. On a CPU entry the engine's CPU build is planned
+    (vLLM: ``kv_cache_space_bytes``, default ``VLLM_CPU_KVCACHE_SPACE`` = 4 GiB; no GPU memory
+    arithmetic); ``kv_cache_tokens`` sets a fixed-token KV cache (llama.cpp's ``-c``);
+    ``attention_dp``: attention data parallel (whole attention weights on every GPU, each
+    GPU the full KV of its own sequences).
     ``max_model_len`` defaults to, and is capped at, the model's ``max_position_embeddings``;
-    ``max_num_batched_tokens`` and ``max_num_seqs`` to vLLM's defaults for the GPU
-    (:func:`vllm_default_limits`); ``typical_context_tokens`` (for the preemption check) to
+    ``max_num_batched_tokens``, ``max_num_seqs`` and ``block_size`` to the engine's defaults
+    for the GPU; ``typical_context_tokens`` (for the preemption check) to
     ``min(max_model_len, 2048)``.
     """
-    default_batched, default_seqs = vllm_default_limits(gpu)
-    max_num_seqs = max_num_seqs or default_seqs
-    _check_args(arch, tp, gpu_memory_utilization, block_size, max_num_seqs)
+    profile = get_profile(engine)
+    sem = memory_semantics(profile, gpu)
+    limits = engine_limits(profile, gpu)
+    max_num_seqs = max_num_seqs or limits.max_num_seqs
+    block_size = block_size if block_size is not None else limits.block_size
+    if sem.kv_budget == "fixed_space":
+        space = kv_cache_space_bytes
+        return cpu_plan(arch, kv_cache_space_bytes=space if space is not None
+                        else int(sem.default_space_gib * GIB), block_size=block_size,
+                        kv_dtype=kv_dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                        max_num_batched_tokens=max_num_batched_tokens
+                        or limits.max_num_batched_tokens)  # fmt: skip
+    util = gpu_memory_utilization if gpu_memory_utilization is not None else sem.default_fraction
+    _check_args(arch, tp, util, block_size, max_num_seqs)
     # vLLM refuses a longer max_model_len (unless VLLM_ALLOW_LONG_MAX_MODEL_LEN): plan the
     # longest it would accept, visible in the plan's max_model_len.
     max_len = min(max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
-    batched = max_num_batched_tokens or default_batched
+    batched = max_num_batched_tokens or limits.max_num_batched_tokens
     typical = typical_context_tokens or min(max_len, _TYPICAL_CONTEXT)
-    budget = int(gpu_memory_utilization * gpu.memory_bytes)
-    weights = weight_bytes(arch, quant, tp=tp)
-    activation, graphs, non_torch = _runtime_bytes(
-        arch, tp=tp, batched_tokens=batched, max_num_seqs=max_num_seqs
-    )
-    kv_bytes = max(budget - weights - activation - graphs - non_torch, 0)
-    per_token = kv_bytes_per_token_per_gpu(arch, kv_dtype, tp=tp)
+    weights = weight_bytes(arch, quant, tp=tp, attention_dp=attention_dp)
+    activation, graphs, non_torch = _runtime_bytes(arch, tp=tp, batched_tokens=batched,
+                                                   max_num_seqs=max_num_seqs, sem=sem,
+                                                   enforce_eager=enforce_eager)  # fmt: skip
+    per_token = kv_bytes_per_token_per_gpu(arch, kv_dtype, tp=tp, attention_dp=attention_dp)
+    runtime = weights + activation + graphs + non_torch
+    if sem.kv_budget == "fraction_of_free":
+        budget = gpu.memory_bytes
+        kv_bytes = max(int(util * (gpu.memory_bytes - runtime)), 0)
+    elif sem.kv_budget == "fixed_tokens":
+        budget = gpu.memory_bytes
+        tokens = kv_cache_tokens or sem.default_tokens
+        kv_bytes = int(min(tokens * per_token, max(budget - runtime, 0)))
+    else:
+        budget = int(util * gpu.memory_bytes)
+        kv_bytes = max(budget - runtime, 0)
     return _finish_plan(
         arch,
         MemoryPlan(
@@ -315,7 +435,7 @@ def plan_memory(
             tp=tp,
             quant=quant,
             kv_dtype=kv_dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_utilization=util,
             block_size=block_size,
             max_num_seqs=max_num_seqs,
             max_model_len=max_len,
@@ -415,6 +535,7 @@ def cpu_plan(
     kv_dtype: str = "auto",
     max_num_seqs: int = 128,
     max_model_len: int | None = None,
+    max_num_batched_tokens: int = 2048,
 ) -> MemoryPlan:
     """The KV cache of vLLM's CPU backend, sized by ``VLLM_CPU_KVCACHE_SPACE`` (GiB) rather than
     by a memory fraction: ``num_blocks = space // (block_size * kv_bytes_per_token)``; this is
@@ -435,7 +556,7 @@ def cpu_plan(
         block_size=block_size,
         max_num_seqs=max_num_seqs,
         max_model_len=max_len,
-        max_num_batched_tokens=2048,  # the CPU backend's OpenAI-server default
+        max_num_batched_tokens=max_num_batched_tokens,  # 2048: the CPU OpenAI server's default
         typical_context_tokens=min(max_len, _TYPICAL_CONTEXT),
         memory_bytes=kv_cache_space_bytes,
         budget_bytes_per_gpu=kv_cache_space_bytes,

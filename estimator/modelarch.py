@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -89,6 +90,8 @@ class ModelArch:
     tie_word_embeddings: bool
     torch_dtype: str = "bfloat16"
     quantization: str | None = None  # the checkpoint's quantization_config.quant_method
+    quant_format: str | None = None  # that config read as a weight format (fp8, int4, ...)
+    quant_skipped_params: int = 0  # parameters the checkpoint leaves in 16-bit (not converted)
     sliding_window: int | None = None
     num_sliding_layers: int = 0  # layers that attend within ``sliding_window`` only
     # mixture of experts (num_experts == 0: dense)
@@ -161,6 +164,26 @@ class ModelArch:
         ctx = max(context_tokens, 1)
         attn = self._attn_flops(ctx - 1, 1, decode=True)
         return 2.0 * self.active_matmul_params + attn
+
+    def prefill_attn_flops_per_pair(self) -> float:
+        """Attention FLOPs of one (query, key) pair in a prefill, all layers (QK^T and AV;
+        windowed layers counted as full, an upper bound past the window)."""
+        if self.kv_lora_rank is not None:
+            per_pair = 2 * self.num_heads * (self.head_dim + (self.v_head_dim or 0))
+        else:
+            per_pair = 4 * self.num_heads * self.head_dim
+        return float(per_pair * self.num_layers)
+
+    @property
+    def routed_expert_params(self) -> int:
+        """Parameters of all routed experts (0 for a dense model)."""
+        return (
+            self.num_moe_layers
+            * self.num_experts
+            * 3
+            * self.hidden_size
+            * (self.moe_intermediate_size)
+        )
 
     def _kv_elems_per_layer(self) -> int:
         if self.kv_lora_rank is not None:
@@ -380,7 +403,11 @@ def parse_config(raw: Mapping[str, Any], *, file: str, name: str) -> ModelArch:
         source=file,
     )
     arch = replace(arch, **_mla_fields(c), **_moe_fields(c, arch), **_sliding_fields(c, arch))
-    return _with_counts(arch, family, c)
+    arch = _with_counts(arch, family, c)
+    if isinstance(quant, Mapping):
+        fmt, skipped = read_quantization(quant, arch)
+        arch = replace(arch, quant_format=fmt, quant_skipped_params=skipped)
+    return arch
 
 
 def _mla_fields(c: _Cfg) -> dict[str, Any]:
@@ -498,3 +525,81 @@ def _with_counts(arch: ModelArch, family: _Family, c: _Cfg) -> ModelArch:
         embedding_params=embed,
         replicated_params=replicated,
     )
+
+
+# --- quantization_config ------------------------------------------------------------------
+
+
+def module_params(arch: ModelArch) -> list[tuple[str, int]]:
+    """Linear modules by their Hugging Face names (Llama-style layout) and parameter counts,
+    for matching ``modules_to_not_convert`` / ``ignore`` lists. Routed experts are one module
+    per layer (``model.layers.N.mlp.experts``); the router is ``model.layers.N.mlp.gate``."""
+    h, hidden = arch.num_heads, arch.hidden_size
+    q, kv = h * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    out: list[tuple[str, int]] = []
+    first_moe = arch.num_layers - arch.num_moe_layers
+    for i in range(arch.num_layers):
+        pre = f"model.layers.{i}"
+        if arch.kv_lora_rank is None:
+            attn = f"{pre}.self_attn"
+            out += [(f"{attn}.q_proj", hidden * q), (f"{attn}.k_proj", hidden * kv),
+                    (f"{attn}.v_proj", hidden * kv), (f"{attn}.o_proj", q * hidden)]  # fmt: skip
+        if arch.num_moe_layers and i >= first_moe:
+            out.append((f"{pre}.mlp.experts", 3 * hidden * arch.moe_intermediate_size
+                        * arch.num_experts))  # fmt: skip
+            out.append((f"{pre}.mlp.gate", hidden * arch.num_experts))
+            if arch.shared_expert_intermediate_size:
+                out.append((f"{pre}.mlp.shared_expert", 3 * hidden
+                            * arch.shared_expert_intermediate_size))  # fmt: skip
+        else:
+            mlp = hidden * arch.intermediate_size
+            out += [(f"{pre}.mlp.gate_proj", mlp), (f"{pre}.mlp.up_proj", mlp),
+                    (f"{pre}.mlp.down_proj", mlp)]  # fmt: skip
+    return out
+
+
+def _format_of(q: Mapping[str, Any]) -> str | None:
+    method = str(q.get("quant_method", "")).lower()
+    if method in ("fp8", "fbgemm_fp8", "modelopt") or "fp8" in str(q.get("quant_algo", "")).lower():
+        return "fp8"
+    if method in ("gptq", "awq", "gptq_marlin", "awq_marlin"):
+        return "int4" if int(q.get("bits", 4) or 4) == 4 else "w8a16"
+    if method == "compressed-tensors":
+        for group in (q.get("config_groups") or {}).values():
+            w = group.get("weights") or {} if isinstance(group, Mapping) else {}
+            bits, kind = int(w.get("num_bits", 16) or 16), str(w.get("type", "int"))
+            acts = group.get("input_activations") if isinstance(group, Mapping) else None
+            if bits == 8 and kind == "float":
+                return "fp8"
+            if bits == 8:
+                return "int8" if acts else "w8a16"
+            if bits == 4:
+                return "int4"
+    return None
+
+
+def _skipped(patterns: list[str], modules: list[tuple[str, int]]) -> int:
+    """Parameters of the modules a not-convert / ignore list names: exact names or prefixes
+    (``model.layers.0``), ``re:`` regular expressions (compressed-tensors)."""
+    plain = [p for p in patterns if not p.startswith("re:")]
+    regex = [re.compile(p[3:]) for p in patterns if p.startswith("re:")]
+    total = 0
+    for name, n in modules:
+        hit = any(name == p or name.startswith(p + ".") for p in plain)
+        if hit or any(r.fullmatch(name) or r.fullmatch(name + ".weight") for r in regex):
+            total += n
+    return total
+
+
+def read_quantization(q: Mapping[str, Any], arch: ModelArch) -> tuple[str | None, int]:
+    """``(format, parameters left in 16-bit)`` from a checkpoint's ``quantization_config``:
+    ``quant_method`` fp8 / fbgemm_fp8 / modelopt FP8 / GPTQ / AWQ / compressed-tensors
+    (``config_groups``) and the modules it leaves unconverted (``modules_to_not_convert``,
+    ``ignore``, ``ignored_layers``; the lm_head is 16-bit anyway and not counted)."""
+    patterns: list[str] = []
+    for key in ("modules_to_not_convert", "ignore", "ignored_layers", "exclude_modules"):
+        value = q.get(key)
+        if isinstance(value, list):
+            patterns += [str(v) for v in value if str(v) != "lm_head"]
+    skipped = _skipped(patterns, module_params(arch)) if patterns else 0
+    return _format_of(q), skipped

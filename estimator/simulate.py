@@ -53,6 +53,13 @@ statistics. ``stable`` is False when the waiting queue
 keeps growing: at the last arrival more than ``max(10, 5%)`` of the requests still wait for
 admission and the last quarter waited over 1.5x as long as the second quarter.
 
+Per-request overhead (``StepModel.request_overhead_s``, ``api_service_s``): a request enters
+the engine after the API server's work; its serialised part is a FIFO stage (a burst queues
+there). TTFT and e2e count from the client's send. ``EngineLimits.reserve_output``: admission
+reserves the blocks of the prompt and the whole output (TensorRT-LLM's guaranteed-no-evict);
+no decode step then needs a new block and nothing is preempted. Closed-loop clients (arrival
+times set when a request ends): ``estimator.loads``.
+
 ``replay`` runs the same engine on a given request trace (arrival times and lengths) instead
 of draws from a ``Workload``, so a measured run can be compared with the model request by
 request (bench/estimator_accuracy.py).
@@ -73,7 +80,7 @@ from typing import Protocol
 
 import numpy as np
 
-from estimator.engine import StepModel
+from estimator.engine import StepModel, prefill_pairs
 
 _ITL_POINTS_PER_RUN = 8
 _DRIFT_BLOCKS_PER_TAU = 8
@@ -94,6 +101,9 @@ class EngineLimits:
     block_size: int = 16
     max_num_batched_tokens: int = 8192
     prefix_cache_hit_ratio: float = 0.0
+    reserve_output: bool = False
+    """Admit a request only when the KV blocks of its prompt *and* its whole output fit, and
+    keep them reserved (TensorRT-LLM's ``GUARANTEED_NO_EVICT``): no preemption ever."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.block_size < 1:
@@ -339,8 +349,18 @@ class _Sim:
         outputs: list[int],
         *,
         seed: int = 0,
+        closed_loop: bool = False,
     ) -> None:
         n = len(arrivals)
+        # the engine sees a request after the API server's per-request work: a latency
+        # (request_overhead_s) of which api_service_s is serialised (one request at a time)
+        self.api, self.api_service = step.request_overhead_s, step.api_service_s
+        self.api_free = -math.inf
+        self.client = list(arrivals)  # when each client sent its request
+        arrivals = [self._through_api(a) for a in arrivals]
+        self.closed = closed_loop
+        self.assigned = sum(1 for a in arrivals if a < math.inf)
+        self.reserve = limits.reserve_output
         self.jitter = step.jitter_sigma if step.jitter_sigma >= _MIN_JITTER else 0.0
         self._seed = seed
         self._jrng: np.random.Generator | None = None  # made on the first prefill step
@@ -416,6 +436,8 @@ class _Sim:
         return nb <= self.free or nb > self.total_blocks  # the latter: truncate it now
 
     def _blocks_for(self, i: int) -> int:
+        if self.reserve:
+            return -(-(self.cur_prompt[i] + self.out[i] - self.emitted[i]) // self.bs)
         return -(-self.cur_prompt[i] // self.bs)
 
     def _uncached(self, i: int) -> int:
@@ -423,7 +445,7 @@ class _Sim:
 
     def _one_step(self) -> None:
         bs = self.bs
-        need = self.phase_count[(-self.G) % bs] if self.n_dec else 0
+        need = self.phase_count[(-self.G) % bs] if self.n_dec and not self.reserve else 0
         while need > self.free:
             self._preempt()
             need = self.phase_count[(-self.G) % bs] if self.n_dec else 0
@@ -431,8 +453,12 @@ class _Sim:
         chunks, budget = self._prefill_chunks(budget)
         chunks += self._admit(budget)
         prefill = sum(c for _, c in chunks)
+        pairs = 0
+        if self.step.prefill_attn_s_per_pair:
+            for i, c in chunks:
+                pairs += prefill_pairs(self.prompt[i] - self._uncached(i) + self.done_pre[i], c)
         d = self.n_dec
-        dt = self.step.step_time(prefill, d, self.ctx_base + d * self.G)
+        dt = self.step.step_time(prefill, d, self.ctx_base + d * self.G, pairs)
         if self.drift is not None:
             dt *= self.drift.factor(self.t)
         took = dt * self._jitter_factor() if prefill and self.jitter else dt
@@ -532,7 +558,7 @@ class _Sim:
     def _leave_decode(self, i: int) -> None:
         """Remove decoding sequence ``i`` from the aggregates and free its blocks."""
         kv = self.kv0[i] + self.G - self.g0[i]
-        self.free += -(-kv // self.bs)
+        self.free += self.blocks[i] if self.reserve else -(-kv // self.bs)
         self.phase_count[self.phase[i]] -= 1
         self.n_dec -= 1
         self.ctx_base -= self.kv0[i] - self.g0[i]
@@ -541,6 +567,20 @@ class _Sim:
     def _finish(self, i: int) -> None:
         self.state[i] = 4
         self.finish_t[i] = self.t
+        if self.closed and self.assigned < len(self.arr):
+            # the client whose request ended sends its next one at once (closed loop)
+            self.client[self.assigned] = self.t
+            self.arr[self.assigned] = self._through_api(self.t)
+            self.assigned += 1
+
+    def _through_api(self, t: float) -> float:
+        """When a request sent at ``t`` reaches the engine: the API server serves requests
+        one at a time for ``api_service_s`` each, within ``request_overhead_s`` of latency."""
+        if t == math.inf or not (self.api or self.api_service):
+            return t + self.api
+        start = max(t, self.api_free)
+        self.api_free = start + self.api_service
+        return start + max(self.api, self.api_service)
 
     def _preempt(self) -> None:
         """vLLM recompute preemption of the most recently admitted running sequence."""
@@ -572,7 +612,8 @@ class _Sim:
         while heap and (heap[0][1] != self.ver[heap[0][2]] or self.state[heap[0][2]] != 3):
             heapq.heappop(heap)
         k = heap[0][0] - self.G
-        k = min(k, (self.free // self.n_dec) * self.bs)
+        if not self.reserve:
+            k = min(k, (self.free // self.n_dec) * self.bs)
         gap = math.inf
         # an arrival changes the batch only if it can be admitted at once
         if (
@@ -603,7 +644,7 @@ class _Sim:
         total = k * a + b * k * (k - 1) / 2
         alloc = 0
         for r, cnt in enumerate(self.phase_count):
-            if cnt:
+            if cnt and not self.reserve:
                 j0 = (-(r + G)) % bs
                 if j0 < k:
                     alloc += cnt * (1 + (k - 1 - j0) // bs)
@@ -617,7 +658,7 @@ class _Sim:
         self._finish_decoders()
 
     def trace(self) -> SimTrace:
-        arrival = np.asarray(self.arr)
+        arrival = np.asarray(self.client)  # when the client sent it
         finish = np.asarray(self.finish_t)
         done_sorted = np.sort(finish)
         inflight = np.arange(arrival.size) - np.searchsorted(done_sorted, arrival, side="right")

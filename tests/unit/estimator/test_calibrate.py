@@ -351,3 +351,42 @@ def test_learns_the_speed_drift_from_residuals_shared_in_time(sigma: float) -> N
         assert 0.5 * sigma <= step.drift_sigma <= 1.3 * sigma
         assert 0.5 <= step.drift_tau_s <= 30.0
     assert rel(step.overhead_s, TRUE.overhead_s) < 0.25
+
+
+# --- issue 14: the prefill attention term and offsets the prior fixes ----------------------
+
+
+def test_attention_term_is_learned_from_a_mix_of_prompt_lengths() -> None:
+    """An engine whose prefill is quadratic: with prompts of 256 and 2048 tokens the fit
+    tells the attention pairs from the linear tokens, and long prompts' TTFTs come out right;
+    without the term (the calibrator before issue 14) long prompts are under-predicted."""
+    true = dataclasses.replace(TRUE, prefill_attn_s_per_pair=4e-8)
+    wl = Workload(prompt_tokens=np.array([256, 2048] * 200), output_tokens=np.array([60] * 400))
+    records: list[RequestRecord] = []
+    offset = 0.0
+    for k, rate in enumerate([0.5, 1.5, 3.0]):
+        _, tr = simulate_trace(true, LIMITS, wl, rate, n_requests=800, seed=k)
+        records += from_trace(tr, offset)
+        offset += float(np.nanmax(tr.finish_s)) + 10.0
+    with_attn = fitted(records, config=NO_FORGET).fit()
+    without = fitted(records, config=dataclasses.replace(NO_FORGET, fit_attention=False)).fit()
+    assert rel(with_attn.step.prefill_attn_s_per_pair, 4e-8) < 0.3
+    assert without.step.prefill_attn_s_per_pair == 0.0
+    want = true.ttft_idle(2048)
+    assert rel(with_attn.step.ttft_idle(2048), want) < 0.05
+    assert without.step.ttft_idle(2048) < with_attn.step.ttft_idle(2048)
+
+
+def test_prior_offsets_are_carried_and_not_fitted_twice() -> None:
+    """A prior's per-request cost is a known part of every TTFT: a fit on records of an
+    engine with that cost returns the same cost and the other coefficients unchanged."""
+    api = 0.02
+    true = dataclasses.replace(TRUE, request_overhead_s=api)
+    records = simulated(true, [0.5, 2.0])
+    prior = dataclasses.replace(TRUE, request_overhead_s=api)
+    cal = fitted(records, prior=prior, config=NO_FORGET).fit()
+    assert cal.step.request_overhead_s == api
+    assert rel(cal.step.prefill_s_per_token, TRUE.prefill_s_per_token) < 0.15
+    assert rel(cal.step.overhead_s, TRUE.overhead_s) < 0.15
+    ratios = cal.vs_prior()
+    assert all(0.8 < ratios[k] < 1.25 for k in ("itl_batch8", "prefill_1024"))

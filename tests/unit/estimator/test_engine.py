@@ -106,8 +106,14 @@ def test_roofline_prior_terms(catalog: dict[str, GpuSpec]) -> None:
     bw = g.mem_bandwidth_bps * eff.bandwidth
     assert p.overhead_s == pytest.approx(eff.step_overhead_s + weight_bytes(a, "bf16") / bw)
     assert p.kv_s_per_token == pytest.approx(a.kv_bytes_per_token("auto") / bw)
-    flops = a.prefill_flops(1024, 0) / 1024
-    assert p.prefill_s_per_token == pytest.approx(flops / (g.bf16_flops * eff.prefill_mfu))
+    body = a.active_matmul_params - a.lm_head_params
+    assert p.prefill_s_per_token == pytest.approx(2 * body / (g.bf16_flops * eff.prefill_mfu))
+    # the attention term prices exactly what prefill_flops counts beyond the matmuls
+    pairs = 1024 * 1025 // 2
+    attn = a.prefill_flops(1024, 0) - 2 * body * 1024 - 2 * a.lm_head_params
+    assert p.prefill_attn_s_per_pair * pairs == pytest.approx(
+        attn / (g.bf16_flops * eff.prefill_mfu)
+    )
 
 
 def test_tensor_parallel_splits_work_and_adds_allreduce(catalog: dict[str, GpuSpec]) -> None:
@@ -148,3 +154,67 @@ def test_more_bandwidth_or_flops_never_slows_a_step(
     for p in (faster_mem, faster_fl):
         for args in [(0, 1, 1000), (2048, 0, 0), (512, 64, 64_000)]:
             assert p.step_time(*args) <= base.step_time(*args) * (1 + 1e-12)
+
+
+# --- issue 14: prefill attention, per-request cost, MoE, engine profiles ------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40_000), chunk=st.integers(1, 9000))
+def test_chunking_never_changes_the_attention_work(n: int, chunk: int) -> None:
+    from estimator.engine import prefill_pairs
+
+    done, pairs = 0, 0
+    while done < n:
+        c = min(chunk, n - done)
+        pairs += prefill_pairs(done, c)
+        done += c
+    assert pairs == prefill_pairs(0, n) == n * (n + 1) // 2
+
+
+def test_long_prompts_cost_more_per_token(catalog: dict[str, GpuSpec]) -> None:
+    p = roofline_prior(arch("llama-3.1-8b"), get_gpu(catalog, "h100-sxm"), offline=True)
+    # the marginal cost of a prompt token grows with the tokens before it
+    t = [p.ttft_idle(n) for n in (8192, 16_384, 24_576, 32_768)]
+    assert t[1] - t[0] < t[2] - t[1] < t[3] - t[2]
+    # at 32k the attention adds more than a third to the matmuls (issue 14: ~1.5x)
+    linear = p.prefill_s_per_token * 32_768
+    assert p.ttft_idle(32_768) > 1.3 * linear
+
+
+def test_request_overhead_is_in_ttft_only(catalog: dict[str, GpuSpec]) -> None:
+    a, g = arch("llama-3.1-8b"), get_gpu(catalog, "h100-sxm")
+    online, offline = roofline_prior(a, g), roofline_prior(a, g, offline=True)
+    assert online.request_overhead_s > 0 == offline.request_overhead_s
+    assert online.ttft_idle(100) - offline.ttft_idle(100) == pytest.approx(
+        online.request_overhead_s
+    )
+    assert online.itl_at(8, 1000) == offline.itl_at(8, 1000)
+
+
+def test_moe_decode_reads_only_the_experts_it_touches(catalog: dict[str, GpuSpec]) -> None:
+    a, g = arch("mixtral-8x7b-v0.1"), get_gpu(catalog, "h100-sxm")
+    p = roofline_prior(a, g, tp=2)
+    assert p.moe_experts == 8 and p.moe_topk == 2 and p.moe_weight_s > p.overhead_s
+    assert p.experts_touched(1) == pytest.approx(2 / 8)
+    assert p.experts_touched(1) < p.experts_touched(4) < p.experts_touched(64) <= 1.0
+    # batch 1 streams a quarter of the experts, a big batch nearly all of them
+    one = p.step_time(0, 1, 1000) - p.step_time(0, 0, 0)
+    assert one < 0.5 * p.moe_weight_s
+    dense = roofline_prior(arch("llama-3.1-8b"), g)
+    assert dense.moe_weight_s == 0.0 and dense.experts_touched(100) == 0.0
+
+
+def test_enforce_eager_adds_step_overhead(catalog: dict[str, GpuSpec]) -> None:
+    a, g = arch("llama-3.1-8b"), get_gpu(catalog, "a100-80gb")
+    assert roofline_prior(a, g, enforce_eager=True).overhead_s > roofline_prior(a, g).overhead_s
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "trtllm", "tgi", "llamacpp"])
+def test_every_engine_gives_a_physical_prior(catalog: dict[str, GpuSpec], engine: str) -> None:
+    a, g = arch("llama-3.1-8b"), get_gpu(catalog, "h100-sxm")
+    p = roofline_prior(a, g, engine=engine)
+    weights_s = weight_bytes(a, "bf16") / g.mem_bandwidth_bps
+    assert p.overhead_s > weights_s  # at most the full bandwidth
+    assert p.itl_at(64, 1000) > p.itl_at(1, 1000) > 0
+    assert p.ttft_idle(2000) > p.ttft_idle(1000) > 0

@@ -352,3 +352,76 @@ def test_cpu_plan_defaults_are_the_cpu_backends() -> None:
     )
     uncapped = replace(p, max_num_seqs=10_000)
     assert max_concurrent_seqs(uncapped, [2048]) == 512  # vLLM logs "512.00x" for 2,048 tokens
+
+
+# --- issue 14: engine memory semantics, mixed-precision checkpoints -----------------------
+
+
+def test_cpu_entry_is_planned_from_the_kv_space_not_a_memory_fraction() -> None:
+    from estimator.catalog import get_gpu as _get
+    from estimator.catalog import load_gpu_catalog as _load
+    from estimator.memory import cpu_plan
+
+    a = load_model_arch(CONFIGS / "llama-3.1-8b.json")
+    cpu = _get(_load(), "cpu")
+    plan = plan_memory(a, cpu, max_model_len=2048)
+    assert plan.kv_bytes_per_gpu == 4 * GIB  # VLLM_CPU_KVCACHE_SPACE default
+    assert plan.block_size == 128 and plan.max_num_seqs == 128
+    same = cpu_plan(a, kv_cache_space_bytes=4 * GIB, max_model_len=2048)
+    assert plan.num_blocks == same.num_blocks
+    one = plan_memory(a, cpu, max_model_len=2048, kv_cache_space_bytes=GIB)
+    assert one.num_blocks * 4 == plan.num_blocks
+
+
+def test_trtllm_kv_is_a_fraction_of_the_memory_free_after_loading() -> None:
+    from estimator.catalog import get_gpu as _get
+    from estimator.catalog import load_gpu_catalog as _load
+
+    a = load_model_arch(CONFIGS / "llama-3.1-8b.json")
+    g = _get(_load(), "h100-sxm")
+    p = plan_memory(a, g, engine="trtllm", gpu_memory_utilization=0.9, max_model_len=8192)
+    runtime = (p.weight_bytes_per_gpu + p.activation_bytes_per_gpu + p.cuda_graph_bytes_per_gpu
+               + p.non_torch_bytes_per_gpu)  # fmt: skip
+    assert p.kv_bytes_per_gpu == int(0.9 * (g.memory_bytes - runtime))
+    vllm = plan_memory(a, g, gpu_memory_utilization=0.9, max_model_len=8192)
+    assert p.kv_bytes_per_gpu < vllm.kv_bytes_per_gpu + 0.1 * g.memory_bytes
+
+
+def test_sampler_and_forward_peaks_add_up_in_vllm() -> None:
+    from estimator.catalog import get_gpu as _get
+    from estimator.catalog import load_gpu_catalog as _load
+
+    a = load_model_arch(CONFIGS / "llama-3.1-8b.json")
+    g = _get(_load(), "h100-sxm")
+    p = plan_memory(a, g, max_num_seqs=512, max_num_batched_tokens=8192, max_model_len=8192)
+    sampler = 512 * a.vocab_size * 16
+    assert p.activation_bytes_per_gpu > sampler  # forward + sampler, not the larger one
+
+
+def test_moe_workspace_counts_only_for_moe() -> None:
+    from estimator.memory import _moe_workspace
+
+    dense = load_model_arch(CONFIGS / "llama-3.1-8b.json")
+    moe = load_model_arch(CONFIGS / "mixtral-8x7b-v0.1.json")
+    assert _moe_workspace(dense, 1, 8192) == 0
+    assert _moe_workspace(moe, 2, 8192) > _moe_workspace(moe, 2, 2048) > 0
+
+
+def test_unconverted_modules_stay_16_bit(tmp_path: Path) -> None:
+    import json
+
+    raw = json.loads((CONFIGS / "llama-3.1-8b.json").read_text())
+    attn = [f"model.layers.{i}.self_attn.{p}" for i in range(32)
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj")]  # fmt: skip
+    raw["quantization_config"] = {"quant_method": "fbgemm_fp8", "modules_to_not_convert": attn}
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(raw))
+    mixed = load_model_arch(f)
+    plain = load_model_arch(CONFIGS / "llama-3.1-8b.json")
+    attn_params = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2)
+    assert mixed.quant_format == "fp8" and mixed.quant_skipped_params == attn_params
+    assert weight_bytes(mixed, "fp8") - weight_bytes(plain, "fp8") == pytest.approx(
+        attn_params, abs=2
+    )
+    # quantizing at load time (a 16-bit checkpoint, --quantization fp8) converts everything
+    assert weight_bytes(mixed, "int4") == weight_bytes(plain, "int4")

@@ -440,3 +440,48 @@ def test_unreadable_checkpoint_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text("{", encoding="utf-8")
     with pytest.raises(ArchError, match=r"index\.json: <file>: unreadable index"):
         load_model_arch(tmp_path)
+
+
+# --- issue 14: quantization_config read as a weight format and unconverted modules --------
+
+
+@pytest.mark.parametrize(
+    ("qc", "fmt"),
+    [({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8"),
+     ({"quant_method": "fbgemm_fp8"}, "fp8"),
+     ({"quant_method": "modelopt", "quant_algo": "FP8"}, "fp8"),
+     ({"quant_method": "gptq", "bits": 4}, "int4"),
+     ({"quant_method": "awq", "bits": 4}, "int4"),
+     ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+         "weights": {"num_bits": 8, "type": "float"}, "input_activations": {"num_bits": 8}}}},
+      "fp8"),
+     ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+         "weights": {"num_bits": 8, "type": "int"}, "input_activations": {"num_bits": 8}}}},
+      "int8"),
+     ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+         "weights": {"num_bits": 4, "type": "int"}}}}, "int4"),
+     ({"quant_method": "bitsandbytes"}, None)],
+    ids=["fp8-block", "fbgemm", "modelopt", "gptq", "awq", "ct-fp8", "ct-w8a8", "ct-w4a16", "bnb"],
+)  # fmt: skip
+def test_quantization_config_formats(qc: dict[str, object], fmt: str | None) -> None:
+    from estimator.modelarch import read_quantization
+
+    arch = load_model_arch(CONFIGS / "llama-3.1-8b.json")
+    assert read_quantization(qc, arch) == (fmt, 0)
+
+
+def test_ignore_lists_match_names_prefixes_and_regexes() -> None:
+    from estimator.modelarch import module_params, read_quantization
+
+    arch = load_model_arch(CONFIGS / "qwen3-30b-a3b.json")
+    modules = dict(module_params(arch))
+    router = sum(n for k, n in modules.items() if k.endswith(".mlp.gate"))
+    qc = {"quant_method": "compressed-tensors", "ignore": ["lm_head", "re:.*mlp.gate$"]}
+    assert read_quantization(qc, arch)[1] == router > 0
+    layer0 = sum(n for k, n in modules.items() if k.startswith("model.layers.0."))
+    assert read_quantization({"quant_method": "fp8", "modules_to_not_convert": [
+        "model.layers.0"]}, arch)[1] == layer0  # fmt: skip
+    # every linear module of the body is listed once
+    body = arch.total_params - arch.embedding_params - arch.lm_head_params - arch.hidden_size
+    norms_etc = arch.replicated_params - sum(modules[k] for k in modules if k.endswith(".gate"))
+    assert sum(modules.values()) == pytest.approx(body - norms_etc, rel=0.01)
