@@ -220,8 +220,8 @@ def test_predicts_any_simulated_engine(c0: float, cp: float, cd: float, ckv: flo
     assert rel(cal.step.overhead_s, true.overhead_s) < 0.10
     for batch in (1, 8, 24, 48):
         assert rel(cal.step.itl_at(batch, 900), true.itl_at(batch, 900)) < 0.10
-    for prompt in (200, 1000, 4000):
-        assert rel(cal.step.ttft_alone(prompt), true.ttft_alone(prompt)) < 0.10
+    for prompt in (200, 1000, 4000):  # the whole model: the fit may price some as attention
+        assert rel(cal.step.ttft_idle(prompt), true.ttft_idle(prompt)) < 0.10
 
 
 def test_follows_a_step_change_with_forgetting() -> None:
