@@ -19,17 +19,16 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for _p in (str(ROOT), str(ROOT / "bench"), str(ROOT / "tests" / "integration")):
+for _p in (str(ROOT),):
     if _p not in sys.path:
         sys.path.insert(0, _p)
-
-import estimator_accuracy as ea  # noqa: E402
 
 from estimator.calibrate import CalibratorConfig, OnlineCalibrator  # noqa: E402
 from estimator.projection import choose_step, engine_limits  # noqa: E402
 from estimator.records import BackendSnapshot, Outcome  # noqa: E402
 from estimator.service import EstimatorConfig  # noqa: E402
 from estimator.simulate import replay  # noqa: E402
+from tests.support import accuracy as ea  # noqa: E402
 
 
 def load_sent(path: Path) -> dict[int, list[tuple[float, ea.Sent]]]:

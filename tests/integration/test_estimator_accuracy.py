@@ -50,16 +50,12 @@ half a core during a step) says nothing about the model: it is skipped, or fails
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support import accuracy as ea
 from tests.support.real_backends import require, vllm_available
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import estimator_accuracy as ea
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

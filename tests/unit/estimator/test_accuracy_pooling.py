@@ -1,4 +1,4 @@
-"""The accuracy benchmark's own arithmetic (bench/estimator_accuracy.py): the engine's speed
+"""The accuracy benchmark's own arithmetic (tests/support/accuracy.py, run by bench/estimator_accuracy.py): the engine's speed
 change between phases, and the pooling of several seeds' ramps. No server: simulated records
 and hand-made steps."""
 
@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +13,7 @@ import pytest
 from estimator.engine import StepModel
 from estimator.records import ItlSummary, RequestRecord
 from estimator.simulate import EngineLimits, Workload, simulate_trace
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
-
-import estimator_accuracy as ea
+from tests.support import accuracy as ea
 
 STEP = StepModel(overhead_s=0.008, prefill_s_per_token=4e-4, decode_s_per_seq=2e-4,
                  kv_s_per_token=2e-6)  # fmt: skip
