@@ -14,9 +14,11 @@ Steps:
 
 1. step model: the calibrated fit when trusted, else the roofline prior (model config + GPU),
    else none: ``insufficient_data``, no capacity figures;
-2. engine limits: the engine's exposed KV blocks and ``max_num_seqs``, else the memory plan,
-   else ``max_num_seqs`` with an unbounded KV cache (said in the notes); offline, a plan that
-   does not fit is final (``does_not_fit``: alternatives, no capacity);
+2. engine limits (``estimator.limits.engine_limits``): the engine's exposed KV blocks and
+   ``max_num_seqs``, else the memory plan, else the engine profile's defaults for the GPU
+   (``EstimatorConfig.engine``), with an unbounded KV cache when neither the engine nor a plan
+   gives one (said in the notes); offline, a plan that does not fit is final
+   (``does_not_fit``: alternatives, no capacity);
 3. capacity at the SLO per replica (simulated); replicas: those serving now, or offline the
    recommended count (so the configuration shown is one that meets the SLO);
 4. at the current rate per replica: projected p95 TTFT and ITL (over all token gaps), checked
@@ -46,6 +48,9 @@ from estimator.capacity import CapacityResult, latency_curve, max_rate_at_slo
 from estimator.catalog import GpuSpec
 from estimator.cost import CostFigures, cost_figures, deployment_usd_per_hour, token_times
 from estimator.engine import StepModel
+from estimator.engines import get_profile
+from estimator.limits import assumed_limits
+from estimator.limits import engine_limits as resolve_limits
 from estimator.memory import MemoryPlan, plan_memory
 from estimator.modelarch import ModelArch
 from estimator.report import (
@@ -266,31 +271,47 @@ def _pct(x: float | None) -> str:
 
 
 def engine_limits(
-    engine: EngineObserved, plan: MemoryPlan | None, cfg: EstimatorConfig, hit: float
+    engine: EngineObserved,
+    plan: MemoryPlan | None,
+    cfg: EstimatorConfig,
+    hit: float,
+    gpu: GpuSpec | None = None,
 ) -> tuple[EngineLimits, list[str]]:
-    """What bounds batching: exposed, else planned, else assumed (the notes say which)."""
+    """What bounds batching: exposed by the engine, else planned, else the ``cfg.engine``
+    profile's defaults for ``gpu`` (``estimator.limits.engine_limits``: vLLM's CPU build
+    runs 128 sequences and 2048 batched tokens; TensorRT-LLM reserves each request's
+    output); the notes say where the KV capacity came from."""
     hit = min(max(hit, 0.0), 0.95)
-    seqs = engine.max_num_seqs
-    if engine.kv_capacity_tokens and engine.block_size:
-        m = seqs or cfg.max_num_seqs
-        return EngineLimits(max_num_seqs=m, kv_capacity_tokens=engine.kv_capacity_tokens,
-                            block_size=engine.block_size, max_num_batched_tokens=max(8192, m),
-                            prefix_cache_hit_ratio=hit), []  # fmt: skip
-    if plan is not None and plan.fits:
-        m = seqs or plan.max_num_seqs
-        limits = EngineLimits(max_num_seqs=m,
-                              kv_capacity_tokens=max(plan.kv_capacity_tokens, plan.block_size),
-                              block_size=plan.block_size,
-                              max_num_batched_tokens=max(plan.max_num_batched_tokens, m),
-                              prefix_cache_hit_ratio=hit)  # fmt: skip
-        return limits, ["KV capacity from the memory plan"]
-    m = seqs or cfg.max_num_seqs
+    seqs = engine.max_num_seqs or cfg.max_num_seqs
+    exposed = engine.block_size if engine.kv_capacity_tokens and engine.block_size else None
+    blocks = engine.kv_capacity_tokens // exposed if exposed and engine.kv_capacity_tokens else None
+    usable = plan if plan is not None and plan.fits else None
+    if gpu is not None and (blocks or usable is not None):
+        r = resolve_limits(gpu, engine=cfg.engine, plan=usable, block_size=exposed,
+                           num_blocks=blocks, max_num_seqs=seqs,
+                           max_num_batched_tokens=cfg.max_num_batched_tokens,
+                           prefix_cache_hit_ratio=hit)  # fmt: skip
+        planned = r.origin["kv_capacity_tokens"] == "plan"
+        return r.limits, ["KV capacity from the memory plan"] if planned else []
+    d = assumed_limits(cfg.engine, gpu)  # the GPU type or the KV capacity is unknown
+    m = seqs or d.max_num_seqs
+    batched = max(cfg.max_num_batched_tokens or d.max_num_batched_tokens, m)
+    reserve = get_profile(cfg.engine).scheduler == "guaranteed_no_evict"
+    if blocks and exposed:
+        return EngineLimits(max_num_seqs=m, kv_capacity_tokens=blocks * exposed,
+                            block_size=exposed, max_num_batched_tokens=batched,
+                            prefix_cache_hit_ratio=hit, reserve_output=reserve), []  # fmt: skip
     return EngineLimits(max_num_seqs=m, kv_capacity_tokens=_UNBOUNDED_KV,
-                        max_num_batched_tokens=max(8192, m), prefix_cache_hit_ratio=hit), [
+                        max_num_batched_tokens=batched, prefix_cache_hit_ratio=hit,
+                        reserve_output=reserve), [
         f"KV capacity unknown: assumed unbounded, max_num_seqs={m}"]  # fmt: skip
 
 
-def fit_report(cal: Calibration | None, source: str, transfer: advisor.Transfer) -> FitReport:
+def fit_report(
+    cal: Calibration | None, source: str, transfer: advisor.Transfer, *, has_prior: bool = False
+) -> FitReport:
+    """The fit's error and, with a calibration against an engine profile's prior
+    (``has_prior``), how far the live engine is from that profile (``vs_prior``)."""
     p50 = [e for e in (cal.ttft_mare, cal.itl_mare) if e is not None] if cal else []
     p90 = [e for e in (cal.ttft_p90_re, cal.itl_p90_re) if e is not None] if cal else []
     return FitReport(
@@ -301,7 +322,12 @@ def fit_report(cal: Calibration | None, source: str, transfer: advisor.Transfer)
         step_jitter_sigma=cal.step.jitter_sigma if cal else None,
         step_drift_sigma=cal.step.drift_sigma if cal else None,
         step_drift_tau_s=cal.step.drift_tau_s if cal else None,
+        vs_prior=_finite_values(cal.vs_prior()) if cal is not None and has_prior else None,
     )  # fmt: skip
+
+
+def _finite_values(d: Mapping[str, float]) -> dict[str, float | None]:
+    return {k: v if math.isfinite(v) else None for k, v in d.items()}
 
 
 def transfer_of(cal: Calibration | None, source: str, prior: StepModel | None,
@@ -365,7 +391,9 @@ class _Pass:
                     kv_dtype=self.cfg.kv_dtype,
                     gpu_memory_utilization=self.cfg.gpu_memory_utilization,
                     max_num_seqs=inp.engine.max_num_seqs or self.cfg.max_num_seqs,
-                    max_model_len=self.max_model_len())  # fmt: skip
+                    max_num_batched_tokens=self.cfg.max_num_batched_tokens,
+                    max_model_len=self.max_model_len(), engine=self.cfg.engine,
+                    enforce_eager=self.cfg.enforce_eager)  # fmt: skip
             except ValueError as e:  # e.g. a TP degree the model cannot be split into
                 self.notes.append(f"no memory plan: {e}")
 
@@ -388,13 +416,10 @@ class _Pass:
         self.notes += step_notes
         if step is None or t is None or t.workload is None:
             why: list[str] = [] if step is None else ["no requests with token counts yet"]
-            return Projection(
-                report=self.empty(
-                    "insufficient_data", why, fit=fit_report(cal, source, advisor.Transfer())
-                )
-            )
+            fit = fit_report(cal, source, advisor.Transfer(), has_prior=inp.prior is not None)
+            return Projection(report=self.empty("insufficient_data", why, fit=fit))
         transfer = transfer_of(cal, source, inp.prior, t.workload)
-        fit = fit_report(cal, source, transfer)
+        fit = fit_report(cal, source, transfer, has_prior=inp.prior is not None)
         if not inp.running and self.plan is not None and not self.plan.fits:
             self.notes += [f"does not fit: {r}" for r in self.plan.reasons]
             alts = self.alternatives(t, transfer, t.report.rate_rps, None)
@@ -402,7 +427,8 @@ class _Pass:
             return Projection(report=self.empty(
                 "does_not_fit", [], fit=fit, alternatives=alts,
                 recommendations=[r for r in recs if r is not None]))  # fmt: skip
-        limits, lim_notes = engine_limits(inp.engine, self.plan, cfg, t.report.cached_ratio)
+        limits, lim_notes = engine_limits(inp.engine, self.plan, cfg, t.report.cached_ratio,
+                                          inp.gpu)  # fmt: skip
         self.notes += lim_notes
         w = t.workload
         p90 = float(np.percentile(w.prompt_tokens, 90))
@@ -426,6 +452,7 @@ class _Pass:
             observed_window_s=obs.window_s if obs else None,
             observed_requests=obs.requests if obs else 0, observed_gaps=obs.gaps if obs else 0,
             memory=memory_report(self.plan, inp.arch) if self.plan and inp.arch else None,
+            engine=self.cfg.engine,
         )  # fmt: skip
 
     def empty(
@@ -554,8 +581,9 @@ class _Pass:
         if mml is None and t.total_tokens_p999 is not None:  # what the traffic needs (advisor)
             mml = advisor.suggested_max_model_len(t.total_tokens_p999, self.inp.arch)
         return advisor.SearchSettings(
-            slo=cfg.slo, peak_rps=peak, spare_replicas=cfg.spare_replicas,
+            slo=cfg.slo, peak_rps=peak, spare_replicas=cfg.spare_replicas, engine=cfg.engine,
             max_num_seqs=self.inp.engine.max_num_seqs or cfg.max_num_seqs, max_model_len=mml,
+            max_num_batched_tokens=cfg.max_num_batched_tokens, enforce_eager=cfg.enforce_eager,
             gpu_memory_utilization=cfg.gpu_memory_utilization, prefix_cache_hit_ratio=hit,
             gpus=cfg.advisor_gpus, max_simulated=cfg.advisor_max_simulated,
             n_requests=cfg.sim_requests,

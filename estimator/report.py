@@ -113,6 +113,10 @@ class FitReport:
     step_jitter_sigma: float | None = None  # lognormal sigma of step-to-step noise, learned
     step_drift_sigma: float | None = None  # lognormal sigma of the slowly wandering speed
     step_drift_tau_s: float | None = None  # its correlation time
+    vs_prior: dict[str, float | None] | None = None
+    """How far the live engine is from its engine profile's prior (``Calibration.vs_prior``):
+    fitted / prior per coefficient, of the ITL at batch 8 and of a 1024-token prefill (1.0:
+    the profile was right; 2.0: twice as slow); None without a calibration or a prior."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -231,6 +235,7 @@ class DeploymentReport:
     recommendations: tuple[Recommendation, ...] = ()
     alternatives: tuple[Alternative, ...] = ()
     latency_curve: tuple[CurvePoint, ...] = ()
+    engine: str | None = None  # the serving engine's profile (estimator.engines)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
