@@ -27,7 +27,11 @@ Steps:
 5. uncertainty: the capacity band is the fit's p90 error (an uncalibrated prior: +-50%),
    widened to the model's miss at the measured rate when the window holds enough data; a band
    wider than ``max_actionable_band`` gives a replica range, not a count;
-6. advice and the ranked alternatives, from the same inputs.
+6. advice and the ranked alternatives, from the same inputs;
+7. offline, when asked (``DeploymentInputs.bench``): one replica under a benchmark load
+   (Poisson at the offered rate per replica, ``concurrency N`` or ``burst N``:
+   ``estimator.loads``), mean and percentiles with their bands, and every engine profile
+   under the same load, ranked (``estimator.runtimes``).
 
 Longer than the house's 400 lines: the inputs, the pass and its pieces are one unit, the only
 place a figure of a report is computed.
@@ -51,19 +55,24 @@ from estimator.engine import StepModel
 from estimator.engines import get_profile
 from estimator.limits import assumed_limits
 from estimator.limits import engine_limits as resolve_limits
+from estimator.loads import Load, LoadResult, Stats, simulate_load
 from estimator.memory import MemoryPlan, plan_memory
 from estimator.modelarch import ModelArch
 from estimator.report import (
     Alternative,
     CurvePoint,
     DeploymentReport,
+    EngineChoiceReport,
     FitReport,
+    LatencyStats,
+    LoadReport,
     MemoryReport,
     ModelCheck,
     Recommendation,
     TrafficReport,
     Uncertainty,
 )
+from estimator.runtimes import EngineChoice, compare_engines
 from estimator.settings import EstimatorConfig
 from estimator.simulate import EngineLimits, SimResult, Workload, simulate
 from estimator.traffic import Forecaster, TrafficProfile, TrafficStats
@@ -177,6 +186,15 @@ class EngineObserved:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BenchRequest:
+    """A simulated benchmark run to add to an offline report (module docstring, step 7)."""
+
+    load: Load | None = None  # None: Poisson at the offered rate per replica
+    compare_engines: bool = True  # also every engine profile under the same load
+    max_requests: int = 12000  # simulated per run at most (a closed loop sends 4 per client)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeploymentInputs:
     """Everything ``project`` reads (see the module docstring)."""
 
@@ -197,6 +215,7 @@ class DeploymentInputs:
     calibration: Calibration | None = None
     prior: StepModel | None = None
     curve_points: int = 0  # simulated latency-vs-rate points for plots (offline)
+    bench: BenchRequest | None = None  # a simulated benchmark run (offline)
 
 
 # ---- outputs ------------------------------------------------------------------------------
@@ -426,7 +445,8 @@ class _Pass:
             recs = [advisor.advise_oom(self.plan), *advisor.advise_alternatives(alts)]
             return Projection(report=self.empty(
                 "does_not_fit", [], fit=fit, alternatives=alts,
-                recommendations=[r for r in recs if r is not None]))  # fmt: skip
+                recommendations=[r for r in recs if r is not None],
+                engines=self.engines(t, self.bench_load(t, None))))  # fmt: skip
         limits, lim_notes = engine_limits(inp.engine, self.plan, cfg, t.report.cached_ratio,
                                           inp.gpu)  # fmt: skip
         self.notes += lim_notes
@@ -458,6 +478,7 @@ class _Pass:
     def empty(
         self, status: str, notes: Sequence[str], *, fit: FitReport | None = None,
         alternatives: tuple[Alternative, ...] = (), recommendations: Sequence[Recommendation] = (),
+        engines: tuple[EngineChoiceReport, ...] = (),
     ) -> DeploymentReport:  # fmt: skip
         replicas, traffic = self.inp.replicas or 1, self.inp.traffic
         cost = None
@@ -479,7 +500,7 @@ class _Pass:
             actionable=False, cost=cost, cost_at_capacity=None,
             fit=fit or FitReport(source="none", samples=0, rel_error_p50=None,
                                  rel_error_p90=None, trusted=False),
-            recommendations=tuple(recommendations), alternatives=alternatives,
+            recommendations=tuple(recommendations), alternatives=alternatives, engines=engines,
         )  # fmt: skip
 
     def full(self, t: TrafficInputs, b: Basis, fit: FitReport,
@@ -499,6 +520,8 @@ class _Pass:
         cost, cost_cap = self.costs(b, replicas, rate, capacity)
         alts = self.alternatives(t, transfer, peak, cap)
         recs = self.advice(t, b, transfer, band, replicas, peak, alts)
+        load = self.bench_load(t, replicas)
+        bench = self.bench(b, load)
         return DeploymentReport(
             **self._common(replicas), status="ok", notes=tuple(self.notes),  # type: ignore[arg-type]
             traffic=t.report, capacity_rps=capacity, capacity_rps_per_replica=per,
@@ -513,7 +536,8 @@ class _Pass:
             seconds_to_breach=breach, recommended_replicas=needed if actionable else None,
             actionable=actionable, cost=cost, cost_at_capacity=cost_cap, fit=fit,
             model_check=check, recommendations=tuple(recs), alternatives=alts,
-            latency_curve=self.curve(b, rate / replicas),
+            latency_curve=self.curve(b, rate / replicas), load=bench,
+            engines=self.engines(t, load),
         )  # fmt: skip
 
     # ---- figures ------------------------------------------------------------------------------
@@ -573,6 +597,45 @@ class _Pass:
         return tuple(CurvePoint(rate_rps=s.rate_rps, ttft_p95_s=_finite(s.ttft_q_s),
                                 itl_p95_s=_finite(s.itl_q_s), meets_slo=self.cfg.slo.met_by(s))
                      for s in sims)  # fmt: skip
+
+    # ---- a benchmark run (offline) -----------------------------------------------------------
+    def bench_load(self, t: TrafficInputs, replicas: int | None) -> Load | None:
+        """The load asked for; else Poisson at the offered rate per replica (none unknown)."""
+        req = self.inp.bench
+        if req is None or req.load is not None:
+            return req.load if req is not None else None
+        rate = t.report.rate_rps / max(1, replicas or self.inp.replicas or 1)
+        return Load.poisson(rate) if rate > 0 else None
+
+    def bench_requests(self, load: Load) -> int:
+        """A Poisson run or a closed loop: ``sim_requests``, at least 4 per client, capped."""
+        cap = self.inp.bench.max_requests if self.inp.bench else 12000
+        clients = int(load.value) if load.kind == "concurrency" else 0
+        return max(1, min(max(self.cfg.sim_requests, 4 * clients), cap))
+
+    def bench(self, b: Basis, load: Load | None) -> LoadReport | None:
+        if load is None:
+            return None
+        r = simulate_load(b.step, b.limits, b.workload, load, n_requests=self.bench_requests(load))
+        return load_report(r, self.cfg.engine)
+
+    def engines(self, t: TrafficInputs, load: Load | None) -> tuple[EngineChoiceReport, ...]:
+        """Every engine profile under the same deployment and load, ranked (offline)."""
+        arch, gpu, req, cfg = self.inp.arch, self.inp.gpu, self.inp.bench, self.cfg
+        if load is None or req is None or not req.compare_engines or t.workload is None:
+            return ()
+        if arch is None or gpu is None:
+            return ()
+        hit = min(max(t.report.cached_ratio, 0.0), 0.95)
+        choices = compare_engines(
+            arch, gpu, t.workload, load, tp=cfg.gpus_per_backend, quant=cfg.quant,
+            kv_dtype=cfg.kv_dtype, max_model_len=self.max_model_len(),
+            n_requests=self.bench_requests(load), max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
+            prefix_cache_hit_ratio=hit,
+        )  # fmt: skip
+        return tuple(engine_choice_report(c, current=c.engine == cfg.engine) for c in choices)
 
     # ---- advice -------------------------------------------------------------------------------
     def settings(self, peak: float, hit: float, t: TrafficInputs) -> advisor.SearchSettings:
@@ -651,6 +714,41 @@ class _Pass:
             ),
         )
         return advisor.evaluate(cand, w, settings, transfer, capacity=cap)
+
+
+def _stats(s: Stats) -> LatencyStats:
+    return LatencyStats(mean=s.mean, p50=s.p50, p90=s.p90, p95=s.p95, p99=s.p99)
+
+
+_BAND_SOURCE = (
+    "10th-90th percentile of published / predicted on the validation rows of "
+    "bench/data/published.yaml: an ~80% interval for the uncalibrated prior"
+)
+
+
+def load_report(r: LoadResult, engine: str) -> LoadReport:
+    """A simulated run as the report carries it, each metric's band around its mean."""
+    bands = {m: r.band(m) for m in ("throughput", "ttft", "itl", "e2e")}
+    bands["tpot"] = r.band("itl", r.tpot.mean)  # a request's mean gap: ITL's band
+    return LoadReport(
+        engine=engine, load=r.load.describe(), kind=r.load.kind, value=r.load.value,
+        requests=r.n_requests, counted=r.n_counted, ttft=_stats(r.ttft), itl=_stats(r.itl),
+        tpot=_stats(r.tpot), e2e=_stats(r.e2e), output_tokens_per_s=r.output_tokens_per_s,
+        requests_per_s=r.requests_per_s, input_tokens_per_s=r.input_tokens_per_s,
+        mean_running=r.mean_running, peak_running=r.peak_running, preemptions=r.preemptions,
+        bands=bands, band_source=_BAND_SOURCE,
+    )  # fmt: skip
+
+
+def engine_choice_report(c: EngineChoice, *, current: bool = False) -> EngineChoiceReport:
+    r = c.result
+    return EngineChoiceReport(
+        rank=c.rank, engine=c.engine, title=c.title, fits=r is not None,
+        output_tokens_per_s=r.output_tokens_per_s if r else None,
+        ttft_mean_s=r.ttft.mean if r else None, ttft_p99_s=r.ttft.p99 if r else None,
+        itl_mean_s=r.itl.mean if r else None, e2e_mean_s=r.e2e.mean if r else None,
+        kv_capacity_tokens=c.plan.kv_capacity_tokens, validation=c.validation, current=current,
+    )  # fmt: skip
 
 
 def _rel(projected: float, observed: float | None) -> float | None:

@@ -10,9 +10,12 @@ import pytest
 
 from estimator.catalog import load_gpu_catalog
 from estimator.engine import roofline_prior
+from estimator.engines import get_profile, profile_names
+from estimator.loads import Load
 from estimator.memory import plan_memory
 from estimator.modelarch import load_model_arch
 from estimator.projection import (
+    BenchRequest,
     DeploymentInputs,
     EngineObserved,
     ObservedLatency,
@@ -190,3 +193,43 @@ def test_without_kv_figures_the_cache_is_assumed_unbounded_and_said() -> None:
     limits, notes = engine_limits(EngineObserved(), None, cfg, 0.5, CATALOG["h100-sxm"])
     assert limits.max_num_seqs == 4096 and limits.prefix_cache_hit_ratio == 0.5
     assert notes == ["KV capacity unknown: assumed unbounded, max_num_seqs=4096"]
+
+
+# ---- a simulated benchmark run and "which runtime?" (offline) -----------------------------
+@pytest.mark.parametrize(("load", "kind", "requests"),
+                         [(None, "poisson", 400), (Load.concurrency(16), "concurrency", 400),
+                          (Load.burst(200), "burst", 200)],
+                         ids=["offered-rate", "concurrency", "burst"])  # fmt: skip
+def test_a_benchmark_load_with_percentiles_and_bands(load: Load | None, kind: str,
+                                                     requests: int) -> None:  # fmt: skip
+    d = project(inputs(bench=BenchRequest(load=load))).report
+    r = d.load
+    assert r is not None and r.kind == kind and r.requests == requests and r.engine == "vllm"
+    if load is None:  # the offered rate per replica
+        assert r.value == pytest.approx(3.0 / d.replicas)
+    for name in ("ttft", "itl", "tpot", "e2e"):
+        s = getattr(r, name)
+        assert 0 < s.p50 <= s.p90 <= s.p95 <= s.p99, name
+        lo, hi = r.bands[name]
+        assert lo < s.mean < hi, name
+    lo, hi = r.bands["throughput"]
+    assert lo < r.output_tokens_per_s < hi
+
+
+def test_every_engine_under_the_same_load_ranked_with_its_caveat() -> None:
+    d = project(inputs(engine="sglang", bench=BenchRequest(load=Load.concurrency(16)))).report
+    assert [c.rank for c in d.engines] == list(range(1, len(profile_names()) + 1))
+    assert {c.engine for c in d.engines} == set(profile_names())
+    for c in d.engines:
+        assert c.validation == get_profile(c.engine).validation and c.title
+    tps = [c.output_tokens_per_s for c in d.engines if c.fits]
+    assert tps == sorted(tps, reverse=True)  # a closed loop: most tokens/s first
+    (mine,) = [c for c in d.engines if c.current]
+    assert mine.engine == "sglang" and d.load is not None  # the same run as the load table
+    assert mine.output_tokens_per_s == pytest.approx(d.load.output_tokens_per_s, rel=1e-9)
+    assert mine.ttft_mean_s == pytest.approx(d.load.ttft.mean, rel=1e-9)
+
+
+def test_no_benchmark_unless_asked() -> None:
+    d = project(inputs()).report
+    assert d.load is None and d.engines == ()
