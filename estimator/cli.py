@@ -496,7 +496,7 @@ def engines_title(d: DeploymentReport) -> str:
 
 
 def engine_rows(choices: tuple[EngineChoiceReport, ...]) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for c in choices:
         name = c.title + (" (this estimate)" if c.current else "")
         if not c.fits:
