@@ -24,9 +24,10 @@ for _p in (str(ROOT),):
         sys.path.insert(0, _p)
 
 from estimator.calibrate import CalibratorConfig, OnlineCalibrator  # noqa: E402
+from estimator.catalog import load_gpu_catalog  # noqa: E402
 from estimator.projection import choose_step, engine_limits  # noqa: E402
 from estimator.records import BackendSnapshot, Outcome  # noqa: E402
-from estimator.service import EstimatorConfig  # noqa: E402
+from estimator.service import EstimatorConfig, engine_observed  # noqa: E402
 from estimator.simulate import replay  # noqa: E402
 from tests.support import accuracy as ea  # noqa: E402
 
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     assert step is not None
     if a.jitter is not None:
         step = replace(step, jitter_sigma=a.jitter)
-    limits, _ = engine_limits([snap], None, cfg, 0.0)
+    # the vLLM CPU server's limits: its exposed KV blocks, else its CPU build's defaults
+    cpu = load_gpu_catalog()["cpu"]
+    limits, _ = engine_limits(engine_observed([snap]), None, cfg, 0.0, cpu)
     print(f"{len(records)} low-phase records; fit ({source}): c0 {step.overhead_s * 1e3:.2f} ms, "
           f"c_p {step.prefill_s_per_token * 1e6:.1f} us/token, c_d "
           f"{step.decode_s_per_seq * 1e6:.1f} us, c_kv {step.kv_s_per_token * 1e9:.2f} ns, "

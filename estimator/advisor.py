@@ -6,15 +6,18 @@ the GPU computes fp8; int8 W8A8 where it has int8 tensor cores; int4 AWQ/GPTQ) x
 For each configuration:
 
 1. memory plan (``estimator.memory.plan_memory``): skipped when the weights do not fit;
-2. step model: the roofline prior of that configuration times the **transfer ratios**
-   observed/prior measured on the running GPU (``Transfer``): when live calibration says the
-   engine is 1.3x slower at decode than its prior predicts, every alternative's decode is
-   assumed 1.3x slower than its own prior too (software overheads and achieved efficiency
-   carry over between GPUs better than absolute times do). Decode (overhead, per sequence,
-   KV) is scaled by the ``itl_at(8, mean context)`` ratio; prefill per token by the ratio that
-   makes the scaled prior reproduce the calibrated ``ttft_alone(mean prompt)`` on the running
-   GPU; each clipped to [0.1, 10];
-3. screening without simulation: an idle engine already missing the SLO (``ttft_alone`` or
+2. step model: the roofline prior of that configuration under the serving engine's profile
+   (``SearchSettings.engine``; limits from ``estimator.limits.engine_limits``) times the
+   **transfer ratios** observed/prior measured on the running GPU (``Transfer``): when live
+   calibration says the engine is 1.3x slower at decode than its prior predicts, every
+   alternative's decode is assumed 1.3x slower than its own prior too (software overheads
+   and achieved efficiency carry over between GPUs better than absolute times do). Decode
+   (overhead, per sequence, KV) is scaled by the ratio of a batch-8 decode step at the mean
+   context in those three coefficients; prefill per token by the ratio that makes the scaled
+   prior reproduce the calibrated ``ttft_idle(mean prompt)`` on the running GPU; each clipped
+   to [0.1, 10]. The prior's other terms (prefill attention, MoE expert streaming, the API
+   server's per-request cost and queue) are kept as they are;
+3. screening without simulation: an idle engine already missing the SLO (``ttft_idle`` or
    ``itl_at(1)`` over target) cannot meet it (listed as not meeting the SLO, with the reason);
    the rest are ordered by an analytic cost estimate
    (``saturation_rate`` at 60%) and at most ``max_simulated`` of them are simulated, the
@@ -49,6 +52,8 @@ from estimator.capacity import CapacityResult, Slo, max_rate_at_slo, saturation_
 from estimator.catalog import GpuSpec
 from estimator.cost import HOURS_PER_MONTH, cost_figures, deployment_usd_per_hour, token_times
 from estimator.engine import StepModel, roofline_prior
+from estimator.engines import DEFAULT_ENGINE
+from estimator.limits import engine_limits
 from estimator.memory import MemoryPlan, plan_memory
 from estimator.modelarch import ModelArch
 from estimator.report import Alternative, Recommendation, Uncertainty
@@ -86,7 +91,9 @@ class Transfer:
     has_prior: bool = False  # the ratios were measured against a roofline prior
 
     def apply(self, prior: StepModel) -> StepModel:
-        return StepModel(
+        """``prior`` with its four fitted coefficients scaled; every other term kept."""
+        return replace(
+            prior,
             overhead_s=prior.overhead_s * self.decode,
             prefill_s_per_token=prior.prefill_s_per_token * self.prefill,
             decode_s_per_seq=prior.decode_s_per_seq * self.decode,
@@ -104,30 +111,41 @@ def transfer_from(
     lo, hi = _RATIO_CLIP
     prompt = max(1, round(workload.mean_prompt))
     ctx = workload.mean_prompt + workload.mean_output / 2
-    dec = calibrated.itl_at(_DECODE_PROBE_BATCH, ctx) / max(
-        prior.itl_at(_DECODE_PROBE_BATCH, ctx), 1e-12
-    )
+    dec = _scaled_decode(calibrated, ctx) / max(_scaled_decode(prior, ctx), 1e-12)
     dec = min(max(dec, lo), hi)
-    # the prefill ratio makes the moved prior reproduce the calibrated ttft_alone(prompt) on
-    # this GPU, given that its per-step overhead already moved with the decode ratio
+    # the prefill ratio makes the moved prior reproduce the calibrated ttft_idle(prompt) on
+    # this GPU, given that its per-step overhead already moved with the decode ratio and that
+    # its other terms (attention, MoE, the API server's cost) stay as they are
     overhead = prior.ttft_alone(prompt) - prior.prefill_s_per_token * prompt
-    pre = (calibrated.ttft_alone(prompt) - dec * overhead) / max(
+    kept = prior.ttft_idle(prompt) - prior.ttft_alone(prompt)
+    pre = (calibrated.ttft_idle(prompt) - kept - dec * overhead) / max(
         prior.prefill_s_per_token * prompt, 1e-12
     )
     return Transfer(prefill=min(max(pre, lo), hi), decode=min(max(dec, lo), hi),
                     calibrated=True, rel_error=rel_error, has_prior=True)  # fmt: skip
 
 
+def _scaled_decode(step: StepModel, ctx: float) -> float:
+    """A batch-8 decode step in the three coefficients the decode ratio scales (no MoE term:
+    the transfer keeps it as the prior has it)."""
+    b = _DECODE_PROBE_BATCH
+    return step.overhead_s + step.decode_s_per_seq * b + step.kv_s_per_token * int(b * ctx)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SearchSettings:
-    """What the search optimises for and how hard it tries."""
+    """What the search optimises for and how hard it tries; the engine settings every
+    alternative assumes (None: the engine's default for that GPU)."""
 
     slo: Slo
     peak_rps: float  # forecast peak the replicas must serve
     spare_replicas: int = 1  # N+1
-    max_num_seqs: int = 256
+    engine: str = DEFAULT_ENGINE  # an estimator.engines profile name
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
     max_model_len: int | None = None  # None: the model's maximum
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float | None = None  # the engine's memory fraction
     prefix_cache_hit_ratio: float = 0.0
     gpus: tuple[str, ...] = ()  # empty: every catalog GPU but generic (CPU) entries
     quants: tuple[str, ...] = QUANTS
@@ -156,23 +174,25 @@ def supports(gpu: GpuSpec, quant: str) -> bool:
 def make_candidate(
     arch: ModelArch, gpu: GpuSpec, setup: Setup, settings: SearchSettings, transfer: Transfer
 ) -> Candidate:
-    tp = setup.gpus_per_replica
+    tp, engine, eager = setup.gpus_per_replica, settings.engine, settings.enforce_eager
     plan = plan_memory(arch, gpu, tp=tp, quant=setup.quant, kv_dtype=setup.kv_dtype,
                        gpu_memory_utilization=settings.gpu_memory_utilization,
                        max_num_seqs=settings.max_num_seqs,
-                       max_model_len=settings.max_model_len)  # fmt: skip
-    prior = roofline_prior(arch, gpu, tp=tp, quant=setup.quant, kv_dtype=setup.kv_dtype)
+                       max_num_batched_tokens=settings.max_num_batched_tokens,
+                       max_model_len=settings.max_model_len, engine=engine,
+                       enforce_eager=eager)  # fmt: skip
+    prior = roofline_prior(arch, gpu, tp=tp, quant=setup.quant, kv_dtype=setup.kv_dtype,
+                           engine=engine, enforce_eager=eager)  # fmt: skip
     return Candidate(setup=setup, gpu=gpu, plan=plan, step=transfer.apply(prior),
-                     limits=limits_of(plan, settings))  # fmt: skip
+                     limits=limits_of(gpu, plan, settings))  # fmt: skip
 
 
-def limits_of(plan: MemoryPlan, settings: SearchSettings) -> EngineLimits:
-    kv = max(plan.kv_capacity_tokens, plan.block_size)
-    batched = max(plan.max_num_batched_tokens, plan.max_num_seqs)
+def limits_of(gpu: GpuSpec, plan: MemoryPlan, settings: SearchSettings) -> EngineLimits:
+    """The engine's limits on ``gpu`` with ``plan``'s KV capacity and settings
+    (``estimator.limits.engine_limits``: TensorRT-LLM reserves each request's output)."""
     hit = min(settings.prefix_cache_hit_ratio, 0.95)
-    return EngineLimits(max_num_seqs=plan.max_num_seqs, kv_capacity_tokens=kv,
-                        block_size=plan.block_size, max_num_batched_tokens=batched,
-                        prefix_cache_hit_ratio=hit)  # fmt: skip
+    return engine_limits(gpu, engine=settings.engine, plan=plan,
+                         prefix_cache_hit_ratio=hit).limits  # fmt: skip
 
 
 def candidates(
@@ -199,7 +219,8 @@ def candidates(
 
 
 def idle_misses_slo(c: Candidate, workload: Workload, slo: Slo) -> str | None:
-    ttft = c.step.ttft_alone(max(1, round(workload.mean_prompt)))
+    ttft = c.step.ttft_idle(max(1, round(workload.mean_prompt)),
+                            chunk_tokens=c.limits.max_num_batched_tokens)  # fmt: skip
     itl = c.step.itl_at(1, workload.mean_prompt + workload.mean_output / 2)
     if ttft > slo.ttft_p95_s:
         return f"an idle engine already takes {ttft:.3f}s to the first token"
@@ -265,8 +286,11 @@ def evaluate(
 
 def _assumptions(c: Candidate, settings: SearchSettings, transfer: Transfer) -> tuple[str, ...]:
     out = [
-        f"max_num_seqs={c.limits.max_num_seqs}, max_model_len={c.plan.max_model_len}, "
-        f"gpu_memory_utilization={settings.gpu_memory_utilization}",
+        f"{settings.engine}{' (eager)' if settings.enforce_eager else ''}: "
+        f"max_num_seqs={c.limits.max_num_seqs}, "
+        f"max_num_batched_tokens={c.limits.max_num_batched_tokens}, "
+        f"max_model_len={c.plan.max_model_len}, memory fraction "
+        f"{c.plan.gpu_memory_utilization:g}",
         f"ideal load balancing over replicas; {settings.spare_replicas} spare replica(s)",
         f"price ${c.gpu.price_per_hour}/GPU-hour ({c.gpu.price_source}, {c.gpu.price_date})",
     ]
@@ -389,7 +413,8 @@ def _signature(workload: Workload, s: SearchSettings, t: Transfer) -> tuple[obje
         _bin5(workload.mean_prompt), _bin5(workload.mean_output),
         _bin5(float(np.percentile(workload.prompt_tokens, 90))), s.slo, s.max_num_seqs,
         s.max_model_len, round(s.prefix_cache_hit_ratio, 2), _bin5(t.prefill), _bin5(t.decode),
-        s.n_requests, s.gpu_memory_utilization,
+        s.n_requests, s.gpu_memory_utilization, s.engine, s.max_num_batched_tokens,
+        s.enforce_eager,
     )  # fmt: skip
 
 
@@ -555,7 +580,7 @@ def advise_oom(plan: MemoryPlan | None) -> Recommendation | None:
         value=plan.oom_risk, message=f"OOM risk {plan.oom_risk}: " + "; ".join(plan.reasons),
         numbers={"weight_bytes_per_gpu": plan.weight_bytes_per_gpu,
                  "kv_bytes_per_gpu": plan.kv_bytes_per_gpu, "headroom_bytes": plan.headroom_bytes},
-        assumptions=("memory overheads estimated as vLLM sizes them",),
+        assumptions=("memory overheads estimated as the engine profile sizes them",),
     )  # fmt: skip
 
 

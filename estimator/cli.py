@@ -1,10 +1,15 @@
 """``rightsizer estimate``: offline projection of one model on one GPU type, before deploying.
 
 Prints the model (parameters, KV bytes per token), the memory plan per GPU, the KV capacity,
-capacity at the SLO (simulated on the roofline prior), latency and cost at the offered rate,
-advice and the ranked alternatives; optionally a plot (PNG or self-contained HTML) or JSON.
-The figures come from the same ``estimator.projection.project`` the online estimator uses,
-with the same SLO default; this module only parses and prints.
+capacity at the SLO (simulated on the roofline prior of the --engine's profile), latency and
+cost at the offered rate, advice and the ranked alternatives; then one replica under a
+benchmark load (the offered rate per replica, --concurrency N clients in a closed loop, or a
+--burst of N requests at once) with the mean and p50/p90/p95/p99 of TTFT, ITL, TPOT and
+end-to-end latency and the output tokens/s, each with its band, and "which runtime?": every
+engine profile under the same load, ranked, each with its validation caveat. Optionally a plot
+(PNG or self-contained HTML) or JSON. The figures come from the same
+``estimator.projection.project`` the online estimator uses, with the same SLO default; this
+module only parses and prints.
 
 --model takes a config.json, a folder holding one, a packaged name (see the error for the
 list) or a Hugging Face id already in the local cache ($HF_HOME); nothing is downloaded.
@@ -27,9 +32,20 @@ from estimator import plot
 from estimator.capacity import Slo
 from estimator.catalog import GpuSpec, get_gpu, load_gpu_catalog
 from estimator.engine import roofline_prior
+from estimator.engines import UnknownEngine, get_profile, profile_names
+from estimator.loads import Load
 from estimator.modelarch import load_model_arch
-from estimator.projection import DeploymentInputs, project, traffic_from_profile
-from estimator.report import Alternative, DeploymentReport, MemoryReport, SloReport, to_dict
+from estimator.projection import BenchRequest, DeploymentInputs, project, traffic_from_profile
+from estimator.report import (
+    Alternative,
+    DeploymentReport,
+    EngineChoiceReport,
+    LatencyStats,
+    LoadReport,
+    MemoryReport,
+    SloReport,
+    to_dict,
+)
 from estimator.settings import (
     EstimatorConfig,
     EstimatorConfigError,
@@ -50,7 +66,8 @@ _FLAGS = {  # EstimatorConfig key -> the flag that sets it
     "estimator.gpu_memory_utilization": "--gpu-memory-utilization",
     "estimator.slo_ttft_p95_s": "--slo", "estimator.slo_itl_p95_s": "--slo",
     "estimator.max_num_seqs": "--max-num-seqs",
-    "estimator.advisor_max_simulated": "--max-simulated",
+    "estimator.max_num_batched_tokens": "--max-num-batched-tokens",
+    "estimator.advisor_max_simulated": "--max-simulated", "estimator.engine": "--engine",
 }  # fmt: skip
 
 
@@ -92,6 +109,14 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _engine(text: str) -> str:
+    """An engine profile's name (aliases such as ``tensorrt-llm`` accepted)."""
+    try:
+        return get_profile(text).name
+    except UnknownEngine as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``rightsizer estimate`` (defaults: ``EstimatorConfig``'s)."""
     parser.description = __doc__
@@ -108,6 +133,8 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         help="replicas to evaluate (default: the recommended count, N+1, which meets the SLO)",
     )
+    a("--engine", type=_engine, choices=profile_names(), default=d.engine,
+      help=f"serving engine whose profile to use (default {d.engine})")  # fmt: skip
     a("--quant", default=d.quant, help=f"weight format: bf16, fp8, int8, int4 (default {d.quant})")
     a("--kv-dtype", default=d.kv_dtype, help=f"KV-cache dtype: auto or fp8 (default {d.kv_dtype})")
     src = parser.add_mutually_exclusive_group()
@@ -119,15 +146,40 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
         f"lognormal:MEDIAN:SIGMA or uniform:LO:HI (default {DEFAULT_TRAFFIC})",
     )
     src.add_argument("--traffic-log", metavar="JSONL", help="a recorded request log (JSON lines)")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=_positive_int, metavar="N",
+                      help="benchmark N clients in a closed loop (vllm bench serve "
+                      "--max-concurrency N) instead of the offered rate")  # fmt: skip
+    load.add_argument("--burst", type=_positive_int, metavar="N",
+                      help="benchmark N requests sent at once (--request-rate inf, "
+                      "trtllm-bench throughput) instead of the offered rate")  # fmt: skip
     a("--slo", type=parse_slo, default=d.slo, metavar="SPEC",
       help=f"ttft_p95=S,itl_p95=S in seconds, ITL over all token gaps (default "
       f"ttft_p95={d.slo_ttft_p95_s:g},itl_p95={d.slo_itl_p95_s:g}, as the proxy's)")  # fmt: skip
     a("--catalog", help="extra GPU catalog YAML merged over the packaged one")
     a("--max-model-len", type=_positive_int, help="engine max_model_len (default: model max)")
-    a("--max-num-seqs", type=_positive_int, default=d.max_num_seqs,
-      help=f"engine max_num_seqs (default {d.max_num_seqs})")  # fmt: skip
+    a(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=d.max_num_seqs,
+        help="engine max_num_seqs (default: the engine's for the GPU)",
+    )
+    a(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=d.max_num_batched_tokens,
+        help="engine max_num_batched_tokens (default: the engine's for the GPU)",
+    )
+    a(
+        "--enforce-eager",
+        action="store_true",
+        default=d.enforce_eager,
+        help="the engine runs without CUDA graphs (longer steps, no graph memory)",
+    )
     a("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
-      help=f"vLLM setting (default {d.gpu_memory_utilization})")  # fmt: skip
+      help="the engine's memory fraction: vLLM gpu_memory_utilization, SGLang "
+      "mem_fraction_static, TensorRT-LLM kv_cache_free_gpu_mem_fraction (default: the "
+      "engine's)")  # fmt: skip
     a(
         "--alternatives",
         default="",
@@ -199,15 +251,25 @@ def estimate_inputs(args: argparse.Namespace) -> DeploymentInputs:
             raise UsageError(f"--plot: {e}") from None
     try:
         prior = roofline_prior(arch, gpu, tp=config.gpus_per_backend, quant=config.quant,
-                               kv_dtype=config.kv_dtype)  # fmt: skip
+                               kv_dtype=config.kv_dtype, engine=config.engine,
+                               enforce_eager=config.enforce_eager)  # fmt: skip
     except ValueError as e:
         raise UsageError(f"--gpus-per-replica: {e}") from None
     return DeploymentInputs(
         model=arch.name, now=0.0, config=config, catalog=catalog, arch=arch, gpu=gpu,
         replicas=args.replicas, running=False, requests_observed=profile.requests,
         traffic=traffic_from_profile(profile, 0.0, config.forecast_horizon_s), prior=prior,
-        curve_points=_CURVE_POINTS if args.plot else 0,
+        curve_points=_CURVE_POINTS if args.plot else 0, bench=BenchRequest(load=_load(args)),
     )  # fmt: skip
+
+
+def _load(args: argparse.Namespace) -> Load | None:
+    """--concurrency N or --burst N; None: the offered rate (Poisson) per replica."""
+    if args.concurrency is not None:
+        return Load.concurrency(args.concurrency)
+    if args.burst is not None:
+        return Load.burst(args.burst)
+    return None
 
 
 def _config(args: argparse.Namespace, catalog: dict[str, GpuSpec]) -> EstimatorConfig:
@@ -219,6 +281,8 @@ def _config(args: argparse.Namespace, catalog: dict[str, GpuSpec]) -> EstimatorC
             gpus_per_backend=args.gpus_per_replica, quant=args.quant, kv_dtype=args.kv_dtype,
             catalog=args.catalog, gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+            engine=args.engine, max_num_batched_tokens=args.max_num_batched_tokens,
+            enforce_eager=args.enforce_eager,
             advisor_gpus=keys, advisor_max_simulated=args.max_simulated,
             spare_replicas=max(0, args.spare_replicas),
         ), catalog)  # fmt: skip
@@ -291,8 +355,10 @@ def summary_rows(d: DeploymentReport, config: EstimatorConfig, *, replicas_asked
                      + f", KV cache {m.kv_bytes_per_token / 1024:.0f} KiB per token "
                      f"(kv {d.kv_dtype})"))  # fmt: skip
     how = "as asked" if replicas_asked else "recommended: N+1 for the rate"
+    engine = f", {get_profile(d.engine).title}" if d.engine else ""
+    eager = " (eager)" if config.enforce_eager else ""
     rows.append(("configuration", f"{d.replicas}x {d.gpus_per_replica}x {d.gpu}, {d.quant}, "
-                 f"kv {d.kv_dtype} ({how})"))  # fmt: skip
+                 f"kv {d.kv_dtype}{engine}{eager} ({how})"))  # fmt: skip
     if t is not None:
         rows.append(("traffic", t.description + (" (the default: give --traffic for yours)"
                                                   if default_traffic else "")))  # fmt: skip
@@ -370,16 +436,100 @@ def alternative_rows(alts: tuple[Alternative, ...]) -> list[tuple[str, ...]]:
     return rows
 
 
+LOAD_HEADER = ("metric", "mean", "p50", "p90", "p95", "p99", "band of the mean")
+_BAND_NOTE = (
+    "band: the 10th-90th percentile of published / predicted on the validation rows of "
+    "bench/data/published.yaml (an ~80% interval for this uncalibrated prior); the same "
+    "factors hold for each percentile"
+)
+
+
+def _msv(x: float | None) -> str:
+    """Milliseconds without the unit (the header has it)."""
+    if x is None or x != x:
+        return "-"
+    ms = x * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 1 else f"{ms:.2f}"
+
+
+def load_title(r: LoadReport, d: DeploymentReport) -> str:
+    return (f"benchmark: {r.load} on one replica of {get_profile(r.engine).title} on "
+            f"{d.gpus_per_replica}x {d.gpu} {d.quant}; {r.requests} requests simulated, "
+            f"{r.counted} counted")  # fmt: skip
+
+
+def load_rows(r: LoadReport) -> list[tuple[str, ...]]:
+    """TTFT, ITL (every token gap), TPOT (per request), e2e in ms, then output tokens/s; each
+    with the band of its mean (``LoadReport.bands``)."""
+
+    def row(name: str, s: LatencyStats, band: tuple[float, float]) -> tuple[str, ...]:
+        stats = (s.mean, s.p50, s.p90, s.p95, s.p99)
+        return (name, *(_msv(v) for v in stats), f"{_msv(band[0])}-{_msv(band[1])}")
+
+    lo, hi = r.bands["throughput"]
+    return [
+        row("TTFT (ms)", r.ttft, r.bands["ttft"]),
+        row("ITL (ms)", r.itl, r.bands["itl"]),
+        row("TPOT (ms)", r.tpot, r.bands["tpot"]),
+        row("e2e (ms)", r.e2e, r.bands["e2e"]),
+        ("output tok/s", f"{r.output_tokens_per_s:.0f}", "-", "-", "-", "-", f"{lo:.0f}-{hi:.0f}"),
+    ]
+
+
+def load_footer(r: LoadReport) -> str:
+    return (f"{r.requests_per_s:.3g} req/s, {r.input_tokens_per_s:.0f} input tok/s; "
+            f"{r.mean_running:.1f} sequences running on average (peak {r.peak_running}), "
+            f"{r.preemptions} preemptions\n{_BAND_NOTE}")  # fmt: skip
+
+
+ENGINE_HEADER = ("#", "engine", "output tok/s", "TTFT mean ms", "TTFT p99 ms", "ITL mean ms",
+                 "e2e mean ms", "KV tokens")  # fmt: skip
+
+
+def engines_title(d: DeploymentReport) -> str:
+    load = d.load.load if d.load is not None else "the offered rate"
+    by = ("mean TTFT (at a Poisson rate every engine serves the same tokens/s)"
+          if d.load is None or d.load.kind == "poisson" else "output tokens/s")  # fmt: skip
+    return (f"which runtime? every engine profile on {d.gpus_per_replica}x {d.gpu} {d.quant} "
+            f"under {load}, each with its own defaults but for the settings given, "
+            f"ranked by {by}; uncalibrated priors")  # fmt: skip
+
+
+def engine_rows(choices: tuple[EngineChoiceReport, ...]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for c in choices:
+        name = c.title + (" (this estimate)" if c.current else "")
+        if not c.fits:
+            rows.append((str(c.rank), name, "does not fit", "-", "-", "-", "-", "-"))
+            continue
+        tps = c.output_tokens_per_s
+        rows.append((str(c.rank), name, f"{tps:.0f}" if tps is not None else "-",
+                     _msv(c.ttft_mean_s), _msv(c.ttft_p99_s), _msv(c.itl_mean_s),
+                     _msv(c.e2e_mean_s), str(c.kv_capacity_tokens)))  # fmt: skip
+    return rows
+
+
+def engines_footer(choices: tuple[EngineChoiceReport, ...]) -> str:
+    """Each profile's validation caveat: how far its constants were checked."""
+    return "how far each profile was validated:\n" + "\n".join(
+        f"  {c.title}: {c.validation}" for c in choices
+    )
+
+
 def print_estimate(d: DeploymentReport, config: EstimatorConfig, out: Any, *,
                    rich_ok: bool = True, replicas_asked: bool = False,
                    default_traffic: bool = False) -> None:  # fmt: skip
     """Tables with rich when it is installed, aligned plain text otherwise."""
     summary = summary_rows(d, config, replicas_asked=replicas_asked,
                            default_traffic=default_traffic)  # fmt: skip
-    alts = alternative_rows(d.alternatives)
-    header = alternative_header(d.alternatives)
     recs = [f"[{r.severity}] {r.message}" for r in d.recommendations]
     title = "alternatives, sized for the forecast peak (N+1), cheapest meeting the SLO first"
+    tables = [(title, alternative_header(d.alternatives), alternative_rows(d.alternatives), "")]
+    if d.load is not None:
+        tables.append((load_title(d.load, d), LOAD_HEADER, load_rows(d.load), load_footer(d.load)))
+    if d.engines:
+        tables.append((engines_title(d), ENGINE_HEADER, engine_rows(d.engines),
+                       engines_footer(d.engines)))  # fmt: skip
     if rich_ok:
         try:
             from rich.console import Console
@@ -390,7 +540,9 @@ def print_estimate(d: DeploymentReport, config: EstimatorConfig, out: Any, *,
         width = max(len(k) for k, _ in summary)
         out.write("".join(f"{k:<{width}}  {v}\n" for k, v in summary))
         out.write("\nadvice:\n" + "".join(f"  {r}\n" for r in recs))
-        out.write(f"\n{title}:\n" + _plain_table(header, alts))
+        for name, header, rows, footer in tables:
+            out.write(f"\n{name}:\n" + _plain_table(header, rows))
+            out.write(f"{footer}\n" if footer else "")
         return
     console = Console(file=out, width=max(120, Console(file=out).width), highlight=False)
     t = Table(title=f"rightsizer estimate: {d.model}", show_header=False)
@@ -398,12 +550,15 @@ def print_estimate(d: DeploymentReport, config: EstimatorConfig, out: Any, *,
         t.add_row(k, v)
     console.print(t)
     console.print("advice:", *(f"  {r}" for r in recs), sep="\n", markup=False)
-    a = Table(title=title)
-    for h in header:
-        a.add_column(h)
-    for row in alts:
-        a.add_row(*row)
-    console.print(a)
+    for name, header, rows, footer in tables:
+        a = Table(title=name)
+        for h in header:
+            a.add_column(h)
+        for row in rows:
+            a.add_row(*row)
+        console.print(a)
+        if footer:
+            console.print(footer, markup=False)
 
 
 def _plain_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

@@ -14,7 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from estimator.catalog import GpuSpec
-from estimator.engines import DEFAULT_ENGINE, EngineProfile, default_limits, get_profile
+from estimator.engines import (
+    DEFAULT_ENGINE,
+    EngineProfile,
+    LimitDefaults,
+    default_limits,
+    get_profile,
+)
 from estimator.memory import MemoryPlan
 from estimator.simulate import EngineLimits
 
@@ -25,6 +31,15 @@ class ResolvedLimits:
 
     limits: EngineLimits
     origin: dict[str, str]
+
+
+def assumed_limits(
+    engine: str | EngineProfile = DEFAULT_ENGINE, gpu: GpuSpec | None = None
+) -> LimitDefaults:
+    """The engine's default limits on ``gpu``; its profile's general ones when the GPU is
+    unknown (vLLM: 256 sequences, 2048 batched tokens)."""
+    profile = get_profile(engine)
+    return default_limits(profile, gpu) if gpu is not None else profile.limits
 
 
 def engine_limits(

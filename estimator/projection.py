@@ -14,9 +14,11 @@ Steps:
 
 1. step model: the calibrated fit when trusted, else the roofline prior (model config + GPU),
    else none: ``insufficient_data``, no capacity figures;
-2. engine limits: the engine's exposed KV blocks and ``max_num_seqs``, else the memory plan,
-   else ``max_num_seqs`` with an unbounded KV cache (said in the notes); offline, a plan that
-   does not fit is final (``does_not_fit``: alternatives, no capacity);
+2. engine limits (``estimator.limits.engine_limits``): the engine's exposed KV blocks and
+   ``max_num_seqs``, else the memory plan, else the engine profile's defaults for the GPU
+   (``EstimatorConfig.engine``), with an unbounded KV cache when neither the engine nor a plan
+   gives one (said in the notes); offline, a plan that does not fit is final
+   (``does_not_fit``: alternatives, no capacity);
 3. capacity at the SLO per replica (simulated); replicas: those serving now, or offline the
    recommended count (so the configuration shown is one that meets the SLO);
 4. at the current rate per replica: projected p95 TTFT and ITL (over all token gaps), checked
@@ -25,7 +27,11 @@ Steps:
 5. uncertainty: the capacity band is the fit's p90 error (an uncalibrated prior: +-50%),
    widened to the model's miss at the measured rate when the window holds enough data; a band
    wider than ``max_actionable_band`` gives a replica range, not a count;
-6. advice and the ranked alternatives, from the same inputs.
+6. advice and the ranked alternatives, from the same inputs;
+7. offline, when asked (``DeploymentInputs.bench``): one replica under a benchmark load
+   (Poisson at the offered rate per replica, ``concurrency N`` or ``burst N``:
+   ``estimator.loads``), mean and percentiles with their bands, and every engine profile
+   under the same load, ranked (``estimator.runtimes``).
 
 Longer than the house's 400 lines: the inputs, the pass and its pieces are one unit, the only
 place a figure of a report is computed.
@@ -46,19 +52,27 @@ from estimator.capacity import CapacityResult, latency_curve, max_rate_at_slo
 from estimator.catalog import GpuSpec
 from estimator.cost import CostFigures, cost_figures, deployment_usd_per_hour, token_times
 from estimator.engine import StepModel
+from estimator.engines import get_profile
+from estimator.limits import assumed_limits
+from estimator.limits import engine_limits as resolve_limits
+from estimator.loads import Load, LoadResult, Stats, simulate_load
 from estimator.memory import MemoryPlan, plan_memory
 from estimator.modelarch import ModelArch
 from estimator.report import (
     Alternative,
     CurvePoint,
     DeploymentReport,
+    EngineChoiceReport,
     FitReport,
+    LatencyStats,
+    LoadReport,
     MemoryReport,
     ModelCheck,
     Recommendation,
     TrafficReport,
     Uncertainty,
 )
+from estimator.runtimes import EngineChoice, compare_engines
 from estimator.settings import EstimatorConfig
 from estimator.simulate import EngineLimits, SimResult, Workload, simulate
 from estimator.traffic import Forecaster, TrafficProfile, TrafficStats
@@ -172,6 +186,15 @@ class EngineObserved:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BenchRequest:
+    """A simulated benchmark run to add to an offline report (module docstring, step 7)."""
+
+    load: Load | None = None  # None: Poisson at the offered rate per replica
+    compare_engines: bool = True  # also every engine profile under the same load
+    max_requests: int = 12000  # simulated per run at most (a closed loop sends 4 per client)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeploymentInputs:
     """Everything ``project`` reads (see the module docstring)."""
 
@@ -192,6 +215,7 @@ class DeploymentInputs:
     calibration: Calibration | None = None
     prior: StepModel | None = None
     curve_points: int = 0  # simulated latency-vs-rate points for plots (offline)
+    bench: BenchRequest | None = None  # a simulated benchmark run (offline)
 
 
 # ---- outputs ------------------------------------------------------------------------------
@@ -266,31 +290,47 @@ def _pct(x: float | None) -> str:
 
 
 def engine_limits(
-    engine: EngineObserved, plan: MemoryPlan | None, cfg: EstimatorConfig, hit: float
+    engine: EngineObserved,
+    plan: MemoryPlan | None,
+    cfg: EstimatorConfig,
+    hit: float,
+    gpu: GpuSpec | None = None,
 ) -> tuple[EngineLimits, list[str]]:
-    """What bounds batching: exposed, else planned, else assumed (the notes say which)."""
+    """What bounds batching: exposed by the engine, else planned, else the ``cfg.engine``
+    profile's defaults for ``gpu`` (``estimator.limits.engine_limits``: vLLM's CPU build
+    runs 128 sequences and 2048 batched tokens; TensorRT-LLM reserves each request's
+    output); the notes say where the KV capacity came from."""
     hit = min(max(hit, 0.0), 0.95)
-    seqs = engine.max_num_seqs
-    if engine.kv_capacity_tokens and engine.block_size:
-        m = seqs or cfg.max_num_seqs
-        return EngineLimits(max_num_seqs=m, kv_capacity_tokens=engine.kv_capacity_tokens,
-                            block_size=engine.block_size, max_num_batched_tokens=max(8192, m),
-                            prefix_cache_hit_ratio=hit), []  # fmt: skip
-    if plan is not None and plan.fits:
-        m = seqs or plan.max_num_seqs
-        limits = EngineLimits(max_num_seqs=m,
-                              kv_capacity_tokens=max(plan.kv_capacity_tokens, plan.block_size),
-                              block_size=plan.block_size,
-                              max_num_batched_tokens=max(plan.max_num_batched_tokens, m),
-                              prefix_cache_hit_ratio=hit)  # fmt: skip
-        return limits, ["KV capacity from the memory plan"]
-    m = seqs or cfg.max_num_seqs
+    seqs = engine.max_num_seqs or cfg.max_num_seqs
+    exposed = engine.block_size if engine.kv_capacity_tokens and engine.block_size else None
+    blocks = engine.kv_capacity_tokens // exposed if exposed and engine.kv_capacity_tokens else None
+    usable = plan if plan is not None and plan.fits else None
+    if gpu is not None and (blocks or usable is not None):
+        r = resolve_limits(gpu, engine=cfg.engine, plan=usable, block_size=exposed,
+                           num_blocks=blocks, max_num_seqs=seqs,
+                           max_num_batched_tokens=cfg.max_num_batched_tokens,
+                           prefix_cache_hit_ratio=hit)  # fmt: skip
+        planned = r.origin["kv_capacity_tokens"] == "plan"
+        return r.limits, ["KV capacity from the memory plan"] if planned else []
+    d = assumed_limits(cfg.engine, gpu)  # the GPU type or the KV capacity is unknown
+    m = seqs or d.max_num_seqs
+    batched = max(cfg.max_num_batched_tokens or d.max_num_batched_tokens, m)
+    reserve = get_profile(cfg.engine).scheduler == "guaranteed_no_evict"
+    if blocks and exposed:
+        return EngineLimits(max_num_seqs=m, kv_capacity_tokens=blocks * exposed,
+                            block_size=exposed, max_num_batched_tokens=batched,
+                            prefix_cache_hit_ratio=hit, reserve_output=reserve), []  # fmt: skip
     return EngineLimits(max_num_seqs=m, kv_capacity_tokens=_UNBOUNDED_KV,
-                        max_num_batched_tokens=max(8192, m), prefix_cache_hit_ratio=hit), [
+                        max_num_batched_tokens=batched, prefix_cache_hit_ratio=hit,
+                        reserve_output=reserve), [
         f"KV capacity unknown: assumed unbounded, max_num_seqs={m}"]  # fmt: skip
 
 
-def fit_report(cal: Calibration | None, source: str, transfer: advisor.Transfer) -> FitReport:
+def fit_report(
+    cal: Calibration | None, source: str, transfer: advisor.Transfer, *, has_prior: bool = False
+) -> FitReport:
+    """The fit's error and, with a calibration against an engine profile's prior
+    (``has_prior``), how far the live engine is from that profile (``vs_prior``)."""
     p50 = [e for e in (cal.ttft_mare, cal.itl_mare) if e is not None] if cal else []
     p90 = [e for e in (cal.ttft_p90_re, cal.itl_p90_re) if e is not None] if cal else []
     return FitReport(
@@ -301,7 +341,12 @@ def fit_report(cal: Calibration | None, source: str, transfer: advisor.Transfer)
         step_jitter_sigma=cal.step.jitter_sigma if cal else None,
         step_drift_sigma=cal.step.drift_sigma if cal else None,
         step_drift_tau_s=cal.step.drift_tau_s if cal else None,
+        vs_prior=_finite_values(cal.vs_prior()) if cal is not None and has_prior else None,
     )  # fmt: skip
+
+
+def _finite_values(d: Mapping[str, float]) -> dict[str, float | None]:
+    return {k: v if math.isfinite(v) else None for k, v in d.items()}
 
 
 def transfer_of(cal: Calibration | None, source: str, prior: StepModel | None,
@@ -365,7 +410,9 @@ class _Pass:
                     kv_dtype=self.cfg.kv_dtype,
                     gpu_memory_utilization=self.cfg.gpu_memory_utilization,
                     max_num_seqs=inp.engine.max_num_seqs or self.cfg.max_num_seqs,
-                    max_model_len=self.max_model_len())  # fmt: skip
+                    max_num_batched_tokens=self.cfg.max_num_batched_tokens,
+                    max_model_len=self.max_model_len(), engine=self.cfg.engine,
+                    enforce_eager=self.cfg.enforce_eager)  # fmt: skip
             except ValueError as e:  # e.g. a TP degree the model cannot be split into
                 self.notes.append(f"no memory plan: {e}")
 
@@ -388,21 +435,20 @@ class _Pass:
         self.notes += step_notes
         if step is None or t is None or t.workload is None:
             why: list[str] = [] if step is None else ["no requests with token counts yet"]
-            return Projection(
-                report=self.empty(
-                    "insufficient_data", why, fit=fit_report(cal, source, advisor.Transfer())
-                )
-            )
+            fit = fit_report(cal, source, advisor.Transfer(), has_prior=inp.prior is not None)
+            return Projection(report=self.empty("insufficient_data", why, fit=fit))
         transfer = transfer_of(cal, source, inp.prior, t.workload)
-        fit = fit_report(cal, source, transfer)
+        fit = fit_report(cal, source, transfer, has_prior=inp.prior is not None)
         if not inp.running and self.plan is not None and not self.plan.fits:
             self.notes += [f"does not fit: {r}" for r in self.plan.reasons]
             alts = self.alternatives(t, transfer, t.report.rate_rps, None)
             recs = [advisor.advise_oom(self.plan), *advisor.advise_alternatives(alts)]
             return Projection(report=self.empty(
                 "does_not_fit", [], fit=fit, alternatives=alts,
-                recommendations=[r for r in recs if r is not None]))  # fmt: skip
-        limits, lim_notes = engine_limits(inp.engine, self.plan, cfg, t.report.cached_ratio)
+                recommendations=[r for r in recs if r is not None],
+                engines=self.engines(t, self.bench_load(t, None))))  # fmt: skip
+        limits, lim_notes = engine_limits(inp.engine, self.plan, cfg, t.report.cached_ratio,
+                                          inp.gpu)  # fmt: skip
         self.notes += lim_notes
         w = t.workload
         p90 = float(np.percentile(w.prompt_tokens, 90))
@@ -426,11 +472,13 @@ class _Pass:
             observed_window_s=obs.window_s if obs else None,
             observed_requests=obs.requests if obs else 0, observed_gaps=obs.gaps if obs else 0,
             memory=memory_report(self.plan, inp.arch) if self.plan and inp.arch else None,
+            engine=self.cfg.engine,
         )  # fmt: skip
 
     def empty(
         self, status: str, notes: Sequence[str], *, fit: FitReport | None = None,
         alternatives: tuple[Alternative, ...] = (), recommendations: Sequence[Recommendation] = (),
+        engines: tuple[EngineChoiceReport, ...] = (),
     ) -> DeploymentReport:  # fmt: skip
         replicas, traffic = self.inp.replicas or 1, self.inp.traffic
         cost = None
@@ -452,7 +500,7 @@ class _Pass:
             actionable=False, cost=cost, cost_at_capacity=None,
             fit=fit or FitReport(source="none", samples=0, rel_error_p50=None,
                                  rel_error_p90=None, trusted=False),
-            recommendations=tuple(recommendations), alternatives=alternatives,
+            recommendations=tuple(recommendations), alternatives=alternatives, engines=engines,
         )  # fmt: skip
 
     def full(self, t: TrafficInputs, b: Basis, fit: FitReport,
@@ -472,6 +520,8 @@ class _Pass:
         cost, cost_cap = self.costs(b, replicas, rate, capacity)
         alts = self.alternatives(t, transfer, peak, cap)
         recs = self.advice(t, b, transfer, band, replicas, peak, alts)
+        load = self.bench_load(t, replicas)
+        bench = self.bench(b, load)
         return DeploymentReport(
             **self._common(replicas), status="ok", notes=tuple(self.notes),  # type: ignore[arg-type]
             traffic=t.report, capacity_rps=capacity, capacity_rps_per_replica=per,
@@ -486,7 +536,8 @@ class _Pass:
             seconds_to_breach=breach, recommended_replicas=needed if actionable else None,
             actionable=actionable, cost=cost, cost_at_capacity=cost_cap, fit=fit,
             model_check=check, recommendations=tuple(recs), alternatives=alts,
-            latency_curve=self.curve(b, rate / replicas),
+            latency_curve=self.curve(b, rate / replicas), load=bench,
+            engines=self.engines(t, load),
         )  # fmt: skip
 
     # ---- figures ------------------------------------------------------------------------------
@@ -547,6 +598,45 @@ class _Pass:
                                 itl_p95_s=_finite(s.itl_q_s), meets_slo=self.cfg.slo.met_by(s))
                      for s in sims)  # fmt: skip
 
+    # ---- a benchmark run (offline) -----------------------------------------------------------
+    def bench_load(self, t: TrafficInputs, replicas: int | None) -> Load | None:
+        """The load asked for; else Poisson at the offered rate per replica (none unknown)."""
+        req = self.inp.bench
+        if req is None or req.load is not None:
+            return req.load if req is not None else None
+        rate = t.report.rate_rps / max(1, replicas or self.inp.replicas or 1)
+        return Load.poisson(rate) if rate > 0 else None
+
+    def bench_requests(self, load: Load) -> int:
+        """A Poisson run or a closed loop: ``sim_requests``, at least 4 per client, capped."""
+        cap = self.inp.bench.max_requests if self.inp.bench else 12000
+        clients = int(load.value) if load.kind == "concurrency" else 0
+        return max(1, min(max(self.cfg.sim_requests, 4 * clients), cap))
+
+    def bench(self, b: Basis, load: Load | None) -> LoadReport | None:
+        if load is None:
+            return None
+        r = simulate_load(b.step, b.limits, b.workload, load, n_requests=self.bench_requests(load))
+        return load_report(r, self.cfg.engine)
+
+    def engines(self, t: TrafficInputs, load: Load | None) -> tuple[EngineChoiceReport, ...]:
+        """Every engine profile under the same deployment and load, ranked (offline)."""
+        arch, gpu, req, cfg = self.inp.arch, self.inp.gpu, self.inp.bench, self.cfg
+        if load is None or req is None or not req.compare_engines or t.workload is None:
+            return ()
+        if arch is None or gpu is None:
+            return ()
+        hit = min(max(t.report.cached_ratio, 0.0), 0.95)
+        choices = compare_engines(
+            arch, gpu, t.workload, load, tp=cfg.gpus_per_backend, quant=cfg.quant,
+            kv_dtype=cfg.kv_dtype, max_model_len=self.max_model_len(),
+            n_requests=self.bench_requests(load), max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
+            prefix_cache_hit_ratio=hit,
+        )  # fmt: skip
+        return tuple(engine_choice_report(c, current=c.engine == cfg.engine) for c in choices)
+
     # ---- advice -------------------------------------------------------------------------------
     def settings(self, peak: float, hit: float, t: TrafficInputs) -> advisor.SearchSettings:
         cfg = self.cfg
@@ -554,8 +644,9 @@ class _Pass:
         if mml is None and t.total_tokens_p999 is not None:  # what the traffic needs (advisor)
             mml = advisor.suggested_max_model_len(t.total_tokens_p999, self.inp.arch)
         return advisor.SearchSettings(
-            slo=cfg.slo, peak_rps=peak, spare_replicas=cfg.spare_replicas,
+            slo=cfg.slo, peak_rps=peak, spare_replicas=cfg.spare_replicas, engine=cfg.engine,
             max_num_seqs=self.inp.engine.max_num_seqs or cfg.max_num_seqs, max_model_len=mml,
+            max_num_batched_tokens=cfg.max_num_batched_tokens, enforce_eager=cfg.enforce_eager,
             gpu_memory_utilization=cfg.gpu_memory_utilization, prefix_cache_hit_ratio=hit,
             gpus=cfg.advisor_gpus, max_simulated=cfg.advisor_max_simulated,
             n_requests=cfg.sim_requests,
@@ -623,6 +714,41 @@ class _Pass:
             ),
         )
         return advisor.evaluate(cand, w, settings, transfer, capacity=cap)
+
+
+def _stats(s: Stats) -> LatencyStats:
+    return LatencyStats(mean=s.mean, p50=s.p50, p90=s.p90, p95=s.p95, p99=s.p99)
+
+
+_BAND_SOURCE = (
+    "10th-90th percentile of published / predicted on the validation rows of "
+    "bench/data/published.yaml: an ~80% interval for the uncalibrated prior"
+)
+
+
+def load_report(r: LoadResult, engine: str) -> LoadReport:
+    """A simulated run as the report carries it, each metric's band around its mean."""
+    bands = {m: r.band(m) for m in ("throughput", "ttft", "itl", "e2e")}
+    bands["tpot"] = r.band("itl", r.tpot.mean)  # a request's mean gap: ITL's band
+    return LoadReport(
+        engine=engine, load=r.load.describe(), kind=r.load.kind, value=r.load.value,
+        requests=r.n_requests, counted=r.n_counted, ttft=_stats(r.ttft), itl=_stats(r.itl),
+        tpot=_stats(r.tpot), e2e=_stats(r.e2e), output_tokens_per_s=r.output_tokens_per_s,
+        requests_per_s=r.requests_per_s, input_tokens_per_s=r.input_tokens_per_s,
+        mean_running=r.mean_running, peak_running=r.peak_running, preemptions=r.preemptions,
+        bands=bands, band_source=_BAND_SOURCE,
+    )  # fmt: skip
+
+
+def engine_choice_report(c: EngineChoice, *, current: bool = False) -> EngineChoiceReport:
+    r = c.result
+    return EngineChoiceReport(
+        rank=c.rank, engine=c.engine, title=c.title, fits=r is not None,
+        output_tokens_per_s=r.output_tokens_per_s if r else None,
+        ttft_mean_s=r.ttft.mean if r else None, ttft_p99_s=r.ttft.p99 if r else None,
+        itl_mean_s=r.itl.mean if r else None, e2e_mean_s=r.e2e.mean if r else None,
+        kv_capacity_tokens=c.plan.kv_capacity_tokens, validation=c.validation, current=current,
+    )  # fmt: skip
 
 
 def _rel(projected: float, observed: float | None) -> float | None:

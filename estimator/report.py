@@ -113,6 +113,10 @@ class FitReport:
     step_jitter_sigma: float | None = None  # lognormal sigma of step-to-step noise, learned
     step_drift_sigma: float | None = None  # lognormal sigma of the slowly wandering speed
     step_drift_tau_s: float | None = None  # its correlation time
+    vs_prior: dict[str, float | None] | None = None
+    """How far the live engine is from its engine profile's prior (``Calibration.vs_prior``):
+    fitted / prior per coefficient, of the ITL at batch 8 and of a 1024-token prefill (1.0:
+    the profile was right; 2.0: twice as slow); None without a calibration or a prior."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,6 +186,67 @@ class ModelCheck:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LatencyStats:
+    """Mean and percentiles of one latency over a simulated run (seconds)."""
+
+    mean: float
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadReport:
+    """One replica under one benchmark load, simulated on the step model
+    (``estimator.loads``): what ``vllm bench serve`` or ``trtllm-bench`` would print. ITL is
+    pooled over every token gap; TPOT per request, ``(e2e - ttft) / (output - 1)``.
+
+    ``bands``: metric (``throughput``, ``ttft``, ``itl``, ``tpot``, ``e2e``) -> ``(low, high)``
+    around the mean, from ``LoadResult.band``: the 10th-90th percentile of published /
+    predicted on the validation rows of ``bench/data/published.yaml`` (TPOT takes ITL's),
+    an ~80% interval for the uncalibrated prior; the same factors hold for each percentile."""
+
+    engine: str
+    load: str  # "concurrency 32", "burst 500", "Poisson 2.5 req/s"
+    kind: str  # "poisson", "concurrency" or "burst"
+    value: float  # req/s, clients or requests
+    requests: int  # simulated
+    counted: int  # after the warm-up (the first 10% of a Poisson run, a closed loop's first wave)
+    ttft: LatencyStats
+    itl: LatencyStats
+    tpot: LatencyStats
+    e2e: LatencyStats
+    output_tokens_per_s: float
+    requests_per_s: float
+    input_tokens_per_s: float
+    mean_running: float
+    peak_running: int
+    preemptions: int
+    bands: dict[str, tuple[float, float]]
+    band_source: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineChoiceReport:
+    """One serving engine's projection under the same deployment and load
+    (``estimator.runtimes.compare_engines``), with how far its profile was validated."""
+
+    rank: int  # 1 = best: most output tokens/s (burst, closed loop), else lowest mean TTFT
+    engine: str
+    title: str
+    fits: bool
+    output_tokens_per_s: float | None
+    ttft_mean_s: float | None
+    ttft_p99_s: float | None
+    itl_mean_s: float | None
+    e2e_mean_s: float | None
+    kv_capacity_tokens: int
+    validation: str  # the profile's validation caveat
+    current: bool = False  # the engine the estimate is for
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CurvePoint:
     """Simulated p95 latencies of one replica at one rate (for plots)."""
 
@@ -231,6 +296,9 @@ class DeploymentReport:
     recommendations: tuple[Recommendation, ...] = ()
     alternatives: tuple[Alternative, ...] = ()
     latency_curve: tuple[CurvePoint, ...] = ()
+    engine: str | None = None  # the serving engine's profile (estimator.engines)
+    load: LoadReport | None = None  # a simulated benchmark run (offline estimates)
+    engines: tuple[EngineChoiceReport, ...] = ()  # every engine under that load, ranked
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

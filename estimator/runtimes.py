@@ -5,7 +5,9 @@
 output throughput (burst, closed loop) or by mean TTFT then ITL (a Poisson rate, where the
 throughput is the offered one). Each entry carries the profile's ``validation`` text: how
 far that engine's constants were checked against published benchmarks, so an unvalidated
-profile's estimate is never read as a measured one.
+profile's estimate is never read as a measured one. Settings given (``max_num_seqs``,
+``max_num_batched_tokens``, ``gpu_memory_utilization`` as each engine's own memory knob,
+``enforce_eager``) apply to every engine; None leaves each engine its default.
 """
 
 from __future__ import annotations
@@ -49,18 +51,28 @@ def compare_engines(
     engines: Sequence[str] | None = None,
     n_requests: int = 1000,
     seed: int = 0,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int | None = None,
+    gpu_memory_utilization: float | None = None,
+    enforce_eager: bool = False,
+    prefix_cache_hit_ratio: float = 0.0,
 ) -> list[EngineChoice]:
     """Every engine (default: all registered) on the same deployment, best first."""
     out: list[EngineChoice] = []
     for name in engines or profile_names():
         profile = get_profile(name)
         plan = plan_memory(arch, gpu, tp=tp, quant=quant, kv_dtype=kv_dtype, engine=profile,
-                           max_model_len=max_model_len)  # fmt: skip
+                           max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens,
+                           gpu_memory_utilization=gpu_memory_utilization,
+                           enforce_eager=enforce_eager)  # fmt: skip
         result = None
         if plan.fits:
             step = roofline_prior(arch, gpu, tp=tp, quant=quant, kv_dtype=kv_dtype,
-                                  engine=profile)  # fmt: skip
-            limits = engine_limits(gpu, engine=profile, plan=plan).limits
+                                  engine=profile, enforce_eager=enforce_eager)  # fmt: skip
+            limits = engine_limits(
+                gpu, engine=profile, plan=plan, prefix_cache_hit_ratio=prefix_cache_hit_ratio
+            ).limits
             result = simulate_load(step, limits, workload, load, n_requests=n_requests,
                                    seed=seed)  # fmt: skip
         out.append(EngineChoice(engine=name, title=profile.title, plan=plan, result=result,

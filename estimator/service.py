@@ -33,6 +33,7 @@ import numpy as np
 from estimator.calibrate import OnlineCalibrator
 from estimator.catalog import GpuSpec, load_gpu_catalog
 from estimator.engine import StepModel, roofline_prior
+from estimator.limits import assumed_limits
 from estimator.modelarch import ModelArch, load_model_arch
 from estimator.projection import (
     DeploymentInputs,
@@ -333,7 +334,8 @@ class Estimator:
             return None
         try:
             return roofline_prior(arch, gpu, tp=cfg.gpus_per_backend, quant=cfg.quant,
-                                  kv_dtype=cfg.kv_dtype)  # fmt: skip
+                                  kv_dtype=cfg.kv_dtype, engine=cfg.engine,
+                                  enforce_eager=cfg.enforce_eager)  # fmt: skip
         except ValueError as e:  # e.g. a TP degree the architecture cannot split into
             self._archs[model] = f"no roofline prior for {model}: {e}"
             return None
@@ -359,15 +361,19 @@ class Estimator:
         snaps = [s for s in (self._backends[n].last for n in names if n in self._backends)
                  if s is not None]  # fmt: skip
         engine = engine_observed(snaps)
+        gpu = self._gpu(cfg.gpu_for(names[0] if names else None))
         cal = None
         if len(dep.calibrator):
-            cal = dep.calibrator.fit(max_num_seqs=engine.max_num_seqs or cfg.max_num_seqs)
+            seqs = engine.max_num_seqs or cfg.max_num_seqs
+            cal = dep.calibrator.fit(
+                max_num_seqs=seqs or assumed_limits(cfg.engine, gpu).max_num_seqs
+            )
         arch = self._arch(model)
         return DeploymentInputs(
             model=model, now=now, config=cfg, catalog=self.catalog,
             arch=arch if isinstance(arch, ModelArch) else None,
             arch_note=arch if isinstance(arch, str) else None,
-            gpu=self._gpu(cfg.gpu_for(names[0] if names else None)), backends=names,
+            gpu=gpu, backends=names,
             replicas=max(1, len(names)), running=True, requests_observed=dep.traffic.count,
             traffic=traffic_from_stats(dep.traffic, now, cfg.forecast_horizon_s),
             observed=dep.latency.observed(now, cfg.latency_window_s), engine=engine,

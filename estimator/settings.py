@@ -10,7 +10,8 @@ The SLO is one definition everywhere: p95 time to first token (arrival at the pr
 first content-bearing chunk) and p95 inter-token latency over **all gaps between tokens**
 (pooled across requests, not a percentile of per-request summaries).
 
-``validate(config, catalog)`` checks what needs the GPU catalog and canonicalises aliases; its
+``validate(config, catalog)`` checks what needs the GPU catalog or the engine profiles and
+canonicalises aliases (``int4-awq`` -> ``int4``, ``tensorrt-llm`` -> ``trtllm``); its
 ``EstimatorConfigError`` carries the key (``estimator.gpu``) and the reason separately, so the
 proxy turns it into its own config error without parsing a message. The class is frozen,
 slotted and picklable: the refresh can run in a child process built from it.
@@ -27,6 +28,7 @@ from typing import Any
 
 from estimator.capacity import Slo
 from estimator.catalog import GpuSpec, get_quantization
+from estimator.engines import UnknownEngine, get_profile
 
 KV_DTYPES: tuple[str, ...] = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bf16", "fp16")
 QUANT_ALIASES: Mapping[str, str] = {
@@ -78,8 +80,29 @@ class EstimatorConfig:
         factory=dict,
     )
     catalog: str | None = _doc("Extra GPU catalog YAML merged over the packaged one.", None)
-    gpu_memory_utilization: float = _doc("vLLM's gpu_memory_utilization, for memory plans.", 0.9)
-    max_num_seqs: int = _doc("Engine max_num_seqs assumed when the engine does not expose it.", 256)
+    engine: str = _doc(
+        "Serving engine the backends run: vllm, sglang, trtllm, tgi or llamacpp (its profile "
+        "sets the roofline prior's efficiencies, the memory plan and the default limits; "
+        "estimator/engines/).", "vllm",
+    )  # fmt: skip
+    gpu_memory_utilization: float | None = _doc(
+        "The engine's memory fraction, for memory plans (vLLM gpu_memory_utilization, SGLang "
+        "mem_fraction_static, TensorRT-LLM kv_cache_free_gpu_mem_fraction); None: the "
+        "engine's default.", None,
+    )  # fmt: skip
+    max_num_seqs: int | None = _doc(
+        "Engine max_num_seqs assumed when the engine does not expose it; None: the engine's "
+        "default for the GPU (vLLM: 256, 1024 on 70+ GiB GPUs but the A100, 128 on its CPU "
+        "build).", None,
+    )  # fmt: skip
+    max_num_batched_tokens: int | None = _doc(
+        "Engine max_num_batched_tokens (tokens per step); None: the engine's default for the "
+        "GPU (vLLM: 2048; 8192 on 70+ GiB GPUs but the A100, 16384 on 160+ GiB).", None,
+    )  # fmt: skip
+    enforce_eager: bool = _doc(
+        "The engine runs without CUDA graphs (vLLM --enforce-eager): a longer step in the "
+        "prior, no graph memory in the plan.", False,
+    )  # fmt: skip
     max_model_len: int | None = _doc(
         "Engine max_model_len assumed when not exposed; None: the model's maximum.", None
     )
@@ -152,15 +175,22 @@ def validate(config: EstimatorConfig, catalog: Mapping[str, GpuSpec]) -> Estimat
         raise EstimatorConfigError(
             "estimator.kv_dtype", f"unknown {config.kv_dtype!r}; use auto or fp8"
         )
-    for key in ("gpus_per_backend", "sim_requests", "advisor_max_simulated", "max_num_seqs"):
-        if getattr(config, key) < 1:
+    try:
+        engine = get_profile(config.engine).name
+    except UnknownEngine as e:
+        raise EstimatorConfigError("estimator.engine", str(e)) from None
+    for key in ("gpus_per_backend", "sim_requests", "advisor_max_simulated", "max_num_seqs",
+                "max_num_batched_tokens"):  # fmt: skip
+        value = getattr(config, key)
+        if value is not None and value < 1:
             raise EstimatorConfigError(f"estimator.{key}", "must be >= 1")
     for key in ("slo_ttft_p95_s", "slo_itl_p95_s", "refresh_interval_s"):
         if not getattr(config, key) > 0:
             raise EstimatorConfigError(f"estimator.{key}", "must be > 0")
-    if not 0.0 < config.gpu_memory_utilization <= 1.0:
+    util = config.gpu_memory_utilization
+    if util is not None and not 0.0 < util <= 1.0:
         raise EstimatorConfigError("estimator.gpu_memory_utilization", "must be in (0, 1]")
-    return replace(config, quant=quant)
+    return replace(config, quant=quant, engine=engine)
 
 
 # ---- model configs ----------------------------------------------------------------------------

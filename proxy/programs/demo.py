@@ -242,10 +242,12 @@ def demo_engine(gpu_key: str = DEMO_GPU) -> tuple[EmulatorConfig, TimingModel]:
 
 def demo_config(gpu_key: str = DEMO_GPU) -> EstimatorConfig:
     """The estimator's settings: the defaults (the SLO included), the GPU and model the
-    engines emulate, the engines' own limits."""
+    engines emulate, the engines' own limits (the emulator prefills every admitted prompt
+    in one step: no chunking at vLLM's 2048 tokens of an A100-40GB)."""
     return EstimatorConfig(
         refresh_interval_s=5.0, gpu=gpu_key, model_configs={DEMO_MODEL: DEMO_MODEL_CONFIG},
-        max_num_seqs=64, max_model_len=8192, forecast_horizon_s=600.0,
+        max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192,
+        forecast_horizon_s=600.0,
         advisor_gpus=("l4", "a10g", "l40s", "a100-40gb", "a100-80gb", "h100-sxm"),
     )  # fmt: skip
 

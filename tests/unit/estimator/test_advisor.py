@@ -124,6 +124,95 @@ def test_calibration_transfers_to_other_gpus(llama8b: ModelArch) -> None:
     assert t.band() == 0.1 and advisor.Transfer().band() == advisor.PRIOR_REL_ERROR
 
 
+_EXTRAS = ("prefill_attn_s_per_pair", "request_overhead_s", "api_service_s", "moe_weight_s",
+           "moe_topk", "moe_experts", "jitter_sigma", "drift_sigma", "drift_tau_s")  # fmt: skip
+
+
+@pytest.mark.parametrize("config", ["llama-3.1-8b", "mixtral-8x7b-v0.1", "qwen3-30b-a3b"])
+def test_the_transfer_keeps_every_term(config: str) -> None:
+    # the roofline prior of an engine has attention, API-server and (MoE) expert terms beside
+    # the four coefficients the calibration moves: the transfer scales those four only
+    arch = load_model_arch(CONFIGS / f"{config}.json")
+    prior = replace(roofline_prior(arch, CATALOG["h100-sxm"], engine="vllm", tp=2),
+                    jitter_sigma=0.1, drift_sigma=0.05, drift_tau_s=30.0)  # fmt: skip
+    assert prior.request_overhead_s > 0 and prior.prefill_attn_s_per_pair > 0
+    moved = advisor.Transfer(prefill=1.2, decode=1.5).apply(prior)
+    for name in _EXTRAS:
+        assert getattr(moved, name) == getattr(prior, name), name
+    assert moved.coefficients() == pytest.approx(
+        (1.5 * prior.overhead_s, 1.2 * prior.prefill_s_per_token, 1.5 * prior.decode_s_per_seq,
+         1.5 * prior.kv_s_per_token), rel=1e-12)  # fmt: skip
+
+
+@pytest.mark.parametrize("config", ["llama-3.1-8b", "mixtral-8x7b-v0.1"])
+def test_on_the_calibrated_gpu_the_moved_prior_reproduces_the_fit(config: str) -> None:
+    # a fit 1.4x slower at decode, 1.2x at prefill, whose attention came out higher than the
+    # prior's: on the GPU it was fitted on, the moved prior gives its idle TTFT (every term)
+    # and its decode step back, MoE expert streaming included
+    arch = load_model_arch(CONFIGS / f"{config}.json")
+    gpu = CATALOG["a100-80gb"]
+    prior = roofline_prior(arch, gpu, engine="vllm", tp=2)
+    fit = replace(prior, overhead_s=prior.overhead_s * 1.4,
+                  decode_s_per_seq=prior.decode_s_per_seq * 1.4,
+                  kv_s_per_token=prior.kv_s_per_token * 1.4,
+                  prefill_s_per_token=prior.prefill_s_per_token * 1.2,
+                  prefill_attn_s_per_pair=prior.prefill_attn_s_per_pair * 1.5)  # fmt: skip
+    t = advisor.transfer_from(fit, prior, WORKLOAD, rel_error=0.1)
+    assert t.decode == pytest.approx(1.4, rel=1e-9)
+    same = t.apply(prior)
+    assert same.ttft_idle(512) == pytest.approx(fit.ttft_idle(512), rel=1e-9)
+    assert same.itl_at(8, 576) == pytest.approx(fit.itl_at(8, 576), rel=1e-9)
+    assert same.request_overhead_s == prior.request_overhead_s
+
+
+# (engine, GPU) -> (max_num_seqs, max_num_batched_tokens, block_size, reserve_output): the
+# engine profile's defaults for the device (vLLM's CPU build: 128 sequences, 2048 tokens)
+ENGINE_LIMITS = {
+    ("vllm", "cpu"): (128, 2048, 128, False),
+    ("vllm", "a100-80gb"): (256, 2048, 16, False),
+    ("vllm", "h100-sxm"): (1024, 8192, 16, False),
+    ("trtllm", "h100-sxm"): (2048, 8192, 32, True),
+    ("sglang", "h100-sxm"): (4096, 8192, 1, False),
+    ("tgi", "a100-80gb"): (128, 4096, 16, False),
+}
+
+
+@pytest.mark.parametrize(("engine", "gpu"), list(ENGINE_LIMITS),
+                         ids=[f"{e}-{g}" for e, g in ENGINE_LIMITS])  # fmt: skip
+def test_candidates_get_the_engines_limits(tiny: ModelArch, engine: str, gpu: str) -> None:
+    s = settings(1.0, engine=engine)
+    c = advisor.make_candidate(tiny, CATALOG[gpu], advisor.Setup(gpu=gpu), s, advisor.Transfer())
+    lim = c.limits
+    got = (lim.max_num_seqs, lim.max_num_batched_tokens, lim.block_size, lim.reserve_output)
+    assert got == ENGINE_LIMITS[(engine, gpu)]
+    assert lim.kv_capacity_tokens == c.plan.kv_capacity_tokens
+    assert c.step == roofline_prior(tiny, CATALOG[gpu], engine=engine)
+    assert any(a.startswith(f"{engine}: max_num_seqs={lim.max_num_seqs}, ")
+               for a in advisor._assumptions(c, s, advisor.Transfer()))  # fmt: skip
+
+
+def test_settings_given_override_the_engines_defaults(tiny: ModelArch) -> None:
+    gpu = CATALOG["h100-sxm"]
+    s = settings(1.0, engine="trtllm", max_num_seqs=64, max_num_batched_tokens=4096,
+                 enforce_eager=True)  # fmt: skip
+    c = advisor.make_candidate(tiny, gpu, advisor.Setup(gpu="h100-sxm"), s, advisor.Transfer())
+    assert (c.limits.max_num_seqs, c.limits.max_num_batched_tokens) == (64, 4096)
+    assert c.plan.cuda_graph_bytes_per_gpu == 0
+    assert c.step == roofline_prior(tiny, gpu, engine="trtllm", enforce_eager=True)
+    eager = roofline_prior(tiny, gpu, engine="trtllm", enforce_eager=True)
+    assert eager.overhead_s > roofline_prior(tiny, gpu, engine="trtllm").overhead_s
+
+
+def test_capacities_are_cached_per_engine(tiny: ModelArch) -> None:
+    cache: advisor.CapacityCache = {}
+    one = settings(0.5, gpus=("l4",))
+    advisor.search(tiny, CATALOG, WORKLOAD, one, advisor.Transfer(), cache=cache)
+    size = len(cache)
+    advisor.search(tiny, CATALOG, WORKLOAD, replace(one, engine="trtllm"), advisor.Transfer(),
+                   cache=cache)  # fmt: skip
+    assert len(cache) == 2 * size
+
+
 @pytest.mark.parametrize(("tokens", "want"),
                          [(10, 256), (300, 384), (3000, 3072), (4096, 4096), (5000, 6144),
                           (7000, 8192), (100_000, 131072)],

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from estimator.cli import EXIT_PLOT_UNAVAILABLE, add_estimate_arguments, run_estimate
+from estimator.cli import (
+    EXIT_PLOT_UNAVAILABLE,
+    add_estimate_arguments,
+    estimate_inputs,
+    print_estimate,
+    run_estimate,
+)
+from estimator.engine import roofline_prior
+from estimator.engines import get_profile, profile_names
+from estimator.projection import project
 from estimator.records import RequestRecord
 
 CONFIG = str(Path(__file__).parent / "configs" / "llama-3.1-8b.json")
@@ -184,3 +193,120 @@ def test_plot_without_matplotlib_prints_the_table_then_says_how(
     assert code == EXIT_PLOT_UNAVAILABLE == 3
     assert "capacity at SLO" in text and "pip install 'rightsizer[plot]'" in text
     assert not (tmp_path / "p.png").exists()
+
+
+# ---- engines, benchmark loads, "which runtime?" ------------------------------------------------
+H100 = ["--model", CONFIG, "--gpu", "h100-sxm", "--traffic", "rate=2,prompt=512,output=128",
+        "--alternatives", "h100-sxm", "--max-simulated", "2", "--max-model-len", "8192"]  # fmt: skip
+
+
+def plain(argv: list[str]) -> tuple[dict[str, object], str]:
+    """The report as JSON and as the plain-text tables (no rich: nothing wraps)."""
+    args = parse(argv)
+    inputs = estimate_inputs(args)
+    report = project(inputs).report
+    buf = io.StringIO()
+    print_estimate(report, inputs.config, buf, rich_ok=False)
+    return report.to_dict(), buf.getvalue()
+
+
+@pytest.mark.parametrize(("flags", "kind", "title"),
+                         [(["--engine", "sglang", "--concurrency", "32"], "concurrency",
+                           "benchmark: concurrency 32 on one replica of SGLang on 1x h100-sxm bf16"),
+                          (["--burst", "500"], "burst",
+                           "benchmark: burst 500 on one replica of vLLM (V1 engine) on 1x h100-sxm"),
+                          ([], "poisson", "benchmark: Poisson 1 req/s on one replica")],
+                         ids=["concurrency", "burst", "offered-rate"])  # fmt: skip
+def test_a_benchmark_load_prints_percentiles_with_bands(flags: list[str], kind: str,
+                                                        title: str) -> None:  # fmt: skip
+    d, text = plain([*H100, *flags])
+    assert title in text
+    load = d["load"]
+    assert isinstance(load, dict) and load["kind"] == kind
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("metric "))
+    assert lines[head].split() == ["metric", "mean", "p50", "p90", "p95", "p99", "band", "of",
+                                   "the", "mean"]  # fmt: skip
+    rows = {line.split("  ")[0]: line for line in lines[head + 1 : head + 6]}
+    assert list(rows) == ["TTFT (ms)", "ITL (ms)", "TPOT (ms)", "e2e (ms)", "output tok/s"]
+    for name, metric in (("TTFT (ms)", "ttft"), ("ITL (ms)", "itl"), ("e2e (ms)", "e2e")):
+        lo, hi = load["bands"][metric]
+        mean = load[metric]["mean"]
+        assert lo < mean < hi
+        assert rows[name].split()[-1] == f"{_ms(lo)}-{_ms(hi)}"
+    lo, hi = load["bands"]["throughput"]
+    assert rows["output tok/s"].split()[-1] == f"{lo:.0f}-{hi:.0f}"
+    assert "10th-90th percentile of published / predicted" in text and "~80%" in text
+
+
+def _ms(x: float) -> str:
+    ms = x * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 1 else f"{ms:.2f}"
+
+
+def test_the_rich_tables_show_the_load_too() -> None:
+    code, text = run([*H100, "--engine", "sglang", "--concurrency", "32"])
+    assert code == 0
+    for needle in ("benchmark: concurrency 32", "TTFT (ms)", "TPOT (ms)", "output tok/s",
+                   "band of the mean", "which runtime?"):  # fmt: skip
+        assert needle in text, needle
+
+
+def test_the_runtime_comparison_lists_every_profile_with_its_caveat() -> None:
+    d, text = plain([*H100, "--engine", "trtllm", "--concurrency", "16"])
+    engines = d["engines"]
+    assert isinstance(engines, list)
+    assert sorted(e["engine"] for e in engines) == sorted(profile_names())
+    assert [e["rank"] for e in engines] == list(range(1, len(engines) + 1))
+    assert [e["engine"] for e in engines if e["current"]] == ["trtllm"]
+    table = text[text.index("which runtime?") :]
+    for name in profile_names():
+        p = get_profile(name)
+        assert p.title in table and f"  {p.title}: {p.validation}" in table, name
+    assert "TensorRT-LLM (this estimate)" in table
+
+
+def test_an_unknown_engine_names_the_flag_and_the_known_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(["--model", CONFIG, "--gpu", "l4", "--engine", "bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--engine" in err and "bogus" in err and "vllm, sglang, trtllm, tgi, llamacpp" in err
+    assert parse(["--model", CONFIG, "--gpu", "l4", "--engine", "TensorRT-LLM"]).engine == "trtllm"
+
+
+def test_concurrency_and_burst_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(["--model", CONFIG, "--gpu", "l4", "--concurrency", "8", "--burst", "8"])
+    assert e.value.code == 2 and "--burst" in capsys.readouterr().err
+
+
+# engine -> max_num_seqs and block size of its memory plan on an H100 when no flag sets them
+ENGINE_DEFAULTS = {"vllm": (1024, 16), "sglang": (4096, 1), "trtllm": (2048, 32)}
+
+
+@pytest.mark.parametrize("engine", list(ENGINE_DEFAULTS))
+def test_engine_settings_default_to_the_engines_own(engine: str) -> None:
+    d, _ = plain([*H100, "--engine", engine])
+    memory = d["memory"]
+    assert isinstance(memory, dict) and d["engine"] == engine
+    seqs, block = ENGINE_DEFAULTS[engine]
+    assert memory["max_num_seqs"] == seqs
+    assert memory["kv_capacity_tokens"] == memory["num_blocks"] * block
+
+
+def test_engine_flags_reach_the_plan_and_the_prior() -> None:
+    args = parse([*H100, "--max-num-seqs", "64", "--max-num-batched-tokens", "4096",
+                  "--enforce-eager", "--gpu-memory-utilization", "0.8"])  # fmt: skip
+    inputs = estimate_inputs(args)
+    cfg = inputs.config
+    assert (cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enforce_eager) == (64, 4096, True)
+    assert inputs.prior is not None and inputs.arch is not None and inputs.gpu is not None
+    assert inputs.prior == roofline_prior(inputs.arch, inputs.gpu, enforce_eager=True)
+    d = project(inputs).report
+    assert d.memory is not None and d.memory.max_num_seqs == 64
+    assert d.memory.cuda_graph_bytes_per_gpu == 0
+    assert d.memory.budget_bytes_per_gpu == pytest.approx(0.8 * d.memory.memory_bytes_per_gpu,
+                                                          rel=1e-6)  # fmt: skip

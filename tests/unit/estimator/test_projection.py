@@ -10,11 +10,17 @@ import pytest
 
 from estimator.catalog import load_gpu_catalog
 from estimator.engine import roofline_prior
+from estimator.engines import get_profile, profile_names
+from estimator.loads import Load
+from estimator.memory import plan_memory
 from estimator.modelarch import load_model_arch
 from estimator.projection import (
+    BenchRequest,
     DeploymentInputs,
+    EngineObserved,
     ObservedLatency,
     ProjectionCache,
+    engine_limits,
     project,
     traffic_from_profile,
 )
@@ -50,7 +56,7 @@ def inputs(*, gpu: str = "a100-80gb", traffic: str = "rate=3,prompt=512,output=1
         gpu=g,
         running=False,
         traffic=traffic_from_profile(TrafficProfile.parse(traffic), 0.0, 3600.0),
-        prior=roofline_prior(arch, g),
+        prior=roofline_prior(arch, g, engine=config.engine),  # type: ignore[arg-type]
     )  # type: ignore[arg-type]
     base.update(kw)
     return DeploymentInputs(**base)  # type: ignore[arg-type]
@@ -148,3 +154,82 @@ def test_windows_never_claim_more_history_than_there_is() -> None:
     assert tr.report.history_s == pytest.approx(20.0) and tr.report.rate_window_s == 20.0
     assert tr.rate_long_window_s == 20.0 and "last 20 s" in tr.report.description
     assert tr.report.rate_rps == pytest.approx(2.0, rel=0.06)
+
+
+# ---- engine limits -------------------------------------------------------------------------
+# (engine, GPU, exposed by the engine, with a memory plan) ->
+# (max_num_seqs, max_num_batched_tokens, block_size, KV tokens or None = the plan's, reserve)
+EXPOSED = EngineObserved(kv_capacity_tokens=128 * 400, block_size=128)
+LIMIT_CASES = {
+    "vllm-cpu-exposed": ("vllm", "cpu", EXPOSED, False, (128, 2048, 128, 51200, False)),
+    "vllm-cpu-exposed-seqs": ("vllm", "cpu", EngineObserved(kv_capacity_tokens=51200,
+                              block_size=128, max_num_seqs=8), False, (8, 2048, 128, 51200, False)),
+    "vllm-cpu-plan": ("vllm", "cpu", EngineObserved(), True, (128, 2048, 128, None, False)),
+    "vllm-h100-plan": ("vllm", "h100-sxm", EngineObserved(), True, (1024, 8192, 16, None, False)),
+    "trtllm-h100-plan": ("trtllm", "h100-sxm", EngineObserved(), True,
+                         (2048, 8192, 32, None, True)),
+    "vllm-unknown-gpu-exposed": ("vllm", None, EngineObserved(kv_capacity_tokens=16000,
+                                 block_size=16), False, (256, 2048, 16, 16000, False)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(LIMIT_CASES))
+def test_engine_limits_come_from_the_engine_then_the_plan_then_the_profile(case: str) -> None:
+    engine, gpu_key, observed, with_plan, want = LIMIT_CASES[case]
+    cfg = validate(EstimatorConfig(engine=engine, max_model_len=8192), CATALOG)
+    gpu = CATALOG[gpu_key] if gpu_key else None
+    plan = plan_memory(LLAMA8, gpu, engine=engine, max_model_len=8192) if with_plan else None
+    limits, notes = engine_limits(observed, plan, cfg, 0.0, gpu)
+    seqs, batched, block, kv, reserve = want
+    assert (limits.max_num_seqs, limits.max_num_batched_tokens, limits.block_size) == (
+        seqs, batched, block)  # fmt: skip
+    assert limits.kv_capacity_tokens == (kv if kv is not None else plan.kv_capacity_tokens)  # type: ignore[union-attr]
+    assert limits.reserve_output == reserve
+    assert notes == ([] if kv is not None else ["KV capacity from the memory plan"])
+
+
+def test_without_kv_figures_the_cache_is_assumed_unbounded_and_said() -> None:
+    cfg = validate(EstimatorConfig(engine="sglang"), CATALOG)
+    limits, notes = engine_limits(EngineObserved(), None, cfg, 0.5, CATALOG["h100-sxm"])
+    assert limits.max_num_seqs == 4096 and limits.prefix_cache_hit_ratio == 0.5
+    assert notes == ["KV capacity unknown: assumed unbounded, max_num_seqs=4096"]
+
+
+# ---- a simulated benchmark run and "which runtime?" (offline) -----------------------------
+@pytest.mark.parametrize(("load", "kind", "requests"),
+                         [(None, "poisson", 400), (Load.concurrency(16), "concurrency", 400),
+                          (Load.burst(200), "burst", 200)],
+                         ids=["offered-rate", "concurrency", "burst"])  # fmt: skip
+def test_a_benchmark_load_with_percentiles_and_bands(load: Load | None, kind: str,
+                                                     requests: int) -> None:  # fmt: skip
+    d = project(inputs(bench=BenchRequest(load=load))).report
+    r = d.load
+    assert r is not None and r.kind == kind and r.requests == requests and r.engine == "vllm"
+    if load is None:  # the offered rate per replica
+        assert r.value == pytest.approx(3.0 / d.replicas)
+    for name in ("ttft", "itl", "tpot", "e2e"):
+        s = getattr(r, name)
+        assert 0 < s.p50 <= s.p90 <= s.p95 <= s.p99, name
+        lo, hi = r.bands[name]
+        assert lo < s.mean < hi, name
+    lo, hi = r.bands["throughput"]
+    assert lo < r.output_tokens_per_s < hi
+
+
+def test_every_engine_under_the_same_load_ranked_with_its_caveat() -> None:
+    d = project(inputs(engine="sglang", bench=BenchRequest(load=Load.concurrency(16)))).report
+    assert [c.rank for c in d.engines] == list(range(1, len(profile_names()) + 1))
+    assert {c.engine for c in d.engines} == set(profile_names())
+    for c in d.engines:
+        assert c.validation == get_profile(c.engine).validation and c.title
+    tps = [c.output_tokens_per_s for c in d.engines if c.fits]
+    assert tps == sorted(tps, reverse=True)  # a closed loop: most tokens/s first
+    (mine,) = [c for c in d.engines if c.current]
+    assert mine.engine == "sglang" and d.load is not None  # the same run as the load table
+    assert mine.output_tokens_per_s == pytest.approx(d.load.output_tokens_per_s, rel=1e-9)
+    assert mine.ttft_mean_s == pytest.approx(d.load.ttft.mean, rel=1e-9)
+
+
+def test_no_benchmark_unless_asked() -> None:
+    d = project(inputs()).report
+    assert d.load is None and d.engines == ()

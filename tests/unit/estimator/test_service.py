@@ -273,3 +273,54 @@ def test_a_failing_projection_is_isolated(
     bad, good = report.deployment("bad"), report.deployment("m")
     assert bad is not None and bad.status == "error" and "synthetic failure" in bad.notes[0]
     assert good is not None and good.status == "ok"
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "trtllm"])
+def test_the_configured_engine_sets_the_prior_and_the_limits(engine: str) -> None:
+    est = Estimator(config(model_configs={"m": LLAMA}, engine=engine, min_records=50),
+                    catalog=CATALOG)  # fmt: skip
+    for i in range(60):  # unstreamed: nothing to calibrate on, so the prior is used
+        est.observe(RequestRecord(request_id=str(i), model="m", arrival_epoch=T0 + i,
+                                  prompt_tokens=500, completion_tokens=100))  # fmt: skip
+    d = est.refresh(now=T0 + 60).deployments[0]
+    assert d.status == "ok" and d.fit.source == "prior" and d.engine == engine
+    basis = est.projection("m").basis  # type: ignore[union-attr]
+    assert basis is not None
+    assert basis.step == roofline_prior(ARCH, CATALOG["a100-80gb"], engine=engine)
+    assert basis.limits.reserve_output == (engine == "trtllm")
+
+
+def test_the_fit_says_how_far_the_engine_is_from_its_profile(served: list[RequestRecord]) -> None:
+    est = Estimator(config(model_configs={"m": LLAMA}), catalog=CATALOG)
+    d = est.replay_records(served).deployments[0]
+    vs = d.fit.vs_prior
+    assert vs is not None and {"overhead_s", "itl_batch8", "prefill_1024"} <= set(vs)
+    # the served engine (TRUE) is 1.3x the prior's step overhead and per-sequence cost
+    assert vs["overhead_s"] == pytest.approx(1.3, rel=0.15)
+    assert vs["itl_batch8"] == pytest.approx(TRUE.itl_at(8, 1024) / PRIOR.itl_at(8, 1024), rel=0.15)
+    assert json.loads(json.dumps(d.to_dict(), allow_nan=False))["fit"]["vs_prior"] == vs
+    # without a model config there is no profile to be far from
+    bare = Estimator(config(gpu=None), catalog=CATALOG).replay_records(served).deployments[0]
+    assert bare.fit.source == "calibrated" and bare.fit.vs_prior is None
+
+
+def test_the_observed_itl_p95_is_over_every_gap_not_per_request_summaries() -> None:
+    # 970 short requests with 10 gaps of 10 ms, 30 long ones with 100 gaps of 100 ms: the p95
+    # of the per-request p95s is 10 ms, but 24% of all gaps take 100 ms, so the p95 is 100 ms
+    est = Estimator(config(), catalog=CATALOG)
+    for i in range(1000):
+        long = i % 33 == 0 and i < 990
+        gap, n = (0.1, 100) if long else (0.01, 10)
+        est.observe(RequestRecord(request_id=str(i), model="m", backend="b0", streamed=True,
+                                  arrival_s=0.1 * i, first_token_s=0.1 * i + 0.05,
+                                  arrival_epoch=T0 + 0.1 * i, prompt_tokens=100,
+                                  completion_tokens=n + 1,
+                                  itl=ItlSummary.from_gaps([gap] * n)))  # fmt: skip
+    report = est.refresh(now=T0 + 100)
+    d, b0 = report.deployments[0], report.backends[0]
+    assert d.observed_gaps == 30 * 100 + 970 * 10
+    per_request = float(np.quantile([0.1 if i % 33 == 0 and i < 990 else 0.01
+                                     for i in range(1000)], 0.95))  # fmt: skip
+    assert per_request == pytest.approx(0.01)
+    assert d.observed_itl_p95_s == pytest.approx(0.1, rel=0.15)
+    assert b0.observed_itl_p95_s == pytest.approx(0.1, rel=0.15)

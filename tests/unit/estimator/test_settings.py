@@ -54,9 +54,11 @@ def test_every_knob_can_be_set_from_yaml(tmp_path: Path) -> None:
     f.write_text(
         "estimator:\n  kv_dtype: fp8\n  advisor_gpus: [l4, h100-sxm]\n"
         "  backend_gpus: {b1: a10g}\n  sim_requests: 400\n  spare_replicas: 2\n"
-        "  max_actionable_band: 0.3\n"
+        "  max_actionable_band: 0.3\n  engine: sglang\n  max_num_batched_tokens: 4096\n"
+        "  enforce_eager: true\n"
     )
     e = load_config(f, environ={}).estimator
+    assert (e.engine, e.max_num_batched_tokens, e.enforce_eager) == ("sglang", 4096, True)
     assert e.kv_dtype == "fp8" and e.advisor_gpus == ("l4", "h100-sxm")
     assert dict(e.backend_gpus) == {"b1": "a10g"} and e.sim_requests == 400
     assert e.spare_replicas == 2 and e.max_actionable_band == 0.3
@@ -70,8 +72,12 @@ def test_every_knob_can_be_set_from_yaml(tmp_path: Path) -> None:
      ({"quant": "int3"}, "estimator.quant", "int3"),
      ({"kv_dtype": "int2"}, "estimator.kv_dtype", "use auto or fp8"),
      ({"gpus_per_backend": 0}, "estimator.gpus_per_backend", "must be >= 1"),
-     ({"gpu_memory_utilization": 1.5}, "estimator.gpu_memory_utilization", "(0, 1]")],
-    ids=["gpu", "backend-gpu", "advisor-gpu", "quant", "kv-dtype", "tp", "gpu-mem"],
+     ({"gpu_memory_utilization": 1.5}, "estimator.gpu_memory_utilization", "(0, 1]"),
+     ({"engine": "vlm"}, "estimator.engine",
+      "unknown engine 'vlm'; known: vllm, sglang, trtllm, tgi, llamacpp"),
+     ({"max_num_batched_tokens": 0}, "estimator.max_num_batched_tokens", "must be >= 1")],
+    ids=["gpu", "backend-gpu", "advisor-gpu", "quant", "kv-dtype", "tp", "gpu-mem", "engine",
+         "batched-tokens"],
 )  # fmt: skip
 def test_errors_name_the_key(section: dict[str, object], key: str, reason: str) -> None:
     config = load_config(environ={}, overrides={"estimator": section})
@@ -82,8 +88,8 @@ def test_errors_name_the_key(section: dict[str, object], key: str, reason: str) 
 
 
 def test_validate_canonicalises_aliases_and_keeps_the_rest() -> None:
-    cfg = validate(EstimatorConfig(quant="int4-awq", gpu="l4"), CATALOG)
-    assert cfg.quant == "int4" and cfg.gpu == "l4"
+    cfg = validate(EstimatorConfig(quant="int4-awq", gpu="l4", engine="TensorRT-LLM"), CATALOG)
+    assert cfg.quant == "int4" and cfg.gpu == "l4" and cfg.engine == "trtllm"
     with pytest.raises(EstimatorConfigError) as info:
         validate(EstimatorConfig(slo_itl_p95_s=0.0), CATALOG)
     assert info.value.key == "estimator.slo_itl_p95_s"
