@@ -87,7 +87,7 @@ class ServerConfig:
     port: int = doc("Port to listen on.", 8080)
     workers: int = doc(
         "Worker processes sharing the port (SO_REUSEPORT) and, through shared memory, the "
-        "in-flight counts, tenant usage and prefix index; 0: one per core, at most 8.",
+        "in-flight counts, tenant usage and prefix index; 0: one per usable core (CPU affinity), at most 8.",
         0,
     )
     max_body_bytes: int = doc("Largest request body accepted; larger gets 413.", 4 * 1024 * 1024)

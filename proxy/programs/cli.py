@@ -230,9 +230,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def worker_count(config: ProxyConfig) -> int:
-    """``server.workers``, or one per core (at most 8) when it is 0."""
+    """``server.workers``, or one per core this process may run on (its CPU affinity, as
+    ``taskset`` or a container's cpuset sets it; at most 8) when it is 0."""
     n = config.server.workers
-    return n if n > 0 else max(1, min(8, os.cpu_count() or 1))
+    return n if n > 0 else max(1, min(8, usable_cores()))
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 async def serve_app(config: ProxyConfig, deps: Deps) -> None:
