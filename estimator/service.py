@@ -29,7 +29,9 @@ from pathlib import Path
 from estimator.calibrate import OnlineCalibrator
 from estimator.capacity import Slo
 from estimator.catalog import GpuSpec, get_quantization, load_gpu_catalog
+from estimator.compare import ExperimentsSpec
 from estimator.engine import StepModel, roofline_prior
+from estimator.experiments import ExperimentTracker
 from estimator.modelarch import ModelArch, load_model_arch
 from estimator.projection import BackendState, DeploymentState, backend_report, failed, project
 from estimator.records import BackendSnapshot, RequestRecord
@@ -101,6 +103,9 @@ class EstimatorConfig:
     active_window_s: float = 600.0
     """A backend counts as a replica of a model while it served one of its requests within
     this window, or while its last scrape says it is up and lists the model."""
+    experiments: ExperimentsSpec | None = None
+    """Deployment groups and their experiments: each group is judged as a deployment of its
+    own and the report carries a verdict per experiment (``estimator.experiments``)."""
 
     @property
     def slo(self) -> Slo:
@@ -158,6 +163,9 @@ class Estimator:
         self._archs: dict[str, ModelArch | str] = {}  # model -> arch, or why there is none
         self._lock = threading.Lock()
         self._report: Report | None = None
+        self._experiments = (
+            ExperimentTracker(self.config, self.catalog) if self.config.experiments else None
+        )
 
     # ---- hot path ------------------------------------------------------------------------
     def observe(self, record: RequestRecord) -> None:
@@ -190,6 +198,7 @@ class Estimator:
                 backends=backends,
                 refresh_seconds=time.perf_counter() - started,
                 records_dropped=self.records_dropped,
+                experiments=self._experiments.refresh(at) if self._experiments else (),
             )  # fmt: skip
             self._report = report
             return report
@@ -234,8 +243,17 @@ class Estimator:
             b = self._backend(s.backend)
             if b is not None:
                 b.observe_snapshot(s)
+            if self._experiments is not None:
+                self._experiments.observe_backend(s)
 
     def _ingest(self, r: RequestRecord) -> None:
+        if self._experiments is not None:
+            self._experiments.observe(r)
+        if r.shadow:  # a copy for an experiment: load on its backend, not the model's traffic
+            b = self._backend(r.backend) if r.backend is not None else None
+            if b is not None:
+                b.observe(r)
+            return
         dep = self._models.get(r.model)
         if dep is None:
             if len(self._models) >= self.config.max_models:
