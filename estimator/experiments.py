@@ -37,8 +37,8 @@ from estimator.engine import StepModel, roofline_prior
 from estimator.memory import plan_memory
 from estimator.modelarch import ModelArch, load_model_arch
 from estimator.projection import choose_step, engine_limits, workload_of
-from estimator.records import BackendSnapshot, RequestRecord
-from estimator.simulate import EngineLimits, Workload
+from estimator.records import BackendSnapshot, Outcome, RequestRecord
+from estimator.simulate import EngineLimits
 from estimator.traffic import TrafficStats
 from estimator.verdict import Side, Verdict, build_verdict
 
@@ -119,10 +119,12 @@ class ExperimentTracker:
         samples = {g: Sample.of(recs[g], self.slo.ttft_p95_s, self.slo.itl_p95_s) for g in names}
         ready = all(s.judged >= exp.min_requests for s in samples.values())
         edges = _block_edges([r for g in names for r in recs[g]], self.spec.blocks)
+        shared = _same_tokens(recs[names[0]], recs[names[1]])
         sides = []
         for g in names:
             spec = self.spec.group(g) or GroupSpec(name=g)
-            cap = self._capacity(spec, model, recs[g], edges) if ready else Capacity(rps=None)
+            mix = [*recs[names[0]], *recs[names[1]]] if shared else recs[g]
+            cap = self._capacity(spec, model, recs[g], mix, edges) if ready else Capacity(rps=None)
             gpu = self.catalog.get(spec.gpu) if spec.gpu else None
             sides.append(Side(spec=spec, sample=samples[g], capacity=cap,
                               gpu_usd_per_hour=gpu.price_per_hour if gpu else None))  # fmt: skip
@@ -133,8 +135,9 @@ class ExperimentTracker:
     # --- one group's capacity ---
 
     def _capacity(
-        self, spec: GroupSpec, model: str, records: Sequence[RequestRecord], edges: Sequence[float]
-    ) -> Capacity:
+        self, spec: GroupSpec, model: str, records: Sequence[RequestRecord],
+        mix: Sequence[RequestRecord], edges: Sequence[float],
+    ) -> Capacity:  # fmt: skip
         if spec.managed:
             return Capacity(rps=None, source="managed")
         cfg = self.config
@@ -143,8 +146,7 @@ class ExperimentTracker:
         m = seqs or cfg.max_num_seqs
         prior = self._prior(spec, model)
         step, source, notes, fit_err = self._fit(records, prior, m)
-        traffic = TrafficStats(max(1, len(records)))
-        traffic.observe_many(r for r in records if r.prompt_tokens)
+        traffic = _mix(mix)
         workload = workload_of(traffic)
         if step is None or workload is None:
             return Capacity(rps=None, source=source, notes=tuple(notes))
@@ -153,7 +155,7 @@ class ExperimentTracker:
         cap = max_rate_at_slo(step, limits, workload, self.slo, n_requests=cfg.sim_requests)
         replicates: list[float] = []
         if source == "calibrated" and len(edges) >= 4:
-            replicates = self._jackknife(records, edges, prior, m, limits, workload)
+            replicates = self._jackknife(records, mix, edges, prior, m, limits)
         low = high = None
         if len(replicates) >= 3 and cap.per_replica_rps > 0:
             logs = [math.log(x) for x in replicates if x > 0]
@@ -170,26 +172,35 @@ class ExperimentTracker:
     def _fit(
         self, records: Iterable[RequestRecord], prior: StepModel | None, m: int
     ) -> tuple[StepModel | None, str, list[str], float | None]:
-        rows = list(records)
+        rows = [r for r in records if _timed(r)]
         cal_cfg = CalibratorConfig(capacity=max(1, len(rows)), refit_new_fraction=0.0)
         calibrator = OnlineCalibrator(prior=prior, config=cal_cfg)
         for r in rows:
             calibrator.observe(r)
         cal = calibrator.fit(max_num_seqs=m, reuse=False) if len(calibrator) else None
-        step, source, notes = choose_step(cal, prior, self.config.min_records)
         errs = [e for e in (cal.ttft_p90_re, cal.itl_p90_re) if e is not None] if cal else []
-        return step, source, notes, max(errs) if errs else None
+        fit_err = max(errs) if errs else None
+        if cal is not None and not cal.trusted and cal.n_records >= self.config.min_records:
+            # the group's own fit over a prior that knows nothing of its software overheads
+            note = (f"fit not trusted by the estimator's bounds (TTFT error p50 "
+                    f"{_pct(cal.ttft_mare)}, ITL {_pct(cal.itl_mare)}): used, its spread is "
+                    "in the capacity CI")  # fmt: skip
+            return cal.step, "calibrated", [note], fit_err
+        step, source, notes = choose_step(cal, prior, self.config.min_records)
+        return step, source, notes, fit_err
 
     def _jackknife(
-        self, records: Sequence[RequestRecord], edges: Sequence[float], prior: StepModel | None,
-        m: int, limits: EngineLimits, workload: Workload,
+        self, records: Sequence[RequestRecord], mix: Sequence[RequestRecord],
+        edges: Sequence[float], prior: StepModel | None, m: int, limits: EngineLimits,
     ) -> list[float]:  # fmt: skip
-        """Capacity with each time block left out in turn (the same simulated arrivals)."""
+        """Capacity with each time block left out in turn, of the fit and of the request mix
+        (the same simulated arrivals)."""
         out = []
         for lo, hi in itertools.pairwise(edges):
             kept = [r for r in records if not lo <= r.arrival_epoch < hi]
             step, source, _, _ = self._fit(kept, prior, m)
-            if step is None or source != "calibrated":
+            workload = workload_of(_mix([r for r in mix if not lo <= r.arrival_epoch < hi]))
+            if step is None or source != "calibrated" or workload is None:
                 return []
             cap = max_rate_at_slo(step, limits, workload, self.slo,
                                   n_requests=self.config.sim_requests)  # fmt: skip
@@ -225,6 +236,39 @@ class ExperimentTracker:
                                max_num_seqs=m, max_model_len=self.config.max_model_len)  # fmt: skip
         except ValueError:
             return None
+
+
+def _timed(r: RequestRecord) -> bool:
+    """Did the stream show the decode's pace? An answer that came in a few large chunks (an
+    engine's API server falling behind and flushing many tokens at once) has an end-to-first
+    time that says nothing of its steps; the calibrator would read near-zero step times."""
+    c = r.completion_tokens or 0
+    return c < 3 or r.itl.count >= 0.5 * (c - 1)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def _mix(records: Iterable[RequestRecord]) -> TrafficStats:
+    """The request mix (prompt, output tokens) of these records."""
+    rows = [r for r in records if r.prompt_tokens]
+    traffic = TrafficStats(max(1, len(rows)))
+    traffic.observe_many(rows)
+    return traffic
+
+
+def _same_tokens(a: Sequence[RequestRecord], b: Sequence[RequestRecord]) -> bool:
+    """Do both groups count the requests' tokens alike (mean prompt tokens within 10%)? Then
+    their capacities are searched on one shared mix; engines that tokenise differently are
+    each judged on their own counts."""
+    means = []
+    for rs in (a, b):
+        p = [r.prompt_tokens for r in rs if r.prompt_tokens and r.outcome is Outcome.OK]
+        if len(p) < 10:
+            return False
+        means.append(sum(p) / len(p))
+    return abs(means[0] - means[1]) <= 0.1 * max(means)
 
 
 def _quant(q: str) -> str:

@@ -25,7 +25,8 @@ backend 4xx, and attempts that failed and were retried elsewhere) and streamed r
 missed the SLO (TTFT or their own p95 inter-token gap over the target; a failed request
 missed it). The canary is rolled back (weight 0, logged, counted, alerting) when, with at
 least ``min_samples`` candidate requests in the window, the candidate's error or SLO-miss rate
-exceeds the baseline's by more than ``margin`` with one-sided ``confidence``
+exceeds the baseline's by more than ``error_margin`` / ``slo_margin`` with one-sided
+``confidence``
 (``estimator.abtest.worse_by``); or when no candidate backend has been available for a whole
 window while it was meant to get traffic. The baseline's side uses its window, or everything
 since the experiment (re)started when the window holds fewer than ``min_samples``. Shadow
@@ -267,8 +268,11 @@ class Experiments:
         if bs < rule.min_samples:
             bs, bm = base.total[2], base.total[3]
         checks: dict[str, Any] = {}
-        for metric, (xc, nc, xb, nb) in (("errors", (ce, cn, be, bn)), ("slo", (cm, cs, bm, bs))):
-            worse, low = worse_by(xc, nc, xb, nb, margin=rule.margin, confidence=rule.confidence)
+        for metric, (xc, nc, xb, nb), margin in (
+            ("errors", (ce, cn, be, bn), rule.error_margin),
+            ("slo", (cm, cs, bm, bs), rule.slo_margin),
+        ):
+            worse, low = worse_by(xc, nc, xb, nb, margin=margin, confidence=rule.confidence)
             judged = metric in rule.metrics and nc >= rule.min_samples
             checks[metric] = {
                 "candidate": [xc, nc],
@@ -364,7 +368,8 @@ class Experiments:
             "rollback_rule": {
                 "enabled": cfg.rollback.enabled,
                 "metrics": list(cfg.rollback.metrics),
-                "margin": cfg.rollback.margin,
+                "error_margin": cfg.rollback.error_margin,
+                "slo_margin": cfg.rollback.slo_margin,
                 "confidence": cfg.rollback.confidence,
                 "window_s": cfg.rollback.window_s,
                 "min_samples": cfg.rollback.min_samples,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from estimator.catalog import CatalogError
+from estimator.compare import ExperimentSpec, ExperimentsSpec, GroupSpec
 from estimator.service import Estimator, EstimatorConfig
 from proxy.app import Deps
 from proxy.config import ConfigError, ProxyConfig
@@ -33,14 +34,41 @@ def build_estimator(config: ProxyConfig, source: str = "config") -> Estimator:
         forecast_horizon_s=e.forecast_horizon_s,
         breach_horizon_s=e.breach_horizon_s,
         advisor_interval_s=e.advisor_interval_s,
+        experiments=experiments_spec(config),
     )
     try:
-        return Estimator(est_cfg)
+        est = Estimator(est_cfg)
     except (CatalogError, ValueError) as exc:
         key, _, reason = str(exc).partition(": ")
         raise ConfigError(
             source, key if key.startswith("estimator") else "estimator", reason or str(exc)
         ) from None
+    for i, g in enumerate(config.groups):
+        if g.gpu is not None and g.gpu not in est.catalog:
+            known = ", ".join(sorted(est.catalog))
+            raise ConfigError(source, f"groups[{i}].gpu", f"unknown GPU {g.gpu!r} (known: {known})")
+    return est
+
+
+def experiments_spec(config: ProxyConfig) -> ExperimentsSpec | None:
+    """The groups and experiments as the estimator takes them (None without groups)."""
+    if not config.groups:
+        return None
+    groups = tuple(
+        GroupSpec(name=g.name, backends=g.backends, engine=g.engine, gpu=g.gpu,
+                  gpus_per_backend=g.gpus_per_backend, quant=g.quant, max_num_seqs=g.max_num_seqs,
+                  settings=dict(g.settings), usd_per_hour=g.usd_per_hour,
+                  usd_per_1m_input_tokens=g.usd_per_1m_input_tokens,
+                  usd_per_1m_output_tokens=g.usd_per_1m_output_tokens,
+                  model_config=g.model_config)
+        for g in config.groups
+    )  # fmt: skip
+    experiments = tuple(
+        ExperimentSpec(name=x.name, baseline=x.baseline, candidate=x.candidate, models=x.models,
+                       min_requests=x.min_requests)
+        for x in config.experiments
+    )  # fmt: skip
+    return ExperimentsSpec(groups=groups, experiments=experiments)
 
 
 def estimator_deps(
