@@ -7,7 +7,8 @@ arrivals of the live traffic (the rate the groups are priced at and its forecast
 copies count for their group (the candidate's latency and fit) but not as traffic.
 
 On ``refresh`` (at most every ``verdict_interval_s`` per experiment, sooner while it has no
-verdict), per group: a step model fitted on the group's own records (``estimator.calibrate``;
+verdict or once its records grew by a fifth), per group: a step model fitted on the group's
+own records (``estimator.calibrate``;
 the roofline prior from its model config and GPU when the fit is not trusted), its engine
 limits (``max_num_seqs`` from the group's description or its engine, KV capacity from its
 engine's snapshot or the memory plan), its request mix (its own token counts: engines do not
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
     from estimator.service import EstimatorConfig
 
 _Z95 = 1.959964
+_MIN_GAP_SHARE = 0.25  # of the group's median mean gap, below which a stream was not timed
+_DEGENERATE = 0.6  # a fit whose median error is this large explains nothing: not used
+_FIT_SHARE = 0.8  # of the experiment's min_requests a group's fit needs (some are not timed)
 Key = tuple[str, str]  # (experiment, model)
 
 
@@ -62,7 +66,7 @@ class ExperimentTracker:
         self._records: dict[tuple[str, str, str], collections.deque[RequestRecord]] = {}
         self._traffic: dict[Key, TrafficStats] = {}
         self._snapshots: dict[str, BackendSnapshot] = {}
-        self._verdicts: dict[Key, tuple[float, Verdict]] = {}
+        self._verdicts: dict[Key, tuple[float, Verdict, int]] = {}
         self._archs: dict[str, ModelArch | None] = {}
 
     def experiment_of(self, model: str, group: str | None) -> ExperimentSpec | None:
@@ -100,16 +104,24 @@ class ExperimentTracker:
         for (exp_name, model), traffic in sorted(self._traffic.items()):
             exp = next(e for e in self.spec.experiments if e.name == exp_name)
             last = self._verdicts.get((exp_name, model))
-            due = last is None or last[1].status != "ok"
-            if not due and now - last[0] < self.spec.verdict_interval_s:  # type: ignore[index]
-                out.append(last[1])  # type: ignore[index]
+            groups = (exp.baseline, exp.candidate)
+            n = sum(len(self._records.get((exp_name, model, g), ())) for g in groups)
+            if last is not None and not self._due(last, now, n):
+                out.append(last[1])
                 continue
             rate = traffic.rate(300.0, now) if rate_rps is None else rate_rps
             peak = max(rate, traffic.forecaster(now).peak(self.config.forecast_horizon_s))
             verdict = self._verdict(exp, model, rate, peak, now)
-            self._verdicts[(exp_name, model)] = (now, verdict)
+            self._verdicts[(exp_name, model)] = (now, verdict, n)
             out.append(verdict)
         return tuple(out)
+
+    def _due(self, last: tuple[float, Verdict, int], now: float, n: int) -> bool:
+        """Search the capacities again: no verdict yet, the interval passed, or the records
+        grew by a fifth (a verdict made on the first requests must not stand for long)."""
+        at, verdict, n0 = last
+        return (verdict.status != "ok" or now - at >= self.spec.verdict_interval_s
+                or n >= 1.2 * n0 + 1)  # fmt: skip
 
     def _verdict(
         self, exp: ExperimentSpec, model: str, rate: float, peak: float, now: float
@@ -124,7 +136,9 @@ class ExperimentTracker:
         for g in names:
             spec = self.spec.group(g) or GroupSpec(name=g)
             mix = [*recs[names[0]], *recs[names[1]]] if shared else recs[g]
-            cap = self._capacity(spec, model, recs[g], mix, edges) if ready else Capacity(rps=None)
+            least = _FIT_SHARE * exp.min_requests
+            cap = (self._capacity(spec, model, recs[g], mix, edges, least) if ready
+                   else Capacity(rps=None))  # fmt: skip
             gpu = self.catalog.get(spec.gpu) if spec.gpu else None
             sides.append(Side(spec=spec, sample=samples[g], capacity=cap,
                               gpu_usd_per_hour=gpu.price_per_hour if gpu else None))  # fmt: skip
@@ -136,7 +150,7 @@ class ExperimentTracker:
 
     def _capacity(
         self, spec: GroupSpec, model: str, records: Sequence[RequestRecord],
-        mix: Sequence[RequestRecord], edges: Sequence[float],
+        mix: Sequence[RequestRecord], edges: Sequence[float], least: float,
     ) -> Capacity:  # fmt: skip
         if spec.managed:
             return Capacity(rps=None, source="managed")
@@ -145,7 +159,7 @@ class ExperimentTracker:
         seqs = spec.max_num_seqs or next((s.max_num_seqs for s in snaps if s.max_num_seqs), None)
         m = seqs or cfg.max_num_seqs
         prior = self._prior(spec, model)
-        step, source, notes, fit_err = self._fit(records, prior, m)
+        step, source, notes, fit_err = self._fit(records, prior, m, least)
         traffic = _mix(mix)
         workload = workload_of(traffic)
         if step is None or workload is None:
@@ -155,7 +169,7 @@ class ExperimentTracker:
         cap = max_rate_at_slo(step, limits, workload, self.slo, n_requests=cfg.sim_requests)
         replicates: list[float] = []
         if source == "calibrated" and len(edges) >= 4:
-            replicates = self._jackknife(records, mix, edges, prior, m, limits)
+            replicates = self._jackknife(records, mix, edges, prior, m, limits, least)
         low = high = None
         if len(replicates) >= 3 and cap.per_replica_rps > 0:
             logs = [math.log(x) for x in replicates if x > 0]
@@ -170,9 +184,10 @@ class ExperimentTracker:
                         notes=tuple([*notes, *lim_notes]))  # fmt: skip
 
     def _fit(
-        self, records: Iterable[RequestRecord], prior: StepModel | None, m: int
-    ) -> tuple[StepModel | None, str, list[str], float | None]:
-        rows = [r for r in records if _timed(r)]
+        self, records: Iterable[RequestRecord], prior: StepModel | None, m: int, least: float,
+    ) -> tuple[StepModel | None, str, list[str], float | None]:  # fmt: skip
+        """The group's step model (module docstring), fitted on at least ``least`` records."""
+        rows = timed(records)
         cal_cfg = CalibratorConfig(capacity=max(1, len(rows)), refit_new_fraction=0.0)
         calibrator = OnlineCalibrator(prior=prior, config=cal_cfg)
         for r in rows:
@@ -180,25 +195,28 @@ class ExperimentTracker:
         cal = calibrator.fit(max_num_seqs=m, reuse=False) if len(calibrator) else None
         errs = [e for e in (cal.ttft_p90_re, cal.itl_p90_re) if e is not None] if cal else []
         fit_err = max(errs) if errs else None
-        if cal is not None and not cal.trusted and cal.n_records >= self.config.min_records:
+        if (cal is not None and not cal.trusted and cal.n_records >= least
+                and max(cal.ttft_mare or 1.0, cal.itl_mare or 1.0) < _DEGENERATE):  # fmt: skip
             # the group's own fit over a prior that knows nothing of its software overheads
             note = (f"fit not trusted by the estimator's bounds (TTFT error p50 "
                     f"{_pct(cal.ttft_mare)}, ITL {_pct(cal.itl_mare)}): used, its spread is "
                     "in the capacity CI")  # fmt: skip
             return cal.step, "calibrated", [note], fit_err
-        step, source, notes = choose_step(cal, prior, self.config.min_records)
+        step, source, notes = choose_step(cal, prior, math.ceil(least))
         return step, source, notes, fit_err
 
     def _jackknife(
         self, records: Sequence[RequestRecord], mix: Sequence[RequestRecord],
         edges: Sequence[float], prior: StepModel | None, m: int, limits: EngineLimits,
+        least: float,
     ) -> list[float]:  # fmt: skip
         """Capacity with each time block left out in turn, of the fit and of the request mix
         (the same simulated arrivals)."""
         out = []
         for lo, hi in itertools.pairwise(edges):
             kept = [r for r in records if not lo <= r.arrival_epoch < hi]
-            step, source, _, _ = self._fit(kept, prior, m)
+            share = 1.0 - 1.0 / (len(edges) - 1)  # a replicate keeps this much of the records
+            step, source, _, _ = self._fit(kept, prior, m, least * share)
             workload = workload_of(_mix([r for r in mix if not lo <= r.arrival_epoch < hi]))
             if step is None or source != "calibrated" or workload is None:
                 return []
@@ -238,12 +256,19 @@ class ExperimentTracker:
             return None
 
 
-def _timed(r: RequestRecord) -> bool:
-    """Did the stream show the decode's pace? An answer that came in a few large chunks (an
-    engine's API server falling behind and flushing many tokens at once) has an end-to-first
-    time that says nothing of its steps; the calibrator would read near-zero step times."""
-    c = r.completion_tokens or 0
-    return c < 3 or r.itl.count >= 0.5 * (c - 1)
+def timed(records: Iterable[RequestRecord]) -> list[RequestRecord]:
+    """The records whose stream showed the decode's pace. An answer that came in a few large
+    chunks (an engine's API server falling behind and flushing many tokens at once), or whose
+    mean gap is a small fraction of the group's usual one (two reads that happened to arrive
+    together), has an end-to-first time that says nothing of its steps; with relative
+    residuals the calibrator would let those near-zero step times decide the fit."""
+    rows = [r for r in records
+            if (c := r.completion_tokens or 0) >= 4 and r.itl.count >= 0.5 * (c - 1)
+            and r.itl.mean is not None]  # fmt: skip
+    if not rows:
+        return []
+    usual = float(np.median([r.itl.mean for r in rows]))
+    return [r for r in rows if (r.itl.mean or 0.0) >= _MIN_GAP_SHARE * usual]
 
 
 def _pct(x: float | None) -> str:
