@@ -340,8 +340,7 @@ class GroupConfig:
         None,
     )
     settings: Mapping[str, Scalar] = doc(
-        "Other engine settings, for the report and the drift check's expectations "
-        "(e.g. max_model_len: 8192, kv_cache_dtype: fp8).",
+        "Other engine settings, for the report (e.g. max_model_len: 8192, kv_cache_dtype: fp8).",
         dataclasses.MISSING,
         default_factory=dict,
     )
@@ -379,8 +378,8 @@ class ShadowConfig:
     )
     concurrency: int = doc("Shadow copies in flight at most.", 16)
     max_delay_s: float = doc(
-        "A copy that waited longer than this for a worker or for room on the candidate is "
-        "dropped: it no longer reflects the traffic's timing.",
+        "A copy that waited longer than this for a worker is dropped: it no longer reflects the "
+        "traffic's timing (one that finds the candidate without headroom is dropped at once).",
         1.0,
     )
 

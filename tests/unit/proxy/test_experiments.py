@@ -358,3 +358,12 @@ def test_records_carry_group_and_shadow_through_json() -> None:
     back = RequestRecord.from_dict(old)  # logs written before groups existed
     assert back.group is None and back.shadow is False
     assert dataclasses.replace(back, group="cand", shadow=True) == rec
+
+
+def test_rollback_defaults_are_the_ones_the_false_alarm_test_measures() -> None:
+    from tests.unit.estimator import test_abtest as measured
+
+    rule = RollbackConfig()
+    assert (rule.confidence, rule.error_margin, rule.slo_margin, rule.min_samples,
+            rule.window_s) == (measured.CONFIDENCE, measured.ERROR_MARGIN, measured.SLO_MARGIN,
+                               measured.MIN_SAMPLES, measured.WINDOW)  # fmt: skip
