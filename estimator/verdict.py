@@ -1,6 +1,9 @@
 """The verdict of an experiment, built from two groups' samples, capacities and prices (see
 ``estimator.compare`` for what is measured and how it is costed): the comparison, its CIs and
-one plain sentence with the reasons behind it."""
+one plain sentence with the reasons behind it.
+
+This module runs past 400 lines: the verdict's types, the cost ratios with their CIs and the
+sentence built from them are read and changed together."""
 
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from estimator.compare import (
 )
 
 _Z95 = 1.959964
+SLO_QUANTILE = 0.95  # the SLO's targets are p95s
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -407,6 +411,10 @@ def _sentence(
     if errors.difference is not None:
         sig = "" if errors.significant else ", not significant"
         tail.append(f"error rate {errors.candidate:.1%} vs {errors.baseline:.1%}{sig}")
+    for g in (gb, gc):  # a p95 target holds when 95% of requests are within it
+        if g.slo_attainment is not None and g.slo_attainment < SLO_QUANTILE:
+            tail.append(f"{g.group} misses the SLO on this traffic ({g.slo_attainment:.0%} of "
+                        "requests within it)")  # fmt: skip
     basis = f"on {gb.requests} baseline and {gc.requests} candidate requests" + (
         f" ({n_paired} paired shadow copies)" if n_paired else ""
     )

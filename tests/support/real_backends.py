@@ -247,6 +247,24 @@ def pin(pid: int, cpus: set[int], *, idle: bool = False) -> None:
                     os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
 
 
+@contextlib.contextmanager
+def confined(pids: Sequence[int], cpus: set[int]) -> Iterator[None]:
+    """Every thread of ``pids`` and of their descendants on ``cpus`` while the ``with`` block
+    runs; each thread gets its CPU set back on exit (the caller's own process included)."""
+    allowed = os.sched_getaffinity(0)
+    tree = [p for pid in pids for p in _descendants(pid)]
+    before = {p: _affinities(p) for p in tree}
+    for p in tree:
+        _set_affinity(p, cpus)
+    try:
+        yield
+    finally:
+        for p in tree:
+            for tid in _tasks(p):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, before[p].get(tid, allowed))
+
+
 def _affinities(pid: int) -> dict[int, set[int]]:
     """Each thread's CPU set."""
     out = {}
