@@ -245,3 +245,18 @@ def test_bad_group_flags(text: str) -> None:
 
     with pytest.raises(argparse.ArgumentTypeError):
         parse_group(text)
+
+
+def test_a_group_that_misses_the_slo_is_named(
+    slow_fast: tuple[list[RequestRecord], list[RequestRecord]],
+) -> None:
+    base, _ = slow_fast
+    slow_api = [dataclasses.replace(r, group="api", backend="api",
+                                    first_token_s=r.arrival_s + 1.5)
+                for r in records(FAST, "x", seed=41)]  # fmt: skip
+    cfg = config(GroupSpec(name="base", backends=("base",), gpu="a100-80gb"),
+                 GroupSpec(name="api", usd_per_1m_input_tokens=0.1, usd_per_1m_output_tokens=0.4))  # fmt: skip
+    v = compare_records(base, slow_api, cfg, CATALOG, rate_rps=1.0)
+    assert v.groups[1].slo_attainment == 0.0
+    assert "api misses the SLO on this traffic (0% of requests within it)" in v.verdict
+    assert v.ttft[1].significant and v.ttft[1].difference > 0  # type: ignore[operator]
