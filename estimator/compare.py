@@ -141,6 +141,18 @@ class Sample:
     errors: int
     slo_n: int
     slo_miss: int
+    slo_ttft_s: float = math.inf
+    slo_itl_s: float = math.inf
+
+    @property
+    def meets_slo(self) -> bool | None:
+        """The group's p95 TTFT and p95 per-request mean inter-token gap within the targets
+        (None without streamed requests). Per request the rule in ``slo_outcome`` is stricter:
+        a short answer's own p95 gap is nearly its longest one."""
+        if self.ttft.size == 0:
+            return None
+        itl_ok = self.itl.size == 0 or float(np.quantile(self.itl, 0.95)) <= self.slo_itl_s
+        return float(np.quantile(self.ttft, 0.95)) <= self.slo_ttft_s and itl_ok
 
     @classmethod
     def of(cls, records: Sequence[RequestRecord], slo_ttft_s: float, slo_itl_s: float) -> Sample:
@@ -159,7 +171,8 @@ class Sample:
                 ttft.append(r.ttft_s)
                 if r.itl.mean is not None:
                     itl.append(r.itl.mean)
-        return cls(tuple(records), np.asarray(ttft), np.asarray(itl), judged, errors, slo_n, miss)
+        return cls(tuple(records), np.asarray(ttft), np.asarray(itl), judged, errors, slo_n, miss,
+                   slo_ttft_s, slo_itl_s)  # fmt: skip
 
     def tokens(self) -> tuple[int, int, float | None, float | None]:
         ok = [r for r in self.records if r.outcome is Outcome.OK and r.prompt_tokens is not None]

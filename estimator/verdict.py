@@ -38,7 +38,6 @@ from estimator.compare import (
 )
 
 _Z95 = 1.959964
-SLO_QUANTILE = 0.95  # the SLO's targets are p95s
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,7 +55,7 @@ class GroupVerdict:
     shadow: int
     errors: int
     error_rate: float | None
-    slo_attainment: float | None
+    slo_attainment: float | None  # requests within both targets (each its own p95 gap)
     prompt_tokens: int
     completion_tokens: int
     mean_prompt_tokens: float | None
@@ -79,6 +78,7 @@ class GroupVerdict:
     usd_per_month_peak: float | None
     usd_per_1m_tokens: float | None  # at capacity (GPU) or list (managed)
     notes: tuple[str, ...] = ()
+    meets_slo: bool | None = None  # p95 TTFT and p95 per-request mean gap within the targets
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,6 +176,7 @@ def _group(side: Side, role: str, rate: float, peak: float) -> tuple[GroupVerdic
         usd_per_month_peak=usd_peak,
         usd_per_1m_tokens=per_1m_tokens(price, cap.rps, tokens or None),
         notes=cap.notes,
+        meets_slo=s.meets_slo,
     )
     return gv, price
 
@@ -411,10 +412,11 @@ def _sentence(
     if errors.difference is not None:
         sig = "" if errors.significant else ", not significant"
         tail.append(f"error rate {errors.candidate:.1%} vs {errors.baseline:.1%}{sig}")
-    for g in (gb, gc):  # a p95 target holds when 95% of requests are within it
-        if g.slo_attainment is not None and g.slo_attainment < SLO_QUANTILE:
-            tail.append(f"{g.group} misses the SLO on this traffic ({g.slo_attainment:.0%} of "
-                        "requests within it)")  # fmt: skip
+    for g in (gb, gc):
+        if g.meets_slo is False:
+            ttft, gap = _num_s(g.ttft_p95_s), _num_s(g.itl_p95_s)
+            tail.append(f"{g.group} misses the SLO on this traffic (p95 TTFT {ttft}, p95 "
+                        f"per-request gap {gap})")  # fmt: skip
     basis = f"on {gb.requests} baseline and {gc.requests} candidate requests" + (
         f" ({n_paired} paired shadow copies)" if n_paired else ""
     )
@@ -456,6 +458,10 @@ def _reasons(gb: GroupVerdict, gc: GroupVerdict, costs: _Costs) -> list[str]:
             "than one dedicated replica"
         )
     return out
+
+
+def _num_s(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 1000:.0f} ms"
 
 
 def _share(x: float | None) -> str:

@@ -258,5 +258,6 @@ def test_a_group_that_misses_the_slo_is_named(
                  GroupSpec(name="api", usd_per_1m_input_tokens=0.1, usd_per_1m_output_tokens=0.4))  # fmt: skip
     v = compare_records(base, slow_api, cfg, CATALOG, rate_rps=1.0)
     assert v.groups[1].slo_attainment == 0.0
-    assert "api misses the SLO on this traffic (0% of requests within it)" in v.verdict
+    assert v.groups[1].meets_slo is False and v.groups[0].meets_slo is True
+    assert "api misses the SLO on this traffic (p95 TTFT 1500 ms" in v.verdict
     assert v.ttft[1].significant and v.ttft[1].difference > 0  # type: ignore[operator]
