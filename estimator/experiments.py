@@ -35,7 +35,7 @@ from estimator.capacity import Slo, max_rate_at_slo
 from estimator.catalog import GpuSpec
 from estimator.compare import Capacity, ExperimentSpec, ExperimentsSpec, GroupSpec, Sample
 from estimator.engine import StepModel, roofline_prior
-from estimator.memory import plan_memory
+from estimator.memory import MemoryPlan, plan_memory
 from estimator.modelarch import ModelArch, load_model_arch
 from estimator.projection import choose_step, engine_limits, workload_of
 from estimator.records import BackendSnapshot, Outcome, RequestRecord
@@ -245,7 +245,7 @@ class ExperimentTracker:
         except ValueError:
             return None
 
-    def _plan(self, spec: GroupSpec, model: str, m: int) -> object | None:
+    def _plan(self, spec: GroupSpec, model: str, m: int) -> MemoryPlan | None:
         arch, gpu = self._arch(spec, model), self.catalog.get(spec.gpu) if spec.gpu else None
         if arch is None or gpu is None:
             return None

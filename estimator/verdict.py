@@ -414,8 +414,8 @@ def _sentence(
         tail.append(f"error rate {errors.candidate:.1%} vs {errors.baseline:.1%}{sig}")
     for g in (gb, gc):
         if g.meets_slo is False:
-            ttft, gap = _num_s(g.ttft_p95_s), _num_s(g.itl_p95_s)
-            tail.append(f"{g.group} misses the SLO on this traffic (p95 TTFT {ttft}, p95 "
+            t95, gap = _num_s(g.ttft_p95_s), _num_s(g.itl_p95_s)
+            tail.append(f"{g.group} misses the SLO on this traffic (p95 TTFT {t95}, p95 "
                         f"per-request gap {gap})")  # fmt: skip
     basis = f"on {gb.requests} baseline and {gc.requests} candidate requests" + (
         f" ({n_paired} paired shadow copies)" if n_paired else ""
@@ -440,11 +440,11 @@ def _reasons(gb: GroupVerdict, gc: GroupVerdict, costs: _Costs) -> list[str]:
             price = f"managed, ${g.usd_per_request or 0:.6f} per request on its own tokens"
             out.append(f"{g.group}: {price}; SLO attained by {_share(g.slo_attainment)}")
             continue
-        cap = "unknown" if g.capacity_rps is None else f"{g.capacity_rps:.2f} req/s per replica"
+        text = "unknown" if g.capacity_rps is None else f"{g.capacity_rps:.2f} req/s per replica"
         if g.capacity_low_rps is not None and g.capacity_high_rps is not None:
-            cap += f" (95% CI {g.capacity_low_rps:.2f}-{g.capacity_high_rps:.2f})"
+            text += f" (95% CI {g.capacity_low_rps:.2f}-{g.capacity_high_rps:.2f})"
         out.append(
-            f"{g.group}: capacity at the SLO {cap}, limited by {g.limiting or 'n/a'}, "
+            f"{g.group}: capacity at the SLO {text}, limited by {g.limiting or 'n/a'}, "
             f"{g.capacity_source} step model; ${g.usd_per_hour or 0:.2f}/h per replica, "
             f"{g.replicas or 'n/a'} replica(s) for the current rate"
         )

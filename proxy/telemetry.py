@@ -622,11 +622,12 @@ def experiment_families(v: ExperimentsView) -> Iterator[Metric | GaugeRow]:
     ):
         fam = CounterMetricFamily(name, doc, labels=["experiment", *pairs])
         for e in exps:
-            counts = {
+            by_name: dict[str, Mapping[Any, int]] = {
                 "rightsizer_experiment_rollbacks": e.rollbacks,
                 "rightsizer_experiment_assignments": e.assignments,
                 "rightsizer_shadow_requests": e.shadow,
-            }[name]
+            }
+            counts = by_name[name]
             for key, n in sorted(counts.items()):
                 keys = key if isinstance(key, tuple) else (key,)
                 fam.add_metric([label(e.name), *map(label, keys)], float(n))
@@ -697,7 +698,7 @@ def verdict_families(verdicts: Sequence[Mapping[str, Any]]) -> Iterator[GaugeRow
                 if isinstance(value, int | float) and value == value:
                     rows.append(((str(vd.get("experiment")), str(g.get("group"))), float(value)))
         yield GaugeRow(name, doc, ("experiment", "group"), rows)
-    rows = [
+    ratios = [
         ((str(vd.get("experiment")),), float(vd["cost_ratio"]))
         for vd in verdicts
         if isinstance(vd.get("cost_ratio"), int | float)
@@ -707,7 +708,7 @@ def verdict_families(verdicts: Sequence[Mapping[str, Any]]) -> Iterator[GaugeRow
         "Candidate / baseline cost per month "
         "at the current rate (below 1: the candidate is cheaper).",
         ("experiment",),
-        rows,
+        ratios,
     )
 
 

@@ -312,5 +312,5 @@ class Scheduler:
             for klass, tenants in enumerate(q.classes):
                 key = (model, PRIORITY_CLASSES[klass])
                 out[key] = out.get(key, 0) + sum(len(d) for d in tenants.values())
-        for (model, klass), n in out.items():
-            yield model, klass, n
+        for (model, name), n in out.items():
+            yield model, name, n
