@@ -25,9 +25,13 @@ for _p in (str(ROOT),):
 
 from estimator.calibrate import CalibratorConfig, OnlineCalibrator  # noqa: E402
 from estimator.catalog import load_gpu_catalog  # noqa: E402
-from estimator.projection import choose_step, engine_limits  # noqa: E402
+from estimator.projection import (  # noqa: E402
+    choose_step,
+    engine_limits,
+    engine_observed,
+)
 from estimator.records import BackendSnapshot, Outcome  # noqa: E402
-from estimator.service import EstimatorConfig, engine_observed  # noqa: E402
+from estimator.settings import EstimatorConfig  # noqa: E402
 from estimator.simulate import replay  # noqa: E402
 from tests.support import accuracy as ea  # noqa: E402
 

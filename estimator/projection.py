@@ -40,7 +40,7 @@ place a figure of a report is computed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -58,6 +58,7 @@ from estimator.limits import engine_limits as resolve_limits
 from estimator.loads import Load, LoadResult, Stats, simulate_load
 from estimator.memory import MemoryPlan, plan_memory
 from estimator.modelarch import ModelArch
+from estimator.records import BackendSnapshot
 from estimator.report import (
     Alternative,
     CurvePoint,
@@ -108,7 +109,7 @@ def traffic_from_stats(t: TrafficStats, now: float, horizon_s: float) -> Traffic
     prompt, output, total = t.lengths()
     history = max(0.0, now - t.first_epoch) if t.first_epoch is not None else 0.0
     rate, window = t.rate(300.0, now), min(300.0, max(1.0, history))
-    p, o = t.sample(_WORKLOAD_SAMPLE, np.random.default_rng(0))
+    workload = workload_of(t)
     report = TrafficReport(
         rate_rps=rate, rate_window_s=window, history_s=history, requests=t.count,
         description=f"{rate:.2f} req/s over the last {window:.0f} s, prompt p50 "
@@ -122,10 +123,15 @@ def traffic_from_stats(t: TrafficStats, now: float, horizon_s: float) -> Traffic
     )  # fmt: skip
     return TrafficInputs(
         report=report, forecaster=f,
-        workload=Workload(prompt_tokens=p, output_tokens=o) if p.size else None,
-        total_tokens_p999=total.p999, rate_long_rps=t.rate(3600.0, now),
+        workload=workload, total_tokens_p999=total.p999, rate_long_rps=t.rate(3600.0, now),
         rate_long_window_s=min(3600.0, max(1.0, history)),
     )  # fmt: skip
+
+
+def workload_of(t: TrafficStats) -> Workload | None:
+    """A fixed-seed sample of the observed (prompt, output) lengths, kept paired."""
+    p, o = t.sample(_WORKLOAD_SAMPLE, np.random.default_rng(0))
+    return Workload(prompt_tokens=p, output_tokens=o) if p.size else None
 
 
 def traffic_from_profile(p: TrafficProfile, now: float, horizon_s: float) -> TrafficInputs:
@@ -183,6 +189,18 @@ class EngineObserved:
     max_model_len: int | None = None
     kv_capacity_tokens: int | None = None
     block_size: int | None = None
+
+
+def engine_observed(snaps: Iterable[BackendSnapshot]) -> EngineObserved:
+    """The engine settings the serving backends' last scrapes expose (the first that does)."""
+    snaps = list(snaps)
+    kv = next((s for s in snaps if s.kv_capacity_tokens and s.block_size), None)
+    return EngineObserved(
+        max_num_seqs=next((s.max_num_seqs for s in snaps if s.max_num_seqs), None),
+        max_model_len=next((s.max_model_len for s in snaps if s.max_model_len), None),
+        kv_capacity_tokens=kv.kv_capacity_tokens if kv else None,
+        block_size=kv.block_size if kv else None,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -184,6 +184,10 @@ class RequestRecord:
     inflight_requests: int | None = None
     inflight_tokens: int | None = None
     attempts: int = 0  # upstream attempts (2 when retried before the first byte)
+    # experiments: the deployment group of the backend that served it (``groups[].name``),
+    # and whether it was a shadow copy (sent to a candidate; its answer never reached a client)
+    group: str | None = None
+    shadow: bool = False
 
     @property
     def queue_wait_s(self) -> float | None:

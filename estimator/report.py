@@ -380,6 +380,7 @@ class Report:
     backends: tuple[BackendReport, ...]
     refresh_seconds: float  # how long the refresh took
     records_dropped: int = 0  # records lost because refresh fell behind
+    experiments: tuple[Any, ...] = ()  # estimator.verdict.Verdict per experiment and model
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

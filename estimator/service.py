@@ -32,15 +32,17 @@ import numpy as np
 
 from estimator.calibrate import OnlineCalibrator
 from estimator.catalog import GpuSpec, load_gpu_catalog
+from estimator.compare import ExperimentsSpec
 from estimator.engine import StepModel, roofline_prior
+from estimator.experiments import ExperimentTracker
 from estimator.limits import assumed_limits
 from estimator.modelarch import ModelArch, load_model_arch
 from estimator.projection import (
     DeploymentInputs,
-    EngineObserved,
     ObservedLatency,
     Projection,
     ProjectionCache,
+    engine_observed,
     failed,
     project,
     traffic_from_stats,
@@ -191,24 +193,19 @@ def _hit_ratio(s: BackendSnapshot, p: BackendSnapshot | None) -> float | None:
     return s.prefix_cache_hit_rate
 
 
-def engine_observed(snaps: Iterable[BackendSnapshot]) -> EngineObserved:
-    """The engine settings the serving backends' last scrapes expose (the first that does)."""
-    snaps = list(snaps)
-    kv = next((s for s in snaps if s.kv_capacity_tokens and s.block_size), None)
-    return EngineObserved(
-        max_num_seqs=next((s.max_num_seqs for s in snaps if s.max_num_seqs), None),
-        max_model_len=next((s.max_model_len for s in snaps if s.max_model_len), None),
-        kv_capacity_tokens=kv.kv_capacity_tokens if kv else None,
-        block_size=kv.block_size if kv else None,
-    )
-
-
 class Estimator:
     """Observes records and snapshots (O(1)), refreshes projections on demand."""
 
     def __init__(
-        self, config: EstimatorConfig | None = None, *, catalog: Mapping[str, GpuSpec] | None = None
+        self,
+        config: EstimatorConfig | None = None,
+        *,
+        catalog: Mapping[str, GpuSpec] | None = None,
+        experiments: ExperimentsSpec | None = None,
     ) -> None:
+        """``experiments``: the proxy's deployment groups and experiments (from its ``groups``
+        and ``experiments`` sections): each group is judged as a deployment of its own and the
+        report carries a verdict per experiment (``estimator.experiments``)."""
         config = config or EstimatorConfig()
         self.catalog = dict(catalog) if catalog is not None else load_gpu_catalog(
             extra=config.catalog
@@ -225,6 +222,11 @@ class Estimator:
         self._projections: dict[str, Projection] = {}
         self._lock = threading.Lock()
         self._report: Report | None = None
+        self._experiments = (
+            ExperimentTracker(self.config, self.catalog, experiments)
+            if experiments is not None and experiments.groups
+            else None
+        )
 
     # ---- hot path ------------------------------------------------------------------------
     def observe(self, record: RequestRecord) -> None:
@@ -263,6 +265,7 @@ class Estimator:
                 backends=backends,
                 refresh_seconds=time.perf_counter() - started,
                 records_dropped=self.records_dropped,
+                experiments=self._experiments.refresh(at) if self._experiments else (),
             )  # fmt: skip
             self._report = report
             return report
@@ -306,8 +309,17 @@ class Estimator:
             b = self._backend(s.backend)
             if b is not None:
                 b.observe_snapshot(s)
+            if self._experiments is not None:
+                self._experiments.observe_backend(s)
 
     def _ingest(self, r: RequestRecord) -> None:
+        if self._experiments is not None:
+            self._experiments.observe(r)
+        if r.shadow:  # a copy for an experiment: load on its backend, not the model's traffic
+            b = self._backend(r.backend) if r.backend is not None else None
+            if b is not None:
+                b.observe(r)
+            return
         dep = self._models.get(r.model)
         if dep is None:
             if len(self._models) >= self.config.max_models:

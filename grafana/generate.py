@@ -1,4 +1,4 @@
-"""Generates the three Grafana dashboards in ``grafana/dashboards/`` (run from the repo root:
+"""Generates the four Grafana dashboards in ``grafana/dashboards/`` (run from the repo root:
 ``python3 grafana/generate.py``). The JSON files are committed; a test checks they match this
 script and that every query names only metrics and labels the proxy exports.
 
@@ -494,7 +494,126 @@ def backends() -> dict[str, Any]:
     )
 
 
-DASHBOARDS = {"traffic.json": traffic, "capacity.json": capacity, "backends.json": backends}
+def experiments() -> dict[str, Any]:
+    """Groups side by side: split, latency, errors, shadow, rollback evidence, the verdict."""
+    lay = Layout()
+    ex, gr = 'experiment=~"$experiment"', 'group=~"$group"'
+    gsel = f"{M},{gr}"
+    grq = f"rightsizer_group_requests_total{{{gsel}}}"
+    lay.add(
+        stat(
+            "Canary weight",
+            "Share of the experiment's traffic the candidate gets (0 after a rollback).",
+            targets((f"rightsizer_experiment_weight{{{ex},{gr}}}", "{{experiment}} {{group}}")),
+            "percentunit",
+        ),
+        6,
+        5,
+    )
+    lay.add(stat("Rolled back", "1 while the experiment is rolled back (weight 0 until set again "
+                 "with POST /admin/experiments/<name>).", targets(
+        (f'max by (experiment) (rightsizer_experiment_state{{{ex},state="rolled_back"}})',
+         "{{experiment}}")), "short", [("green", None), ("red", 1)]), 6, 5)  # fmt: skip
+    lay.add(stat("Cost ratio candidate / baseline", "Estimator's verdict: $/month of the candidate "
+                 "over the baseline's at the current rate (below 1: cheaper).", targets(
+        (f"rightsizer_experiment_cost_ratio{{{ex}}}", "{{experiment}}")), "short",
+        [("green", None), ("orange", 1.0), ("red", 1.2)]), 6, 5)  # fmt: skip
+    lay.add(stat("Model version drift", "Distinct versions announced in a group minus one "
+                 "(0: its backends agree).", targets(
+        (f"max by (group) (rightsizer_model_version_drift{{{gsel}}})", "{{group}}")), "short",
+        [("green", None), ("red", 1)]), 6, 5)  # fmt: skip
+    lay.row("Traffic per group")
+    lay.add(timeseries("Requests/s per group", "Finished requests per group, live and shadow "
+                       "copies apart.", targets(
+        (f"sum by (group, traffic) (rate({grq}[{RI}]))", "{{group}} {{traffic}}")),
+        "reqps"))  # fmt: skip
+    lay.add(timeseries("Error ratio per group", "upstream_error, timeout and client_error over "
+                       "all finished requests, per group (live and shadow).", targets(
+        (f'sum by (group, traffic) (rate(rightsizer_group_requests_total{{{gsel},'
+         f'outcome=~"upstream_error|timeout|client_error"}}[{RI}])) / sum by (group, traffic) '
+         f"(rate({grq}[{RI}]))", "{{group}} {{traffic}}")), "percentunit"))  # fmt: skip
+    ttft, itl = (
+        "rightsizer_group_time_to_first_token_seconds",
+        ("rightsizer_group_inter_token_latency_seconds"),
+    )
+    lay.add(timeseries("TTFT p50 / p95 per group", "Time to first token per group (live: as "
+                       "clients saw it; shadow: from sending the copy).", [
+        *quantiles(ttft, gsel, "group, traffic", (0.5, 0.95)),
+        target("max(rightsizer:slo_ttft_p95_seconds)", "SLO p95", "S")], "s"))  # fmt: skip
+    lay.add(timeseries("Inter-token latency p50 / p95 per group", "Gaps between streamed chunks "
+                       "per group.", [*quantiles(itl, gsel, "group, traffic", (0.5, 0.95)),
+                                      target("max(rightsizer:slo_itl_p95_seconds)", "SLO p95",
+                                             "S")], "s"))  # fmt: skip
+    lay.add(timeseries("Tokens/s per group", "Prompt and completion tokens per group.", targets(
+        (f"sum by (group, kind) (rate(rightsizer_group_tokens_total{{{gsel}}}[{RI}]))",
+         "{{group}} {{kind}}")), "short"))  # fmt: skip
+    lay.add(timeseries("Assignments", "Requests assigned to a group per second, by why "
+                       "(weight, header, tenant).", targets(
+        (f"sum by (group, reason) (rate(rightsizer_experiment_assignments_total{{{ex},{gr}}}"
+         f"[{RI}]))", "{{group}} {{reason}}")), "reqps"))  # fmt: skip
+    lay.row("Rollback evidence (the rule's window)")
+    w = "rightsizer_experiment_window_"
+    lay.add(timeseries("Error ratio in the window", "Failed attempts / attempts in the rollback "
+                       "window; the candidate is rolled back when its ratio exceeds the "
+                       "baseline's by error_margin with the configured confidence.", targets(
+        (f"{w}errors{{{ex},{gr}}} / {w}requests{{{ex},{gr}}}", "{{experiment}} {{group}}")),
+        "percentunit"))  # fmt: skip
+    lay.add(timeseries("SLO misses in the window", "Requests missing the TTFT or ITL target / "
+                       "requests judged, in the rollback window.", targets(
+        (f"{w}slo_misses{{{ex},{gr}}} / {w}slo_samples{{{ex},{gr}}}", "{{experiment}} {{group}}")),
+        "percentunit"))  # fmt: skip
+    lay.add(timeseries("Rollbacks", "Automatic rollbacks by reason (errors, slo, unavailable).",
+                       targets((f"sum by (experiment, reason) (increase("
+                                f"rightsizer_experiment_rollbacks_total{{{ex}}}[{RI}]))",
+                                "{{experiment}} {{reason}}")), "short"))  # fmt: skip
+    lay.add(timeseries("Shadow copies", "Shadow copies per second by result (ok, error, dropped: "
+                       "queue_full, busy, stale) and the shadow queue.", targets(
+        (f"sum by (result) (rate(rightsizer_shadow_requests_total{{{ex}}}[{RI}]))",
+         "{{result}}"),
+        (f"sum by (experiment) (rightsizer_shadow_queue_depth{{{ex}}})", "queue {{experiment}}"),
+    ), "short"))  # fmt: skip
+    lay.row("Verdict (the estimator, on the same traffic)")
+    lay.add(timeseries("Capacity at the SLO per replica", "Each group's estimated capacity on "
+                       "the experiment's traffic mix (managed APIs: none).", targets(
+        (f"rightsizer_experiment_capacity_requests_per_second{{{ex},{gr}}}", "{{group}}")),
+        "reqps"), 8)  # fmt: skip
+    lay.add(timeseries("$/month at the current rate", "Each group serving all of the "
+                       "experiment's traffic: whole replicas at the SLO, or the managed bill.",
+                       targets((f"rightsizer_experiment_cost_usd_per_month{{{ex},{gr}}}",
+                                "{{group}}")), "currencyUSD"), 8)  # fmt: skip
+    lay.add(timeseries("$/1M tokens", "At capacity (GPU groups) or list price (managed).",
+                       targets((f"rightsizer_experiment_cost_usd_per_1m_tokens{{{ex},{gr}}}",
+                                "{{group}}")), "currencyUSD"), 8)  # fmt: skip
+    lay.add(timeseries("Backends' announced versions", "1 per backend, group, model and the "
+                       "digest of what it announces; two digests in a group are drift.", targets(
+        (f"rightsizer_backend_model_version_info{{{gsel}}}",
+         "{{group}} {{backend}} {{version}}")), "short"), 24)  # fmt: skip
+    dash = dashboard(
+        "rightsizer-experiments",
+        "rightsizer: experiments",
+        "Canary and shadow experiments between deployment groups, side by side, "
+        "with the rollback rule's evidence and the estimator's verdict.",
+        lay,
+    )
+    dash["templating"]["list"] += [
+        _query_var("experiment", "label_values(rightsizer_experiment_weight, experiment)"),
+        _query_var("group", "label_values(rightsizer_backend_group_info, group)"),
+    ]
+    return dash
+
+
+def _query_var(name: str, query: str) -> dict[str, Any]:
+    return {
+        "name": name, "label": name, "type": "query", "datasource": DS,
+        "query": {"query": query, "refId": f"{name}-var"}, "definition": query,
+        "refresh": 2, "multi": True, "includeAll": True, "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "sort": 1, "hide": 0, "regex": "", "options": [],
+    }  # fmt: skip
+
+
+DASHBOARDS = {"traffic.json": traffic, "capacity.json": capacity, "backends.json": backends,
+              "experiments.json": experiments}  # fmt: skip
 
 
 def render() -> dict[str, str]:

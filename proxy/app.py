@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,12 +35,14 @@ from .errors import (
     error_response,
 )
 from .estimation import EstimatorRunner
+from .experiments import Experiments, ShadowRunner, drift
+from .experiments import admin as experiments_admin
 from .gpu import GpuSampler
 from .recorder import Recorder, RequestLog
 from .routing import PluginDeps, Router, build_router
 from .shm import ShmView
 from .state import LocalView, RedisView, SharedView
-from .telemetry import Metrics, metrics_handler
+from .telemetry import ExperimentsView, Metrics, metrics_handler
 from .upstream.backends import BackendPool
 from .upstream.relay import Drain
 from .upstream.transport import Transport
@@ -194,12 +197,14 @@ def build_app(config: ProxyConfig, deps: Deps | None = None) -> web.Application:
     )
     tenants = TenantLedger(config.tenants, config.auth, view)
     limits = Limits(config.scheduling, view)
+    exps = _experiments(config, pool)
     router = build_router(
         config.routing,
-        PluginDeps(load=limits.load, inflight=limits.inflight, headroom=limits.has_headroom),  # type: ignore[arg-type]
+        PluginDeps(load=limits.load, inflight=limits.inflight, headroom=limits.has_headroom,  # type: ignore[arg-type]
+                   group_of=exps.group_of if exps is not None else lambda _b: None),
         timer=metrics.plugin_timer,
         source=deps.source,
-    )
+    )  # fmt: skip
     scheduler = Scheduler(
         config.scheduling, pool, router, tenants, limits, metrics,
         retry_after_s=config.health.interval_s,
@@ -211,6 +216,12 @@ def build_app(config: ProxyConfig, deps: Deps | None = None) -> web.Application:
     recorder = Recorder(metrics, request_log)
     est = deps.estimator
     _wire(config, pool, limits, scheduler, router, view, recorder, metrics, est, gpu)
+    shadow = None
+    if exps is not None:
+        recorder.subscribe("experiments", exps.observe)
+        if exps.experiments:
+            shadow = ShadowRunner(config, exps, pool=pool, limits=limits, transport=transport,
+                                  recorder=recorder, waiting=scheduler.waiting)  # fmt: skip
     for name, fn in deps.subscribers:
         recorder.subscribe(name, fn)
     px = h.Proxy(
@@ -221,13 +232,47 @@ def build_app(config: ProxyConfig, deps: Deps | None = None) -> web.Application:
             x.lower() for x in (*config.server.forward_headers_deny, config.routing.session_header)
         ),
         worker=deps.worker.index if deps.worker is not None else None,
+        experiments=exps, shadow=shadow,
     )  # fmt: skip
+    if exps is not None:
+        _watch_experiments(px, exps, metrics)
     app[h.PROXY] = px
     app[_DEPS] = deps
     app[_VIEW] = view
     app.cleanup_ctx.append(_lifetime)
     _routes(app, px, metrics, deps.worker)
     return app
+
+
+def _experiments(config: ProxyConfig, pool: BackendPool) -> Experiments | None:
+    """Groups and experiments, when configured (the pool answers what a group serves)."""
+    if not config.groups:
+        return None
+    members = {g.name: [pool.by_name[b] for b in g.backends] for g in config.groups}
+
+    def serves(group: str, model: str) -> bool:
+        return any(model in b.models for b in members.get(group, ()))
+
+    def available(group: str) -> bool:
+        now = time.monotonic()
+        return any(b.available(now) for b in members.get(group, ()))
+
+    est = config.estimator
+    return Experiments(config.groups, config.experiments, slo_ttft_s=est.slo_ttft_p95_s,
+                       slo_itl_s=est.slo_itl_p95_s, session_header=config.routing.session_header,
+                       serves=serves, available=available)  # fmt: skip
+
+
+def _watch_experiments(px: h.Proxy, exps: Experiments, metrics: Metrics) -> None:
+    shadow = px.shadow
+    metrics.watch_experiments(ExperimentsView(
+        experiments=lambda: exps.experiments,
+        group_of_backends=lambda: [(b, g) for b in px.pool.by_name
+                                   if (g := exps.group_of(b)) is not None],
+        drift=lambda: drift(px.pool.backends, exps.group_of),
+        shadow_depth=shadow.depth if shadow is not None else lambda _e: 0,
+        verdicts=lambda: experiments_admin.verdicts(px),
+    ))  # fmt: skip
 
 
 def _view(
@@ -358,6 +403,15 @@ def _routes(app: web.Application, px: h.Proxy, metrics: Metrics, worker: WorkerS
     app.router.add_get(
         "/admin/estimator", h.estimator_report_handler(px.report, px.config.server.admin_token)
     )
+    app.router.add_get("/admin/experiments", experiments_admin.get_experiments)
+    app.router.add_post("/admin/experiments/{name}", experiments_admin.set_experiment)
+
+
+async def _rollback_checks(exps: Experiments) -> None:
+    interval = min(e.config.rollback.interval_s for e in exps.experiments)
+    while True:
+        await asyncio.sleep(interval)
+        exps.tick()
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -371,6 +425,10 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     background.append(asyncio.create_task(_loop_lag(px.recorder.metrics)))
     if deps.estimator is not None:
         background.append(asyncio.create_task(deps.estimator.run()))
+    if px.experiments is not None and px.experiments.experiments:
+        background.append(asyncio.create_task(_rollback_checks(px.experiments)))
+    if px.shadow is not None:
+        await px.shadow.start()
     try:
         yield
     finally:
@@ -379,6 +437,8 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if px.shadow is not None:
+            await px.shadow.stop()
         await view.stop()
         await px.pool.stop()
         await px.transport.close()

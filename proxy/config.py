@@ -87,7 +87,8 @@ class ServerConfig:
     port: int = doc("Port to listen on.", 8080)
     workers: int = doc(
         "Worker processes sharing the port (SO_REUSEPORT) and, through shared memory, the "
-        "in-flight counts, tenant usage and prefix index; 0: one per usable core (CPU affinity), at most 8.",
+        "in-flight counts, tenant usage and prefix index; 0: one per usable core (CPU "
+        "affinity), at most 8.",
         0,
     )
     max_body_bytes: int = doc("Largest request body accepted; larger gets 413.", 4 * 1024 * 1024)
@@ -305,6 +306,142 @@ class GpuTelemetryConfig:
     )  # fmt: skip
 
 
+Scalar = str | int | float | bool
+GROUP_ROLES = ("baseline", "candidate")
+STICKINESS = ("request", "session", "tenant")
+ROLLBACK_METRICS = ("errors", "slo")
+
+
+@dataclass(**_FROZEN)
+class GroupConfig:
+    name: str = doc(
+        "Group name (a metrics label): a deployment of its own for routing, admission and the "
+        "estimator's verdict."
+    )
+    backends: tuple[str, ...] = doc("Names (backends[].name) of the backends in this group.", ())
+    engine: str = doc("What runs it, for the report: vllm, sglang, tgi, llamacpp, managed ...", "")
+    gpu: str | None = doc(
+        "GPU catalog key of each replica (cost and roofline prior), e.g. a100-80gb; None for a "
+        "managed API priced per token.",
+        None,
+    )
+    gpus_per_backend: int = doc("GPUs per replica (tensor-parallel degree).", 1)
+    quant: str = doc("Weight format: bf16, fp8, int8, int4-awq ...", "bf16")
+    max_num_seqs: int | None = doc(
+        "The engine's max_num_seqs when it does not expose it (vLLM does not): the capacity "
+        "model needs it.",
+        None,
+    )
+    settings: Mapping[str, Scalar] = doc(
+        "Other engine settings, for the report (e.g. max_model_len: 8192, kv_cache_dtype: fp8).",
+        dataclasses.MISSING,
+        default_factory=dict,
+    )
+    usd_per_hour: float | None = doc(
+        "Price of one replica per hour, overriding the catalog's GPU price x gpus_per_backend "
+        "(reserved or on-premise pricing).",
+        None,
+    )
+    usd_per_1m_input_tokens: float | None = doc(
+        "Managed API: price per 1M prompt tokens (with usd_per_1m_output_tokens; the group is "
+        "then priced per token, not per hour).",
+        None,
+    )
+    usd_per_1m_output_tokens: float | None = doc("Managed API: price per 1M output tokens.", None)
+    model_config: str | None = doc(
+        "Hugging Face config.json of the model this group runs (roofline prior); default: "
+        "estimator.model_configs of the served name.",
+        None,
+    )
+
+    @property
+    def managed(self) -> bool:
+        return self.usd_per_1m_input_tokens is not None
+
+
+@dataclass(**_FROZEN)
+class ShadowConfig:
+    share: float = doc(
+        "Share of the baseline's admitted requests mirrored to the candidate (0..1); the copy's "
+        "answer is discarded and never delays the client.",
+        0.0,
+    )
+    queue: int = doc(
+        "Shadow copies waiting at most; beyond it new copies are dropped (counted).", 256
+    )
+    concurrency: int = doc("Shadow copies in flight at most.", 16)
+    max_delay_s: float = doc(
+        "A copy that waited longer than this for a worker is dropped: it no longer reflects the "
+        "traffic's timing (one that finds the candidate without headroom is dropped at once).",
+        1.0,
+    )
+
+
+@dataclass(**_FROZEN)
+class RollbackConfig:
+    enabled: bool = doc("Roll the canary back automatically (weight to 0).", True)
+    metrics: tuple[str, ...] = doc(
+        "What is compared: errors (upstream errors, timeouts and backend 4xx per request "
+        "attempt) and slo (share of requests meeting the TTFT and ITL targets).",
+        ROLLBACK_METRICS,
+    )
+    error_margin: float = doc(
+        "Roll back when the candidate's error rate exceeds the baseline's by more than this "
+        "(absolute, 0..1) ...",
+        0.02,
+    )
+    slo_margin: float = doc(
+        "... or its share of requests missing the SLO exceeds the baseline's by more than this ...",
+        0.05,
+    )
+    confidence: float = doc(
+        "... with this one-sided confidence (Newcombe's score interval of the difference). The "
+        "rule is checked every interval_s on a sliding window: with the defaults, equal groups "
+        "(2% errors, a 1 req/s canary) were rolled back in 4% of simulated hours, a candidate "
+        "failing every request within 15 s (tests/unit/estimator/test_abtest.py).",
+        0.999,
+    )
+    window_s: float = doc(
+        "Sliding window the rates are compared on; also how long the candidate may have no "
+        "available backend before it is rolled back.",
+        60.0,
+    )
+    min_samples: int = doc(
+        "Requests the candidate needs in the window before its rates are judged.", 10
+    )
+    interval_s: float = doc("How often the rule is checked.", 1.0)
+
+
+@dataclass(**_FROZEN)
+class ExperimentConfig:
+    name: str = doc("Experiment name (a metrics label).")
+    baseline: str = doc("Group serving the traffic the candidate is compared with.")
+    candidate: str = doc("Group under test.")
+    models: tuple[str, ...] = doc(
+        "Models the experiment applies to; empty: every model both groups serve.", ()
+    )
+    weight: float = doc(
+        "Canary: share of the traffic routed to the candidate (0..1); changed live with POST "
+        "/admin/experiments/<name>.",
+        0.0,
+    )
+    stickiness: str = doc(
+        "What the split is decided on: request (each request drawn), session (the "
+        "routing.session_header value) or tenant; a sticky key stays in its group while the "
+        "weight ramps up.",
+        "request",
+    )
+    header: str | None = doc(
+        "Request header naming a group of this experiment that the request must go to "
+        "(testers, load tests); never forwarded upstream. None: off.",
+        "x-rightsizer-group",
+    )
+    tenants: tuple[str, ...] = doc("Tenants always sent to the candidate.", ())
+    shadow: ShadowConfig = section("Shadow traffic to the candidate.", ShadowConfig)
+    rollback: RollbackConfig = section("Automatic rollback of the canary.", RollbackConfig)
+    min_requests: int = doc("Requests each group needs before the estimator gives a verdict.", 50)
+
+
 @dataclass(**_FROZEN)
 class ProxyConfig:
     server: ServerConfig = section("Listener settings.", ServerConfig)
@@ -325,6 +462,12 @@ class ProxyConfig:
     auth: AuthConfig = section("API-key authentication.", AuthConfig)
     shared: SharedStateConfig = section("State shared across proxy replicas.", SharedStateConfig)
     gpu: GpuTelemetryConfig = section("GPU telemetry (pynvml).", GpuTelemetryConfig)
+    groups: tuple[GroupConfig, ...] = doc(
+        "Deployment groups: named sets of backends and what they run (README, Experiments).", ()
+    )
+    experiments: tuple[ExperimentConfig, ...] = doc(
+        "Canary and shadow experiments between groups.", ()
+    )
 
 
 # --- generic loading -----------------------------------------------------------------------
@@ -343,7 +486,15 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key, source)
+        if len(inner) == 1:
+            return _convert(inner[0], value, key, source)
+        for arm in inner:
+            try:
+                return _convert(arm, value, key, source)
+            except ConfigError:
+                continue
+        names = " or ".join(_type_name(a) for a in inner)
+        raise ConfigError(source, key, f"expected {names}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(source, key, f"expected a mapping, got {value!r}")
@@ -412,6 +563,7 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
         for name in obj.deadline_s:
             if name not in PRIORITY_CLASSES:
                 raise ConfigError(source, f"{prefix}.deadline_s.{name}", "unknown class")
+    _validate_experiment_parts(obj, source, prefix)
     if isinstance(obj, BackendConfig):
         parts = urlsplit(obj.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -425,6 +577,104 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
                 f"{prefix}.dialect",
                 f"unknown dialect {obj.dialect!r} (known: {', '.join(known)})",
             )
+
+
+def _where(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_ratio(source: str, key: str, value: float, *, upper_open: bool = False) -> None:
+    if not 0.0 <= value <= 1.0 or (upper_open and value >= 1.0):
+        raise ConfigError(source, key, f"must be in [0, 1{')' if upper_open else ']'}, got {value}")
+
+
+def _validate_experiment_parts(obj: Any, source: str, prefix: str) -> None:
+    """Value checks of the groups and experiments sections (cross-references: ``_cross``)."""
+    if isinstance(obj, GroupConfig):
+        if obj.gpus_per_backend < 1:
+            raise ConfigError(source, _where(prefix, "gpus_per_backend"), "must be >= 1")
+        if (obj.usd_per_1m_input_tokens is None) != (obj.usd_per_1m_output_tokens is None):
+            raise ConfigError(
+                source,
+                _where(prefix, "usd_per_1m_output_tokens"),
+                "a managed API needs both per-token prices",
+            )
+        if obj.managed and (obj.gpu is not None or obj.usd_per_hour is not None):
+            raise ConfigError(
+                source,
+                _where(prefix, "gpu"),
+                "a group priced per token (a managed API) has no gpu or usd_per_hour",
+            )
+    elif isinstance(obj, ExperimentConfig):
+        _check_ratio(source, _where(prefix, "weight"), obj.weight)
+        if obj.stickiness not in STICKINESS:
+            raise ConfigError(
+                source,
+                _where(prefix, "stickiness"),
+                f"unknown {obj.stickiness!r} (known: {', '.join(STICKINESS)})",
+            )
+        if obj.baseline == obj.candidate:
+            raise ConfigError(source, _where(prefix, "candidate"), "must differ from baseline")
+    elif isinstance(obj, ShadowConfig):
+        _check_ratio(source, _where(prefix, "share"), obj.share)
+        if obj.concurrency < 1:
+            raise ConfigError(source, _where(prefix, "concurrency"), "must be >= 1")
+    elif isinstance(obj, RollbackConfig):
+        for i, m in enumerate(obj.metrics):
+            if m not in ROLLBACK_METRICS:
+                raise ConfigError(
+                    source,
+                    f"{_where(prefix, 'metrics')}[{i}]",
+                    f"unknown {m!r} (known: {', '.join(ROLLBACK_METRICS)})",
+                )
+        for name in ("error_margin", "slo_margin"):
+            _check_ratio(source, _where(prefix, name), getattr(obj, name), upper_open=True)
+        if not 0.5 < obj.confidence < 1.0:
+            raise ConfigError(source, _where(prefix, "confidence"), "must be in (0.5, 1)")
+        if obj.interval_s <= 0 or obj.window_s <= 0:
+            raise ConfigError(source, _where(prefix, "window_s"), "window_s and interval_s > 0")
+    elif isinstance(obj, ProxyConfig):
+        _cross(obj, source)
+
+
+def _cross(cfg: ProxyConfig, source: str) -> None:
+    """Cross-references between backends, groups and experiments, errors naming the key."""
+    names = {b.name for b in cfg.backends}
+    owner: dict[str, str] = {}
+    groups: dict[str, GroupConfig] = {}
+    for i, g in enumerate(cfg.groups):
+        if g.name in groups:
+            raise ConfigError(source, f"groups[{i}].name", f"duplicate group {g.name!r}")
+        groups[g.name] = g
+        for j, b in enumerate(g.backends):
+            key = f"groups[{i}].backends[{j}]"
+            if b not in names:
+                known = ", ".join(sorted(names)) or "none"
+                raise ConfigError(source, key, f"unknown backend {b!r} (backends: {known})")
+            if b in owner:
+                raise ConfigError(source, key, f"backend {b!r} is already in group {owner[b]!r}")
+            owner[b] = g.name
+    seen: dict[str, int] = {}
+    for i, e in enumerate(cfg.experiments):
+        if e.name in seen:
+            raise ConfigError(source, f"experiments[{i}].name", f"duplicate experiment {e.name!r}")
+        seen[e.name] = i
+        for role in ("baseline", "candidate"):
+            if getattr(e, role) not in groups:
+                known = ", ".join(groups) or "none"
+                raise ConfigError(
+                    source,
+                    f"experiments[{i}].{role}",
+                    f"unknown group {getattr(e, role)!r} (groups: {known})",
+                )
+        for k, other in enumerate(cfg.experiments[:i]):
+            if not e.models or not other.models or set(e.models) & set(other.models):
+                raise ConfigError(
+                    source,
+                    f"experiments[{i}].models",
+                    f"overlaps experiment "
+                    f"{other.name!r} (experiments[{k}]): a model has one experiment",
+                )
 
 
 def _class_fields(obj: Any) -> list[tuple[str, str]]:

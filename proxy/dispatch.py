@@ -8,6 +8,8 @@ Every failure counts toward the backend's passive ejection (``BackendPool.report
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import aiohttp
 
 from .admission import Ticket
@@ -28,8 +30,11 @@ async def dispatch(
     transport: Transport,
     pool: BackendPool,
     metrics: Metrics,
+    on_retry: Callable[[str], None] | None = None,
 ) -> aiohttp.ClientResponse:
-    """The upstream response (headers received) from the ticket's backend or its fallback."""
+    """The upstream response (headers received) from the ticket's backend or its fallback.
+    ``on_retry(backend)``: an attempt on ``backend`` failed and the request goes on to the
+    next (experiments count it against the backend's group)."""
     if ticket.backend is None:
         raise NoHealthyBackend(
             f"No healthy backend serves model '{req.model}'.", reason="no_backend"
@@ -69,4 +74,6 @@ async def dispatch(
         if last_try:
             raise err
         metrics.retries.labels(backend.name, kind).inc()
+        if on_retry is not None:
+            on_retry(backend.name)
     raise AssertionError("unreachable")

@@ -8,6 +8,7 @@
     │   └── ExpectationFailed   417  invalid_request_error
     ├── Unauthorized            401  authentication_error
     ├── ModelNotFound           404  invalid_request_error   code=model_not_found
+    ├── NotFound                404  invalid_request_error   (an admin resource: an experiment)
     ├── MethodNotAllowed        405  invalid_request_error
     ├── Shed                    429  rate_limit_error        + Retry-After, x-rightsizer-shed-reason
     ├── NoHealthyBackend        503  service_unavailable     + Retry-After
@@ -93,6 +94,11 @@ class ModelNotFound(ProxyError, LookupError):
             param="model",
             code="model_not_found",
         )
+
+
+class NotFound(ProxyError, LookupError):
+    status = 404
+    type = "invalid_request_error"
 
 
 class MethodNotAllowed(ProxyError):

@@ -159,9 +159,12 @@ class _Outbox:
 class EstimatorProcess(_Outbox):
     """The estimator in a child process (see the module docstring)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, experiments: Any = None) -> None:
+        """``config``: the ``EstimatorConfig``; ``experiments``: the ``ExperimentsSpec`` of the
+        proxy's groups, or None (both are pickled to the child)."""
         super().__init__()
         self.config = config
+        self.experiments = experiments
         self._report: dict[str, Any] | None = None
         self._families: list[GaugeFamily] = []
 
@@ -194,7 +197,7 @@ class EstimatorProcess(_Outbox):
         )  # fmt: skip
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            _send(proc.stdin, pickle.dumps(self.config))
+            _send(proc.stdin, pickle.dumps((self.config, self.experiments)))
             reader = asyncio.create_task(self._read_reports(proc.stdout))
             try:
                 await self._feed(proc.stdin, reader)

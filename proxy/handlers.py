@@ -12,7 +12,7 @@ import hmac
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -42,6 +42,7 @@ from .errors import (
     UpstreamTimeout,
     error_response,
 )
+from .experiments import Experiments, ShadowRunner
 from .recorder import Recorder
 from .request import InferenceRequest, Measurement
 from .routing import RouteCtx, Router, block_hashes, canonical_text
@@ -83,6 +84,8 @@ class Proxy:
     report: Any = None  # () -> the estimator's latest report (dict) or None
     deny_headers: frozenset[str] = field(default_factory=frozenset)
     worker: int | None = None  # this worker's index under ``serve --workers N``
+    experiments: Experiments | None = None  # groups configured: who serves what, canaries
+    shadow: ShadowRunner | None = None
 
 
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
@@ -154,6 +157,8 @@ class recorded:
         if self.task is not None:
             px.drain.tasks.discard(self.task)
         meas.end_s = time.perf_counter()
+        if px.experiments is not None:
+            meas.group = px.experiments.group_of(meas.backend)
         if ex.ticket is not None:
             total = None
             if meas.prompt_tokens is not None or meas.completion_tokens is not None:
@@ -217,7 +222,7 @@ def _model_or_error(pool: BackendPool, model: str) -> None:
 
 
 def _route_ctx(router: Router, request: web.Request, body: Mapping[str, Any], endpoint: str,
-               model: str, session_header: str) -> RouteCtx:  # fmt: skip
+               model: str, session_header: str, group: str | None) -> RouteCtx:  # fmt: skip
     hashes = (
         tuple(block_hashes(canonical_text(body, endpoint), router.block_chars))  # type: ignore[arg-type]
         if router.uses_prefix
@@ -225,7 +230,8 @@ def _route_ctx(router: Router, request: web.Request, body: Mapping[str, Any], en
     )
     raw_session = request.headers.get(session_header) if router.uses_session else None
     session = session_key(raw_session) if raw_session else None
-    return RouteCtx(model=model, hashes=hashes, session=session, now=time.monotonic())
+    return RouteCtx(model=model, hashes=hashes, session=session, now=time.monotonic(),
+                    group=group)  # fmt: skip
 
 
 def _build_request(
@@ -282,9 +288,14 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
             raw = await read_body(request, srv.max_body_bytes, srv.body_timeout_s)
             parsed = parse_body(raw, endpoint)
             ex.req = req = _build_request(px, request, ex, parsed, endpoint)
+            assigned = px.experiments.assign(req, request.headers) if px.experiments else None
+            if assigned is not None:
+                ex.req = req = replace(req, group=assigned.group)
             ctx = _route_ctx(px.router, request, parsed.body, endpoint, req.model,
-                             px.config.routing.session_header)  # fmt: skip
+                             px.config.routing.session_header, req.group)  # fmt: skip
             ex.ticket = await px.scheduler.admit(req, ctx)
+            if assigned is not None:
+                _mirror(px, req, ex.ticket)
             return await _forward(px, request, ex, req)
         except asyncio.CancelledError:
             if px.drain.expired and not ex.started and ex.meas.outcome is not Outcome.SHUTDOWN:
@@ -292,6 +303,23 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
                 return error_response(ShuttingDown(), ex.meas.request_id)
             raise
     raise AssertionError("unreachable")  # pragma: no cover  (recorded re-raises)
+
+
+def _mirror(px: Proxy, req: InferenceRequest, ticket: Ticket) -> None:
+    """Offer an admitted request's copy to its experiment's shadow queue (O(1))."""
+    exps = px.experiments
+    if px.shadow is None or exps is None or ticket.backend is None:
+        return
+    exp = exps.for_model(req.model)
+    if exp is not None:
+        px.shadow.offer(req, exp, exps.group_of(ticket.backend.name))
+
+
+def _on_retry(px: Proxy, req: InferenceRequest) -> Any:
+    exps = px.experiments
+    if exps is None or req.group is None:
+        return None
+    return lambda backend: exps.attempt_failed(req, backend)
 
 
 async def _forward(
@@ -304,7 +332,8 @@ async def _forward(
     try:
         async with asyncio.timeout_at(_loop_deadline(meas, total)):
             resp = await dispatch(req, ex.ticket, meas, transport=px.transport, pool=px.pool,
-                                  metrics=px.recorder.metrics)  # fmt: skip
+                                  metrics=px.recorder.metrics,
+                                  on_retry=_on_retry(px, req))  # fmt: skip
             streamed = (
                 req.stream and resp.status == 200 and resp.content_type == "text/event-stream"
             )

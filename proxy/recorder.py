@@ -83,6 +83,18 @@ class Recorder:
     ) -> RequestRecord:
         rec = meas.to_record(req, endpoint)
         self.metrics.record(rec, meas.gaps)
+        return self._deliver(rec, meas, body)
+
+    def submit_shadow(self, meas: Measurement, req: InferenceRequest) -> RequestRecord:
+        """A shadow copy's record: the group metrics, the log and the subscribers, never the
+        client-facing request metrics (no client saw it)."""
+        return self._deliver(meas.to_record(req, req.endpoint), meas, None)
+
+    def _deliver(
+        self, rec: RequestRecord, meas: Measurement, body: Mapping[str, Any] | None
+    ) -> RequestRecord:
+        if rec.group is not None:
+            self.metrics.record_group(rec, meas.gaps)
         if self.request_log is not None:
             self.request_log.write(rec, body)
         for name, fn in self._subscribers:

@@ -3,8 +3,9 @@ what happened to it (``Measurement``, filled in by the upstream layer as bytes f
 one immutable ``RequestRecord`` when the request ends.
 
 Writers of a ``Measurement``: ``proxy.dispatch`` (backend, attempts, dispatch time, load at
-dispatch), ``proxy.upstream.relay`` (status, first-token time, gaps, tokens, finish reason) and,
-for the outcome of a request that failed, the handler (``fail``). Nothing else writes it.
+dispatch), ``proxy.upstream.relay`` (status, first-token time, gaps, tokens, finish reason),
+for the outcome of a request that failed, the handler (``fail``), and the group of the backend
+that served it (the handler, or the shadow runner for its copies). Nothing else writes it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class InferenceRequest:
     deadline_s: float | None = None  # the client's x-request-deadline-ms, in seconds
     prefix_hashes: tuple[bytes, ...] = ()
     session: bytes | None = None  # digest of the session header (session routing only)
+    group: str | None = None  # the deployment group an experiment chose (proxy.experiments)
     headers: Mapping[str, str] = field(default_factory=dict)  # forwarded upstream
     client_auth: str | None = field(default=None, repr=False)  # for forward_client_auth only
 
@@ -58,12 +60,14 @@ class Measurement:
         "finish_reason",
         "first_token_s",
         "gaps",
+        "group",
         "inflight_requests",
         "inflight_tokens",
         "last_event_sent",
         "outcome",
         "prompt_tokens",
         "request_id",
+        "shadow",
         "status",
         "tokens_estimated",
     )
@@ -89,6 +93,8 @@ class Measurement:
         self.inflight_requests: int | None = None
         self.inflight_tokens: int | None = None
         self.last_event_sent = False  # the stream's final event ([DONE]) reached the client
+        self.group: str | None = None  # the group of the backend that served it
+        self.shadow = False  # a shadow copy (proxy.experiments.shadow), never seen by a client
 
     def fail(self, outcome: Outcome, status: int) -> None:
         self.outcome, self.status = outcome, status
@@ -131,4 +137,6 @@ class Measurement:
             inflight_requests=self.inflight_requests,
             inflight_tokens=self.inflight_tokens,
             attempts=self.attempts,
+            group=self.group,
+            shadow=self.shadow,
         )

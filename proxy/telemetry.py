@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -201,6 +201,49 @@ class EstimatorView(Protocol):
     def families(self) -> Iterable[Any]: ...
 
 
+class WindowView(Protocol):
+    def counts(self, now: float) -> tuple[int, int, int, int]: ...
+
+
+class ExperimentView(Protocol):
+    """What telemetry reads of one experiment (``proxy.experiments.control.Experiment``)."""
+
+    name: str
+    baseline: str
+    candidate: str
+    weight: float
+    shadow_share: float
+    state: str
+    windows: Mapping[str, WindowView]
+    rollbacks: Mapping[str, int]
+    assignments: Mapping[tuple[str, str], int]
+    shadow: Mapping[str, int]
+
+
+class DriftView(Protocol):
+    group: str
+    model: str
+    versions: Mapping[str, str]
+
+    @property
+    def distinct(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExperimentsView:
+    """Read-only sources of the experiment families (``watch_experiments``)."""
+
+    experiments: Callable[[], Sequence[ExperimentView]]
+    group_of_backends: Callable[[], Iterable[tuple[str, str]]]  # (backend, group)
+    drift: Callable[[], Sequence[DriftView]]
+    shadow_depth: Callable[[str], int]
+    verdicts: Callable[[], Sequence[Mapping[str, Any]]]  # the estimator's experiment reports
+    clock: Callable[[], float] = time.monotonic
+
+
+EXPERIMENT_STATES = ("running", "rolled_back")
+
+
 class PluginTimer:
     """Cumulative time and calls per routing plugin (plain floats on the request path; read
     as counters at scrape time)."""
@@ -354,6 +397,51 @@ class Metrics:
             registry=r,
         )
         r.register(StateCollector(self._plugin_families))
+        self._group_metrics(r)
+
+    def _group_metrics(self, r: CollectorRegistry) -> None:
+        """Per deployment group, live and shadow traffic apart (``traffic``: live, shadow)."""
+        gl = ["model", "group", "traffic"]
+        self.group_requests = Counter(
+            "rightsizer_group_requests",
+            "Requests served by a deployment group, by outcome (shadow copies included, apart).",
+            [*gl, "outcome"],
+            registry=r,
+        )
+        self.group_ttft = Histogram(
+            "rightsizer_group_time_to_first_token_seconds",
+            "TTFT per deployment group (live: as the client saw it; shadow: from sending).",
+            gl,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.group_itl = BulkHistogram(
+            "rightsizer_group_inter_token_latency_seconds",
+            "Inter-token gaps per deployment group (pooled over gaps).",
+            gl,
+            ITL_BUCKETS,
+        )
+        r.register(self.group_itl)
+        self.group_tokens = Counter(
+            "rightsizer_group_tokens",
+            "Tokens of finished requests per deployment group (kind: prompt, completion).",
+            [*gl, "kind"],
+            registry=r,
+        )
+
+    def record_group(self, rec: RequestRecord, itl_gaps: Sequence[float] = ()) -> None:
+        """A request (or shadow copy) of a deployment group, once, when it ends."""
+        labels = (label(rec.model), label(rec.group or "none"), "shadow" if rec.shadow else "live")
+        self.group_requests.labels(*labels, rec.outcome.value).inc()
+        if rec.outcome is not Outcome.OK:
+            return
+        if rec.streamed and rec.ttft_s is not None:
+            self.group_ttft.labels(*labels).observe(rec.ttft_s)
+        self.group_itl.observe_many(labels, itl_gaps)
+        if rec.prompt_tokens is not None:
+            self.group_tokens.labels(*labels, "prompt").inc(rec.prompt_tokens)
+        if rec.completion_tokens is not None:
+            self.group_tokens.labels(*labels, "completion").inc(rec.completion_tokens)
 
     def add_state(self, source: Callable[[], Iterable[Metric | GaugeRow]]) -> None:
         self.registry.register(StateCollector(source))
@@ -482,6 +570,10 @@ class Metrics:
         runner's own counters."""
         self.add_state(lambda: estimator_families(runner))
 
+    def watch_experiments(self, view: ExperimentsView) -> None:
+        """Groups, experiments, shadow traffic, drift and the estimator's verdict figures."""
+        self.add_state(lambda: experiment_families(view))
+
     def watch_slo(self, ttft_p95_s: float, itl_p95_s: float) -> None:
         """The SLO targets, so alert rules and dashboards read them instead of repeating them."""
         self.add_state(lambda: slo_families(ttft_p95_s, itl_p95_s))
@@ -503,6 +595,152 @@ def estimator_families(runner: EstimatorView) -> Iterator[Metric | GaugeRow]:
         fam = CounterMetricFamily(name, doc)
         fam.add_metric([], float(value))
         yield fam
+
+
+def experiment_families(v: ExperimentsView) -> Iterator[Metric | GaugeRow]:
+    exps, now = v.experiments(), v.clock()
+    ex = ("experiment",)
+    yield GaugeRow(
+        "rightsizer_backend_group_info",
+        "1 for each backend's deployment group.",
+        ("backend", "group"),
+        [((b, g), 1.0) for b, g in v.group_of_backends()],
+    )
+    yield GaugeRow(
+        "rightsizer_experiment_weight",
+        "Share of the experiment's traffic each group gets (the candidate's is the canary weight).",
+        ("experiment", "group"),
+        [
+            ((e.name, g), w)
+            for e in exps
+            for g, w in ((e.baseline, 1.0 - e.weight), (e.candidate, e.weight))
+        ],
+    )
+    yield GaugeRow(
+        "rightsizer_experiment_shadow_share",
+        "Share of the baseline's requests mirrored to the candidate.",
+        ex,
+        [((e.name,), e.shadow_share) for e in exps],
+    )
+    yield GaugeRow(
+        "rightsizer_experiment_state",
+        "1 for the experiment's current state.",
+        ("experiment", "state"),
+        [((e.name, st), float(e.state == st)) for e in exps for st in EXPERIMENT_STATES],
+    )
+    yield GaugeRow(
+        "rightsizer_shadow_queue_depth",
+        "Shadow copies waiting for a worker.",
+        ex,
+        [((e.name,), float(v.shadow_depth(e.name))) for e in exps],
+    )
+    for name, doc, pairs in (
+        (
+            "rightsizer_experiment_rollbacks",
+            "Automatic rollbacks of the canary, by reason (errors, slo, unavailable).",
+            ("reason",),
+        ),
+        (
+            "rightsizer_experiment_assignments",
+            "Requests assigned to a group, by reason (weight, header, tenant).",
+            ("group", "reason"),
+        ),
+        (
+            "rightsizer_shadow_requests",
+            "Shadow copies by result (ok, error, dropped_*).",
+            ("result",),
+        ),
+    ):
+        fam = CounterMetricFamily(name, doc, labels=["experiment", *pairs])
+        for e in exps:
+            by_name: dict[str, Mapping[Any, int]] = {
+                "rightsizer_experiment_rollbacks": e.rollbacks,
+                "rightsizer_experiment_assignments": e.assignments,
+                "rightsizer_shadow_requests": e.shadow,
+            }
+            counts = by_name[name]
+            for key, n in sorted(counts.items()):
+                keys = key if isinstance(key, tuple) else (key,)
+                fam.add_metric([label(e.name), *map(label, keys)], float(n))
+        yield fam
+    windows = [(e.name, g, w.counts(now)) for e in exps for g, w in e.windows.items()]
+    for i, (what, doc) in enumerate(
+        (
+            ("requests", "Request attempts of a group in the rollback window."),
+            ("errors", "Failed attempts (errors, timeouts, backend 4xx) in the rollback window."),
+            ("slo_samples", "Streamed requests judged against the SLO in the rollback window."),
+            ("slo_misses", "Requests that missed the SLO in the rollback window."),
+        )
+    ):
+        yield GaugeRow(
+            f"rightsizer_experiment_window_{what}",
+            doc,
+            ("experiment", "group"),
+            [((n, g), float(c[i])) for n, g, c in windows],
+        )
+    drifts = v.drift()
+    yield GaugeRow(
+        "rightsizer_model_version_drift",
+        "Distinct model versions or engine settings "
+        "announced by the up backends of one group, minus one (0: consistent).",
+        ("group", "model"),
+        [((d.group, d.model), float(d.distinct - 1)) for d in drifts],
+    )
+    yield GaugeRow(
+        "rightsizer_backend_model_version_info",
+        "1 per backend and model: a digest "
+        "of what the backend announces about the model (its version).",
+        ("backend", "group", "model", "version"),
+        [
+            ((b, d.group, d.model, ver), 1.0)
+            for d in drifts
+            for b, ver in sorted(d.versions.items())
+        ],
+    )
+    yield from verdict_families(v.verdicts())
+
+
+_VERDICT_GAUGES = (
+    (
+        "capacity_rps",
+        "rightsizer_experiment_capacity_requests_per_second",
+        "Estimated capacity at the SLO per replica of a group, on the experiment's traffic mix.",
+    ),
+    (
+        "usd_per_month",
+        "rightsizer_experiment_cost_usd_per_month",
+        "Cost per month of a group serving all the experiment's traffic at the current rate.",
+    ),
+    (
+        "usd_per_1m_tokens",
+        "rightsizer_experiment_cost_usd_per_1m_tokens",
+        "Cost per 1M tokens of a group at its capacity (GPU groups) or list price (managed).",
+    ),
+)
+
+
+def verdict_families(verdicts: Sequence[Mapping[str, Any]]) -> Iterator[GaugeRow]:
+    """Gauges from the estimator's experiment reports (``estimator.compare.Verdict``)."""
+    for key, name, doc in _VERDICT_GAUGES:
+        rows = []
+        for vd in verdicts:
+            for g in vd.get("groups") or ():
+                value = g.get(key)
+                if isinstance(value, int | float) and value == value:
+                    rows.append(((str(vd.get("experiment")), str(g.get("group"))), float(value)))
+        yield GaugeRow(name, doc, ("experiment", "group"), rows)
+    ratios = [
+        ((str(vd.get("experiment")),), float(vd["cost_ratio"]))
+        for vd in verdicts
+        if isinstance(vd.get("cost_ratio"), int | float)
+    ]
+    yield GaugeRow(
+        "rightsizer_experiment_cost_ratio",
+        "Candidate / baseline cost per month "
+        "at the current rate (below 1: the candidate is cheaper).",
+        ("experiment",),
+        ratios,
+    )
 
 
 def slo_families(ttft_p95_s: float, itl_p95_s: float) -> Iterator[GaugeRow]:

@@ -44,6 +44,7 @@ from .queue import ModelQueue, Waiter
 from .tenants import TenantLedger
 
 SHEDDABLE = CLASS_INDEX["sheddable"]
+QueueKey = tuple[str, str | None]  # (model, experiment group)
 
 
 class Ticket:
@@ -111,18 +112,26 @@ class Scheduler:
         self.cfg, self.pool, self.router, self.tenants = cfg, pool, router, tenants
         self.limits, self.metrics, self.clock = limits, metrics, clock
         self.retry_after_s = retry_after_s
-        self.queues: dict[str, ModelQueue] = {}
+        # one queue per deployment: a model, or a model's experiment group (a full canary
+        # must not hold up the baseline's requests behind it)
+        self.queues: dict[QueueKey, ModelQueue] = {}
 
     # --- admission ---
 
-    def _queue(self, model: str) -> ModelQueue:
-        q = self.queues.get(model)
+    def _queue(self, model: str, group: str | None = None) -> ModelQueue:
+        key = (model, group)
+        q = self.queues.get(key)
         if q is None:
-            q = self.queues[model] = ModelQueue()
+            q = self.queues[key] = ModelQueue()
         return q
 
+    def waiting(self, model: str, group: str | None) -> int:
+        """Requests waiting for this deployment (shadow traffic yields to them)."""
+        q = self.queues.get((model, group))
+        return 0 if q is None else q.size
+
     def _free(self, ctx: RouteCtx, candidates: list[Backend]) -> list[Backend]:
-        return self.router.filter(ctx, candidates) if self.cfg.enabled else candidates
+        return self.router.filter(ctx, candidates, admission=self.cfg.enabled)
 
     def _serving(self, req: InferenceRequest) -> list[Backend]:
         candidates = self.pool.serving(req.model)
@@ -146,7 +155,7 @@ class Scheduler:
         except Shed as err:
             raise self._count(req, err) from None
         candidates = self._serving(req)
-        queue = self._queue(req.model)
+        queue = self._queue(req.model, req.group)
         budget = req.deadline_s
         if budget is None:
             budget = self.cfg.deadline_s.get(req.priority, 30.0)
@@ -210,7 +219,7 @@ class Scheduler:
             victim = self._lowest_newest()
             if victim is None or victim.klass <= klass:
                 raise self._shed(req, "queue_full", f"The queue is full ({cfg.max_queue} waiting).")
-            self.queues[victim.req.model].remove(victim)
+            self.queues[(victim.req.model, victim.req.group)].remove(victim)
             victim.future.set_exception(
                 self._shed(
                     victim.req,
@@ -252,21 +261,26 @@ class Scheduler:
             m.child(m.prefix_match, req.model).observe(d.matched_ratio)
         self.router.on_routed(ctx, best)
         self.tenants.dispatched(req.tenant, req.est_tokens)
-        return Ticket(self, req, best, d.ordered[1:], counted=True)  # type: ignore[arg-type]
+        fallbacks: list[Backend] = d.ordered[1:]  # type: ignore[assignment]
+        if req.group is not None:  # a retry may leave the group: the other group serves it
+            fallbacks += sorted((b for b in self.pool.serving(req.model)
+                                 if b not in d.ordered and self.limits.has_headroom(b)),
+                                key=self.limits.load)  # fmt: skip
+        return Ticket(self, req, best, fallbacks, counted=True)
 
     # --- completion ---
 
     def released(self, req: InferenceRequest, actual_tokens: int | None, *, counted: bool) -> None:
         if counted:
             self.tenants.finished(req.tenant, req.est_tokens, actual_tokens)
-            q = self.queues.get(req.model)
+            q = self.queues.get((req.model, req.group))
             if q is not None:
                 q.completions.append(self.clock())
         self.pump()
 
     def pump(self) -> None:
         """Grant waiting requests while their backends have headroom."""
-        for model, queue in self.queues.items():
+        for (model, _group), queue in self.queues.items():
             while queue.size:
                 now = self.clock()
                 w = self._next(queue, now)
@@ -293,7 +307,11 @@ class Scheduler:
         return chosen
 
     def depths(self) -> Iterator[tuple[str, str, int]]:
-        """(model, class, waiting) for telemetry."""
-        for model, q in self.queues.items():
+        """(model, class, waiting) for telemetry, summed over a model's groups."""
+        out: dict[tuple[str, str], int] = {}
+        for (model, _group), q in self.queues.items():
             for klass, tenants in enumerate(q.classes):
-                yield model, PRIORITY_CLASSES[klass], sum(len(d) for d in tenants.values())
+                key = (model, PRIORITY_CLASSES[klass])
+                out[key] = out.get(key, 0) + sum(len(d) for d in tenants.values())
+        for (model, name), n in out.items():
+            yield model, name, n

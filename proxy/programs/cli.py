@@ -8,6 +8,7 @@ commands:
   estimate      offline projection from a model config.json and a traffic profile
   estimator     run the online estimator alone, fed by the proxies' Redis records stream
   gpu-exporter  serve this node's GPU samples as metrics, beside an engine
+  compare       an experiment's verdict: two groups' latency, errors, capacity and cost
 """
 
 from __future__ import annotations
@@ -339,6 +340,110 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return run_estimate(args)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Offline from request logs, or live from a proxy's /admin/experiments."""
+    import urllib.error
+    import urllib.request
+
+    import orjson
+
+    from estimator import compare_cli
+    from proxy.programs.wiring import experiments_spec
+
+    if args.url:
+        req = urllib.request.Request(args.url.rstrip("/") + "/admin/experiments")
+        if args.admin_token:
+            req.add_header("Authorization", f"Bearer {args.admin_token}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                data = orjson.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            return _fail(f"compare: {args.url}: {exc}")
+        verdicts = [
+            e["verdict"]
+            for e in data.get("experiments", [])
+            if args.experiment in (None, e["name"]) and "experiment" in e["verdict"]
+        ]
+        compare_cli.emit(verdicts, args.json)
+        return 0
+    if not args.logs or len(args.logs) > 2:
+        return _fail("compare: give one or two request logs, or --url")
+    spec, slo, model_configs, catalog = None, args.slo, {}, None
+    if args.config:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            return _fail(f"config error: {exc}")
+        spec = experiments_spec(config)
+        model_configs, catalog = dict(config.estimator.model_configs), config.estimator.catalog
+        if slo is None:
+            from estimator.capacity import Slo
+
+            slo = Slo(
+                ttft_p95_s=config.estimator.slo_ttft_p95_s, itl_p95_s=config.estimator.slo_itl_p95_s
+            )
+    try:
+        verdict = compare_cli.offline(
+            args.logs,
+            spec=spec,
+            groups=args.group or (),
+            slo=slo or compare_cli.Slo(),
+            experiment=args.experiment,
+            baseline=args.baseline,
+            candidate=args.candidate,
+            rate_rps=args.rate,
+            model_configs=model_configs,
+            catalog_path=catalog,
+        )
+    except (OSError, ValueError) as exc:
+        return _fail(f"compare: {exc}")
+    compare_cli.emit([verdict], args.json)
+    return 0
+
+
+def _add_compare(sub: Any) -> None:
+    from estimator.cli import parse_slo
+    from estimator.compare_cli import __doc__ as doc
+    from estimator.compare_cli import parse_group
+
+    c = sub.add_parser(
+        "compare",
+        help="an experiment's verdict: latency, errors, capacity, cost",
+        formatter_class=_Help,
+        description=doc,
+    )
+    c.add_argument(
+        "logs",
+        nargs="*",
+        metavar="LOG",
+        help="request log(s): one with both groups, or the baseline's and the candidate's",
+    )
+    c.add_argument("--url", help="a proxy: read its live verdicts from /admin/experiments")
+    c.add_argument("--admin-token", help="the proxy's server.admin_token")
+    c.add_argument("--config", help="proxy config: its groups, experiments, SLO, model configs")
+    c.add_argument("--experiment", help="which experiment (default: the first)")
+    c.add_argument("--baseline", help="the baseline group's name")
+    c.add_argument("--candidate", help="the candidate group's name")
+    c.add_argument(
+        "--group",
+        action="append",
+        type=parse_group,
+        metavar="NAME:k=v,...",
+        help="a group's description: gpu=, count=, quant=, max_num_seqs=, "
+        "usd_per_hour=, or input= and output= ($/1M tokens, managed)",
+    )
+    c.add_argument(
+        "--slo",
+        type=parse_slo,
+        default=None,
+        metavar="ttft_p95=S,itl_p95=S",
+        help="the SLO (default: the config's, else 1.0 s and 0.1 s)",
+    )
+    c.add_argument("--rate", type=float, help="price at this rate (req/s; default: the logs')")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=cmd_compare)
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults and keeps the descriptions' line breaks."""
 
@@ -435,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_estimate_arguments(est)
     est.set_defaults(func=cmd_estimate)
+    _add_compare(sub)
     return p
 
 

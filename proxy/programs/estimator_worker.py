@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     first = _read(stdin)
     if first is None:
         return 1
-    config = pickle.loads(first)
-    est = Estimator(config)
+    config, experiments = pickle.loads(first)  # (EstimatorConfig, ExperimentsSpec | None)
+    est = Estimator(config, experiments=experiments)
     if args.serve:
         asyncio.run(_serve(est, Path(args.serve), float(config.refresh_interval_s)))
         return 0

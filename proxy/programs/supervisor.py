@@ -83,14 +83,14 @@ class Supervisor:
         self.stopping = True
 
     def _start_estimator(self) -> None:
-        from proxy.programs.wiring import build_estimator
+        from proxy.programs.wiring import build_estimator, experiments_spec
 
         est = build_estimator(self.config)
         self.estimator = subprocess.Popen(
             [sys.executable, "-m", "proxy.programs.estimator_worker", "--serve", str(self.folder)],
             stdin=subprocess.PIPE,
         )
-        payload = pickle.dumps(est.config)
+        payload = pickle.dumps((est.config, experiments_spec(self.config)))
         assert self.estimator.stdin is not None
         self.estimator.stdin.write(struct.pack("!I", len(payload)) + payload)
         self.estimator.stdin.flush()

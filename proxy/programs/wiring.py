@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from estimator.catalog import CatalogError
+from estimator.compare import ExperimentSpec, ExperimentsSpec, GroupSpec
 from estimator.service import Estimator
 from estimator.settings import EstimatorConfigError
 from proxy.app import Deps
@@ -17,14 +18,41 @@ from proxy.programs.emulator import EmulatorConfig, FixedPace, TimingModel
 
 
 def build_estimator(config: ProxyConfig, source: str = "config") -> Estimator:
-    """The online estimator from the ``estimator`` section (an ``EstimatorConfig`` as it is);
-    a bad setting becomes a config error naming its key (``estimator.gpu``)."""
+    """The online estimator from the ``estimator`` section (an ``EstimatorConfig`` as it is)
+    and the groups and experiments; a bad setting becomes a config error naming its key
+    (``estimator.gpu``, ``groups[0].gpu``)."""
     try:
-        return Estimator(config.estimator)
+        est = Estimator(config.estimator, experiments=experiments_spec(config))
     except EstimatorConfigError as exc:
         raise ConfigError(source, exc.key, exc.reason) from None
     except (CatalogError, OSError) as exc:  # the extra catalog file itself
         raise ConfigError(source, "estimator.catalog", str(exc)) from None
+    for i, g in enumerate(config.groups):
+        if g.gpu is not None and g.gpu not in est.catalog:
+            known = ", ".join(sorted(est.catalog))
+            raise ConfigError(source, f"groups[{i}].gpu", f"unknown GPU {g.gpu!r} (known: {known})")
+    return est
+
+
+def experiments_spec(config: ProxyConfig) -> ExperimentsSpec | None:
+    """The groups and experiments as the estimator takes them (None without groups)."""
+    if not config.groups:
+        return None
+    groups = tuple(
+        GroupSpec(name=g.name, backends=g.backends, engine=g.engine, gpu=g.gpu,
+                  gpus_per_backend=g.gpus_per_backend, quant=g.quant, max_num_seqs=g.max_num_seqs,
+                  settings=dict(g.settings), usd_per_hour=g.usd_per_hour,
+                  usd_per_1m_input_tokens=g.usd_per_1m_input_tokens,
+                  usd_per_1m_output_tokens=g.usd_per_1m_output_tokens,
+                  model_config=g.model_config)
+        for g in config.groups
+    )  # fmt: skip
+    experiments = tuple(
+        ExperimentSpec(name=x.name, baseline=x.baseline, candidate=x.candidate, models=x.models,
+                       min_requests=x.min_requests)
+        for x in config.experiments
+    )  # fmt: skip
+    return ExperimentsSpec(groups=groups, experiments=experiments)
 
 
 def estimator_deps(
@@ -41,7 +69,7 @@ def estimator_deps(
     if in_process:
         runner = InProcessEstimator(est, config.estimator.refresh_interval_s)
     else:
-        runner = EstimatorProcess(est.config)
+        runner = EstimatorProcess(est.config, experiments_spec(config))
     return Deps(estimator=runner, gpu=gpu, source=source)
 
 

@@ -49,6 +49,7 @@ class RouteCtx:
     hashes: Sequence[bytes] = ()  # chained prefix-block hashes of the prompt
     session: bytes | None = None  # digest of the session header (session policy only)
     now: float = 0.0  # monotonic seconds
+    group: str | None = None  # the deployment group an experiment chose for the request
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,8 @@ class PluginDeps:
     load: LoadFn
     inflight: InflightFn
     headroom: Callable[[Endpoint], bool]
+    group_of: Callable[[str], str | None] = lambda _backend: None
+    """The deployment group (``groups[].name``) of a backend, by name; None: in no group."""
 
 
 @runtime_checkable
@@ -76,6 +79,10 @@ class Plugin(Protocol):
 
 
 class Filter(Plugin, Protocol):
+    admission: ClassVar[bool]
+    """True: an admission filter, skipped when ``scheduling.enabled`` is off (the engines
+    queue); False: applies always (e.g. the experiment's group)."""
+
     def filter(self, ctx: RouteCtx, candidates: Sequence[E]) -> list[E]: ...
 
 

@@ -51,10 +51,14 @@ class Router:
                 return p
         return None
 
-    def filter(self, ctx: RouteCtx, candidates: Sequence[E]) -> list[E]:
+    def filter(self, ctx: RouteCtx, candidates: Sequence[E], *, admission: bool = True) -> list[E]:
+        """The candidates every filter keeps; ``admission=False`` skips the admission filters
+        (headroom) when the proxy does not hold the queue."""
         out = list(candidates)
         timer, perf = self.timer, time.perf_counter
         for f in self.filters:
+            if f.admission and not admission:
+                continue
             t0 = perf()
             out = f.filter(ctx, out)
             timer.add(f.type_name, perf() - t0)
@@ -128,7 +132,7 @@ def build_router(
                 f"unknown scorer (known: {', '.join(SCORER_NAMES)})",
             )
     return Router(
-        filters=[_build("headroom", cfg, deps)],
+        filters=[_build("group", cfg, deps), _build("headroom", cfg, deps)],
         scorers=[(_build(name, cfg, deps), float(w)) for name, w in weights],
         picker=_build("max_score", cfg, deps),
         block_chars=cfg.block_chars,

@@ -449,3 +449,36 @@ async def relay_raw(
     elif request.transport is not None:
         request.transport.close()  # the body is incomplete: the client must not take it whole
     return out
+
+
+class _Discard:
+    """Where a shadow copy's bytes go: nowhere (the pump's ``out``)."""
+
+    async def write(self, data: bytes) -> None:
+        return None
+
+
+async def drain_stream(
+    meas: Measurement,
+    resp: aiohttp.ClientResponse,
+    *,
+    est_prompt_tokens: int,
+    max_event_bytes: int,
+) -> None:
+    """Read a streamed answer to its end, measured like a relayed one, and discard it (shadow
+    copies: no client waits for it). Failures end up in ``meas.outcome``, never raised, except
+    cancellation."""
+    meas.status = resp.status
+    st = StreamState()
+    clean = False
+    try:
+        dec = decoder(resp, meas.backend)
+        await _pump(_Discard(), meas, st, resp, dec, False, max_event_bytes)  # type: ignore[arg-type]
+        clean = True
+    except TimeoutError:
+        meas.outcome = Outcome.TIMEOUT
+    except (_EventTooLarge, UpstreamError, aiohttp.ClientError, zlib.error):
+        meas.outcome = Outcome.UPSTREAM_ERROR
+    finally:
+        resp.release() if clean else resp.close()
+        _finish_stream(meas, st, est_prompt_tokens)

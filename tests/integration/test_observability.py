@@ -319,12 +319,28 @@ def cleanup() -> Iterator[contextlib.ExitStack]:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_dashboards_and_alerts_use_only_exported_metrics(cleanup: contextlib.ExitStack) -> None:
-    assert len(DASHBOARDS) == 3
+    assert len(DASHBOARDS) == 4
     redis_srv = Redis()
     cleanup.callback(redis_srv.stop)
     emus = _emulators(2, cleanup)
     cfg = {
-        "backends": [{"url": e.url, "max_inflight": 6} for e in emus],
+        "backends": [
+            {"url": e.url, "max_inflight": 6, "name": f"emu-{i}"} for i, e in enumerate(emus)
+        ],
+        # groups and an experiment, so the experiment families the dashboards query exist
+        "groups": [
+            {"name": "a", "backends": ["emu-0"], "gpu": "a10g"},
+            {"name": "b", "backends": ["emu-1"], "gpu": "a10g"},
+        ],
+        "experiments": [
+            {
+                "name": "ab",
+                "baseline": "a",
+                "candidate": "b",
+                "weight": 0.5,
+                "shadow": {"share": 0.2},
+            }
+        ],
         "estimator": _estimator_config(),
         "health": {"scrape_interval_s": 0.5, "interval_s": 1.0},
         "shared": {"redis_url": f"redis://127.0.0.1:{redis_srv.port}/0"},

@@ -180,3 +180,26 @@ def start_estimator(redis_url: str, *, config: dict[str, object] | None = None,
     p = _spawn(f"estimator-{port}", args, port)
     p.wait_ready("/health")
     return p
+
+
+def start_fault_proxy(upstream: str) -> Proc:
+    """``tests/support/fault_proxy.py`` in front of ``upstream`` (ready when it forwards
+    ``/health``); ``set_fault(proc, mode=..., status=...)`` switches it."""
+    port = free_port()
+    script = Path(__file__).resolve().parent / "fault_proxy.py"
+    log_path = Path(tempfile.mkstemp(prefix="rightsizer-fault-", suffix=".log")[1])
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "--port", str(port), "--upstream", upstream],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    p = Proc(f"fault-{port}", f"http://127.0.0.1:{port}", proc, log_path)
+    p.wait_ready("/health")
+    return p
+
+
+def set_fault(p: Proc, **state: object) -> None:
+    req = urllib.request.Request(p.url + "/_fault", data=orjson.dumps(state), method="POST",
+                                 headers={"content-type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=5) as r:
+        r.read()

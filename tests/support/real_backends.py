@@ -125,8 +125,10 @@ def start_vllm(
     port: int | None = None,
     extra_args: Sequence[str] = (),
     timeout_s: float = 240,
+    env: dict[str, str] | None = None,
 ) -> RunningServer:
-    """vLLM's OpenAI server on ``MODELS/model``, eager mode, prefix caching on."""
+    """vLLM's OpenAI server on ``MODELS/model``, eager mode, prefix caching on; ``env`` adds
+    to its environment (e.g. ``VLLM_CPU_OMP_THREADS_BIND`` to give two servers a core each)."""
     if reason := vllm_available(model):
         raise BackendStartError(reason)
 
@@ -139,14 +141,15 @@ def start_vllm(
             cmd += ["--max-num-seqs", str(max_num_seqs)]
         return [*cmd, *extra_args]
 
-    env = {
+    env_all = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        **(env or {}),
     }
-    return _start("vllm", served_name, command, env, port, timeout_s)
+    return _start("vllm", served_name, command, env_all, port, timeout_s)
 
 
 def require(reason: str | None, what: str = "") -> None:
@@ -233,6 +236,35 @@ def isolated_vllm_engine(
                     os.sched_setaffinity(tid, before[pid].get(tid, allowed))
 
 
+def pin(pid: int, cpus: set[int], *, idle: bool = False) -> None:
+    """Every thread of ``pid`` and of its descendants onto ``cpus``; ``idle``: in the idle
+    scheduling class too (it runs only when nothing else wants the CPU)."""
+    for p in _descendants(pid):
+        _set_affinity(p, cpus)
+        if idle:
+            for tid in _tasks(p):
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+
+
+@contextlib.contextmanager
+def confined(pids: Sequence[int], cpus: set[int]) -> Iterator[None]:
+    """Every thread of ``pids`` and of their descendants on ``cpus`` while the ``with`` block
+    runs; each thread gets its CPU set back on exit (the caller's own process included)."""
+    allowed = os.sched_getaffinity(0)
+    tree = [p for pid in pids for p in _descendants(pid)]
+    before = {p: _affinities(p) for p in tree}
+    for p in tree:
+        _set_affinity(p, cpus)
+    try:
+        yield
+    finally:
+        for p in tree:
+            for tid in _tasks(p):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, before[p].get(tid, allowed))
+
+
 def _affinities(pid: int) -> dict[int, set[int]]:
     """Each thread's CPU set."""
     out = {}
@@ -249,6 +281,7 @@ def start_llama_server(
     ctx: int = 8192,
     port: int | None = None,
     timeout_s: float = 60,
+    threads: int = 2,
 ) -> RunningServer:
     """llama-server on the tiny GGUF; ``ctx`` is the total context shared by the slots."""
     if reason := llama_available():
@@ -257,7 +290,7 @@ def start_llama_server(
     def command(p: int) -> list[str]:
         return [str(LLAMA_SERVER), "-m", str(MODELS / "tiny.gguf"), "--alias", served_name,
                 "--host", "127.0.0.1", "--port", str(p), "-c", str(ctx), "-np", str(slots),
-                "-cb", "--metrics", "--jinja", "-t", "2"]  # fmt: skip
+                "-cb", "--metrics", "--jinja", "-t", str(threads)]  # fmt: skip
 
     return _start("llamacpp", served_name, command, {}, port, timeout_s)
 
