@@ -43,10 +43,23 @@ from ``c_p`` (twice the tokens, four times the pairs); one length alone leaves i
 prior. ``CalibratorConfig.fit_attention`` False drops it (the calibrator before issue 14,
 whose linear ``c_p`` averaged over the mix under-priced the long prompts' steps).
 
-Terms the prior fixes (carried to the fitted model, not fitted): the per-request API cost
-``request_overhead_s`` is subtracted from every TTFT target, and the routed experts a decode
-step touches (``moe_weight_s`` times the share ``Dbar`` sequences reach) from every ITL
-target, before the fit; the reported fit errors are on the observed values.
+Per-request API cost (``StepModel.request_overhead_s``: HTTP, tokenisation, the API server's
+queue): the engine profile's value, a fixed offset subtracted from every TTFT target (the
+fit errors are on the observed values). Learning it as well would leave it trading off
+against ``c_p`` and ``c_attn`` in the TTFT rows (on simulated engines it took 4 ms of the
+prefill and moved ``c_attn`` by 35%). But when the fit with the profile's cost is not
+trusted, the fit is run again with the cost as a seventh coefficient ``a_api`` (1 in every
+TTFT row, 0 in every ITL row, pulled towards the profile's value like the others; the ITL
+rows pin ``c0``, so the TTFT rows' level above ``a * c0 + c_p * pt`` is the cost), and
+kept when it is trusted or fits better. A live engine whose API server is faster than its
+profile, such as ``rightsizer demo``'s emulated engines before they emulated that cost, had
+30 ms taken from TTFTs of 15-50 ms: the fit pushed ``c0`` to a fifth of its value to make
+up for it, ITL error 80%, never trusted; with the second fit, 2%. The learned cost's serial
+share (``api_service_s``) is the profile's, capped at the learned cost.
+
+A term the prior fixes (carried to the fitted model, not fitted): the routed experts a decode
+step touches (``moe_weight_s`` times the share ``Dbar`` sequences reach) are subtracted from
+every ITL target before the fit; the reported fit errors are on the observed values.
 ``Calibration.vs_prior()`` says how far the live engine is from its prior (the engine
 profile's roofline): fitted / prior for each coefficient, an ITL and a prefill.
 
@@ -62,8 +75,8 @@ Fit: minimise ``sum_i w_i rho(r_i / sigma) + tau sum_j ((c_j - p_j) / s_j)^2`` o
 ``w_i = 2^(-age / half_life_s)`` (exponential forgetting, so the fit follows change), and a
 ridge pull towards the prior ``p`` (e.g. ``roofline_prior``) worth ``tau = prior_strength``
 records, scaled by ``s_j = max(p_j, c_j of the data alone)``: weak, and fading as data
-accumulates. Non-negativity is exact: each IRLS pass solves the 5-variable quadratic program
-(the unconstrained solution when feasible, else the best of the 31 active sets).
+accumulates. Non-negativity is exact: each IRLS pass solves the 7-variable quadratic program
+(the unconstrained solution when feasible, else the best of the 127 active sets).
 
 Step jitter: ``jitter_sigma`` (``StepModel``) = median over records of
 ``ln(itl.p95 / itl.p50) / 1.645`` (for a lognormal factor, ``p95 / p50 = exp(1.645 sigma)``),
@@ -112,8 +125,8 @@ _NCOL = 10
 _MIN_SPREAD_GAPS = 20  # gaps a record needs for its ITL p95 / p50 to count
 _MIN_CLEAN = 10  # records with uninterrupted decodes needed to use only those for the jitter
 _Z95 = 1.6448536
-_NPARAM = 6  # c0, c_p, c_d, c_kv, c_attn, q (queue)
-_ATTN, _QUEUE = 4, 5
+_NPARAM = 7  # c0, c_p, c_d, c_kv, c_attn, q (queue), a_api (per-request cost in TTFT)
+_ATTN, _QUEUE, _API = 4, 5, 6
 _DRIFT_MIN_PAIRS = 30
 _DRIFT_MAX_ROWS = 600  # most recent ITL rows used for the drift (pairs grow as n^2)
 _DRIFT_MAX_SIGMA = 0.5
@@ -306,36 +319,33 @@ def fit_rows(
         rows, w = rows[keep], w[keep]
     stride = -(-rows.shape[0] // max(1, config.max_fit_records))
     xt, yt, wt, xi, yi, wi, spread, span = _design(rows, w, max_num_seqs, max(1, stride))
-    # terms the prior fixes and the fit does not learn: the per-request API cost in every
-    # TTFT, the routed experts a decode step touches in every ITL (estimator.engine)
-    yt_obs, yi_obs = yt, yi
-    if prior.request_overhead_s:
-        yt = np.maximum(yt - prior.request_overhead_s, 0.1 * yt)
+    # a term the prior fixes and the fit does not learn: the routed experts a decode step
+    # touches in every ITL (estimator.engine)
+    yi_obs = yi
     if prior.moe_weight_s and prior.moe_experts:
         miss = 1.0 - min(prior.moe_topk, prior.moe_experts) / prior.moe_experts
         moe = prior.moe_weight_s * (1.0 - np.power(miss, np.maximum(xi[2], 1.0)))
         yi = np.maximum(yi - moe, 0.1 * yi)
     if not config.fit_attention:
         xt[_ATTN], xi[_ATTN] = 0.0, 0.0
-    p = np.array([*prior.coefficients(), prior.prefill_attn_s_per_pair, 0.0])
-    coef = _robust_fit(np.hstack([xt, xi]), np.concatenate([yt, yi]),
-                       np.concatenate([wt, wi]), p, tau, config)  # fmt: skip
     n_eff = float(w.sum())
-    t_mare, t_p90 = _rel_errors(coef @ xt + (yt_obs - yt), yt_obs, wt)
-    i_mare, i_p90 = _rel_errors(coef @ xi + (yi_obs - yi), yi_obs, wi)
-    trusted = (
-        n_eff >= config.min_records
-        and t_mare is not None
-        and t_mare <= config.max_ttft_mare
-        and i_mare is not None
-        and i_mare <= config.max_itl_mare
-    )
+    args = (xt, yt, wt, xi, yi, wi, yi_obs, prior, tau, config, n_eff)
+    coef, errors, trusted = _solve(*args, learn_api=False)
+    if not trusted and n_eff >= config.min_records:
+        # the profile's per-request cost may be what is wrong (module docstring): learn it
+        coef2, errors2, trusted2 = _solve(*args, learn_api=True)
+        if trusted2 or _worst(errors2) < _worst(errors):
+            coef, errors, trusted = coef2, errors2, trusted2
+    t_mare, t_p90, i_mare, i_p90 = errors
     step = StepModel.from_coefficients(coef[:4].tolist())
     attn = float(coef[_ATTN]) if config.fit_attention else 0.0
     drift_sigma, drift_tau = _drift(np.log(yi / np.maximum(coef @ xi, 1e-12)), span, wi)
+    api = float(coef[_API])
+    extras = {**prior.extras(), "prefill_attn_s_per_pair": attn, "request_overhead_s": api}
+    extras["api_service_s"] = min(prior.api_service_s, api)
     step = dataclasses.replace(
         step,
-        **{**prior.extras(), "prefill_attn_s_per_pair": attn},
+        **extras,
         jitter_sigma=_jitter(spread[0], spread[1], wi * spread[2]),
         drift_sigma=drift_sigma,
         drift_tau_s=drift_tau,
@@ -346,6 +356,48 @@ def fit_rows(
         prior_share=tau / (tau + n_eff) if tau else 0.0, ttft_mare=t_mare, ttft_p90_re=t_p90,
         itl_mare=i_mare, itl_p90_re=i_p90, queue_s_per_request=float(coef[_QUEUE]), trusted=trusted,
     )  # fmt: skip
+
+
+_Errors = tuple[float | None, float | None, float | None, float | None]
+
+
+def _solve(
+    xt: np.ndarray, yt: np.ndarray, wt: np.ndarray, xi: np.ndarray, yi: np.ndarray,
+    wi: np.ndarray, yi_obs: np.ndarray, prior: StepModel, tau: float, config: CalibratorConfig,
+    n_eff: float, *, learn_api: bool,
+) -> tuple[np.ndarray, _Errors, bool]:  # fmt: skip
+    """Coefficients, (TTFT median, p90, ITL median, p90) relative errors on the observed
+    values, and whether the fit is trusted. Without ``learn_api`` the prior's per-request
+    cost is a fixed offset of every TTFT (its column zeroed: the ridge keeps the prior's
+    value); with it, a coefficient fitted like the others."""
+    yt_fit = yt
+    if not learn_api:
+        xt = xt.copy()
+        xt[_API] = 0.0
+        if prior.request_overhead_s:
+            yt_fit = np.maximum(yt - prior.request_overhead_s, 0.1 * yt)
+    p = np.array([*prior.coefficients(), prior.prefill_attn_s_per_pair, 0.0,
+                  prior.request_overhead_s])  # fmt: skip
+    coef = _robust_fit(np.hstack([xt, xi]), np.concatenate([yt_fit, yi]),
+                       np.concatenate([wt, wi]), p, tau, config)  # fmt: skip
+    if not learn_api:
+        coef[_API] = prior.request_overhead_s
+    t_mare, t_p90 = _rel_errors(coef @ xt + (yt - yt_fit), yt, wt)
+    i_mare, i_p90 = _rel_errors(coef @ xi + (yi_obs - yi), yi_obs, wi)
+    trusted = (
+        n_eff >= config.min_records
+        and t_mare is not None
+        and t_mare <= config.max_ttft_mare
+        and i_mare is not None
+        and i_mare <= config.max_itl_mare
+    )
+    return coef, (t_mare, t_p90, i_mare, i_p90), trusted
+
+
+def _worst(errors: _Errors) -> float:
+    """How far off a fit is: the larger of its TTFT and ITL median relative errors."""
+    t, _, i, _ = errors
+    return max(math.inf if t is None else t, math.inf if i is None else i)
 
 
 def _design(
@@ -373,7 +425,7 @@ def _design(
     pairs_before = _prefill_tokens_between(all_rows, disp, first, _PAIRS)
     own_pairs = rows[:, _PAIRS]
     xt = np.stack([a, np.maximum(prefill_before, unc), ad, ad * ctx_bar,
-                   np.maximum(pairs_before, own_pairs), excess])  # fmt: skip
+                   np.maximum(pairs_before, own_pairs), excess, np.ones_like(r)])  # fmt: skip
     okt = yt > 1e-6
     # ITL rows
     steps = np.maximum(comp - 1, 1)
@@ -381,7 +433,8 @@ def _design(
     pf = _prefill_tokens_between(all_rows, first, end) / steps
     pp = _prefill_tokens_between(all_rows, first, end, _PAIRS) / steps
     dd = np.minimum(_decode_concurrency(all_rows, rows), m)
-    xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, pp, np.zeros_like(r)])
+    zero = np.zeros_like(r)
+    xi = np.stack([np.ones_like(r), pf, dd, ctx + (dd - 1) * ctx_bar, pp, zero, zero])
     oki = (comp >= 2) & np.isfinite(yi) & (yi > 1e-7)
     span = np.stack([first[oki], end[oki]])
     # per ITL row: prefills that began inside its decode, as a share of its gaps
@@ -539,7 +592,7 @@ def _robust_fit(
     coef = _nnls_qp(*_normal(xr, w, zero, zero))
     scale = np.maximum(np.maximum(prior, coef), 1e-12)
     # the prior counts as tau records: in units of one record's squared residual (sigma^2)
-    reg = np.where(np.arange(_NPARAM) < _QUEUE, tau, tau * 1e-3) / scale**2
+    reg = np.where(np.arange(_NPARAM) == _QUEUE, tau * 1e-3, tau) / scale**2
     stride = max(1, y.size // _SCALE_SAMPLE)
     dof = y.size / max(1.0, y.size - _NPARAM)  # few records: residuals understate the noise
     huber = max(1, cfg.irls_iterations)
@@ -573,7 +626,7 @@ def _normal(
 
 
 def _nnls_qp(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """argmin c'Ac - 2b'c over c >= 0 (A positive semi-definite, 5x5) by active sets."""
+    """argmin c'Ac - 2b'c over c >= 0 (A positive semi-definite, 7x7) by active sets."""
     d = np.sqrt(np.maximum(np.diag(a), 1e-300))
     an = a / np.outer(d, d) + np.eye(a.shape[0]) * 1e-12
     bn = b / d

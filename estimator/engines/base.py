@@ -107,7 +107,7 @@ class EngineProfile:
     queues for it; it caps the request rate at ``1 / api_service_s``)."""
     cpu_api_ttft_s: float = 0.0
     """The per-request cost of the engine's CPU build, whose API server shares the host's
-    cores: not measured, so 0 and the online calibration learns it (in ``overhead_s``)."""
+    cores: not measured, so 0 and the online calibration learns it (``request_overhead_s``)."""
     limits: LimitDefaults
     large_gpu_limits: LimitDefaults | None = None
     large_gpu_min_gib: float = 70.0

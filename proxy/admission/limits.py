@@ -9,11 +9,16 @@ Source, first that applies (exported as ``rightsizer_backend_inflight_limit{sour
    It starts at ``scheduling.default_max_inflight``. While the proxy keeps the backend at its
    limit (total in flight >= 90% of it) and the engine reports no waiting request and a KV
    cache below ``kv_usage_high``, the engine could take more: the limit doubles (``probing``)
-   up to ``scheduling.max_inflight_ceiling``. When the engine reports waiting requests while
-   running R, R is its concurrency (its ``max_num_seqs`` or what its KV cache holds): the
-   limit becomes R plus the small queue (``learned``), and probing above it resumes, one step
-   of max(1, R/16) at a time, only after ``probe_hold_s``. So an engine configured for 256
-   sequences reaches 256 in two or three scrapes. Engines without metrics keep the default.
+   up to ``scheduling.max_inflight_ceiling``. When two scrapes in a row find the engine
+   queueing (waiting requests) while running R1 and R2, R = max(R1, R2) is its concurrency
+   (its ``max_num_seqs`` or what its KV cache holds): the limit becomes R plus the small queue
+   (``learned``), and probing above it resumes, one step of max(1, R/16) at a time, only after
+   ``probe_hold_s``. One scrape is not enough: vLLM admits new prompts only as its batched-
+   token budget allows, so a scrape right after a wave of sequences finished shows requests
+   waiting below ``max_num_seqs`` (on the real vLLM CPU server at 96 sequences, one scrape
+   set the limit to 90, held for a minute). So an engine configured for 256 sequences reaches
+   256 in three or four scrapes; meanwhile ``effective_limit`` holds new work while it
+   queues. Engines without metrics keep the default.
 
 The small queue: ``engine_waiting_high`` requests (at least one) beyond what the engine runs,
 so a sequence that finishes in the engine is replaced at its next step, not a round trip
@@ -53,6 +58,7 @@ class _Learned:
     limit: int
     source: str = "default"
     hold_until: float = 0.0
+    queued_running: int | None = None  # running at the previous scrape, if it was queueing
 
 
 class Limits:
@@ -138,9 +144,12 @@ class Limits:
         running, waiting = int(snap.running), snap.waiting or 0.0
         now = self.clock()
         if waiting > 0 and running >= 1:
-            st.limit, st.source = max(1, running) + self.engine_queue, "learned"
-            st.hold_until = now + self.cfg.probe_hold_s
+            before, st.queued_running = st.queued_running, running
+            if before is not None:  # queueing at two scrapes in a row (module docstring)
+                st.limit, st.source = max(before, running) + self.engine_queue, "learned"
+                st.hold_until = now + self.cfg.probe_hold_s
             return
+        st.queued_running = None
         if snap.kv_usage is not None and snap.kv_usage > self.cfg.kv_usage_high:
             return  # full cache, nothing queued yet: neither raise nor learn
         if self.total(b) < _AT_CAP * st.limit or now < st.hold_until:

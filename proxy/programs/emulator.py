@@ -5,8 +5,13 @@ A continuous-batching step loop like vLLM's: requests wait in a FCFS queue, are 
 and decodes one token for every running sequence, and the step's duration comes from a timing
 model with ``step_time(prefill_tokens, decode_seqs, context_tokens)``. ``FixedPace`` gives a
 configurable TTFT and per-token pace; the estimator's calibrated ``StepModel`` plugs in the
-same way. When the KV cache overflows, the newest running sequence is preempted (recompute,
-as vLLM does). A chained-block prefix cache reports cached prompt tokens.
+same way, and its per-request API cost is emulated too: ``api_service_s`` in one FIFO stage
+(one request at a time, like vLLM's single API process tokenising) and the rest of
+``request_overhead_s`` in parallel, before the request joins the engine's queue (without
+them the emulated engine answered 30 ms faster than the profile it emulates, and the
+estimator's calibrator, which takes that cost from the profile, could not fit it). When
+the KV cache overflows, the newest running sequence is preempted (recompute, as vLLM does).
+A chained-block prefix cache reports cached prompt tokens.
 
 Serves ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (stream or not, usage
 chunk with ``stream_options.include_usage``), ``/health`` and vLLM-named ``/metrics``.
@@ -114,6 +119,19 @@ class Engine:
         self.counters = collections.Counter[str]()
         self.ttfts: list[float] = []
         self.peak = 0  # most requests it ever held at once (running + waiting)
+        scale = cfg.time_scale
+        overhead = float(getattr(timing, "request_overhead_s", 0.0)) / scale
+        self.api_service_s = min(float(getattr(timing, "api_service_s", 0.0)) / scale, overhead)
+        self.api_parallel_s = overhead - self.api_service_s
+        self._api = asyncio.Lock()  # FIFO: the API server's serial stage
+
+    async def front(self) -> None:
+        """The API server's per-request cost before the engine sees the request."""
+        if self.api_service_s > 0.0:
+            async with self._api:
+                await asyncio.sleep(self.api_service_s)
+        if self.api_parallel_s > 0.0:
+            await asyncio.sleep(self.api_parallel_s)
 
     @property
     def total_blocks(self) -> int:
@@ -348,6 +366,7 @@ class EmulatorServer:
             return _error(
                 400, f"This model's maximum context length is {self.cfg.max_model_len} tokens."
             )
+        await self.engine.front()
         seq = self.engine.submit(text, prompt, max_tokens)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-emu{next(self._ids)}"
         try:

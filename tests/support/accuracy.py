@@ -887,7 +887,7 @@ for f in src.iterdir():
 def ensure_model(name: str) -> None:
     """Make ``MODEL_SHAPES[name]`` beside ``MODEL_DIR`` (same tokenizer) when it is missing;
     with the vLLM venv's Python (torch, transformers), seeded, a few seconds."""
-    from real_backends import MODELS, VLLM_PYTHON
+    from tests.support.real_backends import MODELS, VLLM_PYTHON
 
     dest = MODELS / name
     if name == MODEL_DIR or (dest / "config.json").is_file():

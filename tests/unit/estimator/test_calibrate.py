@@ -377,6 +377,24 @@ def test_attention_term_is_learned_from_a_mix_of_prompt_lengths() -> None:
     assert without.step.ttft_idle(2048) < with_attn.step.ttft_idle(2048)
 
 
+def test_a_wrong_per_request_cost_in_the_profile_is_learned_not_forced() -> None:
+    """The profile says 30 ms of API cost per request, the engine has 2 ms (its TTFTs are
+    shorter than the profile's cost): with the profile's cost fixed, the fit had to shrink
+    ``c0`` and was never trusted; the calibrator learns the cost instead, and the step
+    coefficients come back."""
+    true = dataclasses.replace(TRUE, request_overhead_s=0.002)
+    records = simulated(true, [0.5, 2.0, 4.0])
+    prior = dataclasses.replace(TRUE, request_overhead_s=0.03)
+    cal = fitted(records, prior=prior, config=NO_FORGET).fit(max_num_seqs=LIMITS.max_num_seqs)
+    assert cal.trusted
+    assert cal.step.request_overhead_s < 0.01
+    assert rel(cal.step.overhead_s, TRUE.overhead_s) < 0.15
+    assert rel(cal.step.itl_at(8, 512), TRUE.itl_at(8, 512)) < 0.1
+    # the same engine under a profile that is right keeps the profile's cost exactly
+    right = fitted(records, prior=true, config=NO_FORGET).fit(max_num_seqs=LIMITS.max_num_seqs)
+    assert right.trusted and right.step.request_overhead_s == 0.002
+
+
 def test_prior_offsets_are_carried_and_not_fitted_twice() -> None:
     """A prior's per-request cost is a known part of every TTFT: a fit on records of an
     engine with that cost returns the same cost and the other coefficients unchanged."""

@@ -42,6 +42,8 @@ def test_probes_up_while_the_engine_takes_everything() -> None:
         limits.observe(b, snapshot(b.name, running=limits.limit(b), waiting=0, kv_usage=0.3))
         assert (limits.limit(b), limits.source(b)) == (expected, "probing")
     offer(b, 512)
+    limits.observe(b, snapshot(b.name, running=240, waiting=272, kv_usage=0.5))
+    assert (limits.limit(b), limits.source(b)) == (512, "probing"), "one scrape is not enough"
     limits.observe(b, snapshot(b.name, running=256, waiting=256, kv_usage=0.5))
     assert (limits.limit(b), limits.source(b)) == (256 + 4, "learned")  # + engine_waiting_high
 
@@ -59,8 +61,14 @@ def test_no_probe_without_demand_or_with_a_full_cache() -> None:
 def test_learned_limit_follows_a_queueing_engine_and_reprobes_gently() -> None:
     limits, b, clock = setup(probe_hold_s=60.0)
     limits.observe(b, snapshot(b.name, running=8, waiting=5))
+    assert (limits.limit(b), limits.source(b)) == (64, "default")
+    limits.observe(b, snapshot(b.name, running=8, waiting=5))
     assert (limits.limit(b), limits.source(b)) == (8 + 4, "learned")
-    limits.observe(b, snapshot(b.name, running=3, waiting=1))  # transient: follows it down
+    # a scrape between vLLM's admissions (finished sequences not yet replaced) is ignored...
+    limits.observe(b, snapshot(b.name, running=3, waiting=1))
+    assert limits.limit(b) == 8 + 4
+    # ... and a concurrency that stays lower is followed down
+    limits.observe(b, snapshot(b.name, running=3, waiting=1))
     assert limits.limit(b) == 3 + 4
     offer(b, 7)
     limits.observe(b, snapshot(b.name, running=7, waiting=0))
