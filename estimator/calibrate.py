@@ -28,8 +28,11 @@ requests at dispatch, this one excluded; ``M`` = ``max_num_seqs`` when known, el
 
   ``a``: the step in progress at dispatch is half done on average, then the prefill step runs
   with the running sequences; ``pt`` = uncached prompt tokens of the window's requests whose
-  first token fell in ``(dispatch, first_token]``, this one's own included: every prefill
-  token the engine ran while this request waited delayed it by ``c_p``; ``q`` (seconds per
+  first token fell in ``(dispatch + api, first_token]``, this one's own included: every
+  prefill token the engine ran while this request waited delayed it by ``c_p`` (``api``, the
+  profile's per-request cost, is spent in the API server before the engine sees the request:
+  counting the prefills that ended inside it biased ``c_p`` low by about 10% on the demo's
+  engines, whose 32 ms of API cost holds another prefill one time in seven); ``q`` (seconds per
   request queued beyond ``max_num_seqs``) is a nuisance term, not part of the step model.
   The network and HTTP latency between proxy and engine is assumed small next to a step (no
   separate offset: it would leave ``c0`` and ``c_d`` nearly unidentifiable); on a LAN it is
@@ -318,7 +321,9 @@ def fit_rows(
     if not keep.all():
         rows, w = rows[keep], w[keep]
     stride = -(-rows.shape[0] // max(1, config.max_fit_records))
-    xt, yt, wt, xi, yi, wi, spread, span = _design(rows, w, max_num_seqs, max(1, stride))
+    xt, yt, wt, xi, yi, wi, spread, span = _design(
+        rows, w, max_num_seqs, max(1, stride), prior.request_overhead_s
+    )
     # a term the prior fixes and the fit does not learn: the routed experts a decode step
     # touches in every ITL (estimator.engine)
     yi_obs = yi
@@ -401,7 +406,11 @@ def _worst(errors: _Errors) -> float:
 
 
 def _design(
-    all_rows: np.ndarray, all_w: np.ndarray, max_num_seqs: int | None, stride: int
+    all_rows: np.ndarray,
+    all_w: np.ndarray,
+    max_num_seqs: int | None,
+    stride: int,
+    lead_s: float = 0.0,
 ) -> tuple[np.ndarray, ...]:
     """TTFT and ITL design matrices (feature-major: one row per coefficient), targets and
     weights (see the module docstring) for every ``stride``-th record, the ITL rows'
@@ -421,8 +430,11 @@ def _design(
     a = np.where(r > 0, 1.5, 1.0)
     ad = a * np.minimum(r, m)
     excess = np.maximum(0.0, r + 1 - m) if math.isfinite(m) else np.zeros_like(r)
-    prefill_before = _prefill_tokens_between(all_rows, disp, first)  # own prompt included
-    pairs_before = _prefill_tokens_between(all_rows, disp, first, _PAIRS)
+    # the API server's per-request cost (``lead_s``, the profile's) comes before the engine
+    # sees the request: prefills that ended inside it did not delay this one
+    seen = np.minimum(disp + lead_s, first)
+    prefill_before = _prefill_tokens_between(all_rows, seen, first)  # own prompt included
+    pairs_before = _prefill_tokens_between(all_rows, seen, first, _PAIRS)
     own_pairs = rows[:, _PAIRS]
     xt = np.stack([a, np.maximum(prefill_before, unc), ad, ad * ctx_bar,
                    np.maximum(pairs_before, own_pairs), excess, np.ones_like(r)])  # fmt: skip
