@@ -87,10 +87,9 @@ async def _cpu_per(n: int, work: Callable[[int], Awaitable[object]]) -> float:
     return (time.process_time() - t0) / (n // CONC * CONC) * 1e6
 
 
-async def bare(n: int) -> float:
+async def _raw_clients(port: int, n: int) -> float:
+    """CPU per request of ``n`` requests over CONC bare-protocol client connections."""
     loop = asyncio.get_running_loop()
-    srv = await loop.create_server(_Answer, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
     conns = [(await loop.create_connection(_Client, "127.0.0.1", port))[1] for _ in range(CONC)]
     free = list(conns)
 
@@ -107,12 +106,18 @@ async def bare(n: int) -> float:
     finally:
         for c in conns:
             c.t.close()
+
+
+async def bare(n: int) -> float:
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(_Answer, "127.0.0.1", 0)
+    try:
+        return await _raw_clients(srv.sockets[0].getsockname()[1], n)
+    finally:
         srv.close()
 
 
 async def aiohttp_server(n: int) -> float:
-    loop = asyncio.get_running_loop()
-
     async def handler(request: web.Request) -> web.Response:
         await request.read()
         return web.Response(body=ANSWER, content_type="application/json")
@@ -123,23 +128,9 @@ async def aiohttp_server(n: int) -> float:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
-    conns = [(await loop.create_connection(_Client, "127.0.0.1", port))[1] for _ in range(CONC)]
-    free = list(conns)
-
-    async def work(k: int) -> None:
-        c = free.pop()
-        for _ in range(k):
-            c.fut = loop.create_future()
-            c.t.write(REQ)
-            await c.fut
-        free.append(c)
-
     try:
-        return await _cpu_per(n, work)
+        return await _raw_clients(runner.addresses[0][1], n)
     finally:
-        for c in conns:
-            c.t.close()
         await runner.cleanup()
 
 

@@ -35,6 +35,7 @@ from ..admission.limits import Limits
 from ..config import ProxyConfig
 from ..recorder import Recorder
 from ..request import InferenceRequest, Measurement
+from ..tasks import cancel_and_wait
 from ..upstream.backends import Backend, BackendPool
 from ..upstream.relay import apply_usage, drain_stream
 from ..upstream.transport import Transport
@@ -108,11 +109,7 @@ class ShadowRunner:
             self._tasks += [asyncio.create_task(self._worker(q)) for _ in range(cfg.concurrency)]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
 
     async def _worker(self, q: asyncio.Queue[ShadowJob]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +23,7 @@ from redis.exceptions import RedisError
 from estimator.records import RequestRecord
 from proxy.estimation import InProcessEstimator
 from proxy.handlers import estimator_report_handler
+from proxy.tasks import cancel_and_wait
 from proxy.telemetry import Metrics, metrics_handler
 
 log = logging.getLogger("rightsizer.estimator")
@@ -100,11 +100,7 @@ def build_estimator_app(
             asyncio.create_task(runner.run()),
         ]
         yield
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(tasks)
         await client.aclose()
 
     app.router.add_get("/metrics", metrics_handler(registry))

@@ -16,7 +16,6 @@ scrape: the estimator, the admission limits).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +28,7 @@ from estimator.records import BackendSnapshot, GpuSample
 
 from ..config import BackendConfig, HealthConfig
 from ..gpu import samples_from_metrics
+from ..tasks import cancel_and_wait
 from ..telemetry import Metrics
 from .dialects import parse_metrics
 
@@ -197,11 +197,7 @@ class BackendPool:
         self._tasks = [asyncio.create_task(self._loop(b)) for b in self.backends]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks)
 
     async def _loop(self, b: Backend) -> None:
         h = self.health

@@ -150,6 +150,17 @@ async def _run(port: int, cases: Sequence[Case], start_delay_s: float = 0.0) -> 
     return [Result(c, r) for c, r in zip(cases, resps, strict=True)]
 
 
+def _settle(p: Proc, rss0: int, watch: LogWatch, tally: Tally) -> None:
+    """The scenario's end: the proxy's memory growth and log problems go into ``tally``,
+    which then must hold no failure; growth past ``RSS_GROWTH_MAX`` fails too."""
+    grown = rss_bytes(p.proc.pid) - rss0
+    tally.extra = f", RSS +{grown >> 20} MB"
+    for problem in watch.problems()[:5]:
+        tally.flag(problem)
+    assert grown <= RSS_GROWTH_MAX
+    tally.check()
+
+
 def _judge_all(p: Proc, results: list[Result], tally: Tally,
                extra_check: Callable[[Result], list[str]] | None = None,
                ignore: tuple[str, ...] = ()) -> None:  # fmt: skip
@@ -192,12 +203,7 @@ def test_backend_killed_mid_stream(tmp_path: Path) -> None:
         results = asyncio.run(scenario())
         tally = Tally("backend SIGKILL mid-stream (2 engines, 1 killed)")
         _judge_all(p, results, tally)
-        grown = rss_bytes(p.proc.pid) - rss0
-        tally.extra = f", RSS +{grown >> 20} MB"
-        for problem in watch.problems()[:5]:
-            tally.flag(problem)
-        assert grown <= RSS_GROWTH_MAX
-        tally.check()
+        _settle(p, rss0, watch, tally)
     finally:
         stop_quietly(p, a, b)
 
@@ -249,12 +255,7 @@ def test_backend_stalled_then_resumed(tmp_path: Path) -> None:
             return []
 
         _judge_all(p, results, tally, stream_timeouts)
-        grown = rss_bytes(p.proc.pid) - rss0
-        tally.extra = f", RSS +{grown >> 20} MB"
-        for problem in watch.problems()[:5]:
-            tally.flag(problem)
-        assert grown <= RSS_GROWTH_MAX
-        tally.check()
+        _settle(p, rss0, watch, tally)
     finally:
         stop_quietly(p, a, b)
 

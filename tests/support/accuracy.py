@@ -31,6 +31,7 @@ from estimator.engine import StepModel
 from estimator.records import BackendSnapshot, Outcome, RequestRecord
 from estimator.service import Estimator, EstimatorConfig
 from estimator.simulate import EngineLimits, Replay, Workload, replay, simulate
+from tests.support.openloop import isotonic
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = "small84m"
@@ -573,7 +574,7 @@ def crossing(steps: Sequence[StepResult], ratio: str = "slo_ratio") -> tuple[flo
     when it is not bracketed (with why)."""
     ordered = sorted(steps, key=lambda x: x.rate_rps)
     ys = [min(getattr(st, ratio), 1e6) for st in ordered]
-    iso = _isotonic(ys, [float(st.n) for st in ordered])
+    iso = isotonic(ys, [float(st.n) for st in ordered])
     note = "interpolated" if iso == ys else "interpolated on the isotonic fit"
     for i, st in enumerate(ordered):
         if iso[i] > 1.0:
@@ -583,18 +584,6 @@ def crossing(steps: Sequence[StepResult], ratio: str = "slo_ratio") -> tuple[flo
             f = (1.0 - iso[i - 1]) / (iso[i] - iso[i - 1])
             return lo.rate_rps + f * (st.rate_rps - lo.rate_rps), note
     return None, "every step meets the SLO"
-
-
-def _isotonic(y: Sequence[float], w: Sequence[float]) -> list[float]:
-    """Weighted least-squares non-decreasing fit (pool adjacent violators)."""
-    blocks: list[list[float]] = []  # [mean, weight, count]
-    for yi, wi in zip(y, w, strict=True):
-        blocks.append([yi, wi, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            m2, w2, c2 = blocks.pop()
-            m1, w1, c1 = blocks.pop()
-            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
-    return [m for m, _, c in blocks for _ in range(int(c))]
 
 
 # --- prediction --------------------------------------------------------------------------------
