@@ -755,7 +755,7 @@ def engine_snapshot(engine_url: str, backend: str) -> BackendSnapshot:
     ``BackendSnapshot`` (``proxy.dialects``): vLLM's ``cache_config_info`` gives the block size
     and the number of KV blocks; vLLM does not expose ``max_num_seqs`` (the estimator takes it
     from its config, as an operator would set it)."""
-    from proxy.dialects import parse_metrics
+    from proxy.upstream.dialects import parse_metrics
 
     with urllib.request.urlopen(engine_url + "/metrics", timeout=5) as r:
         dialect, fields = parse_metrics(r.read().decode())
