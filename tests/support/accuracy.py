@@ -646,7 +646,7 @@ def predict(
     default.observe_backend(snapshot)
     default_dep = next(d for d in default.replay_records(records).deployments if d.model == SERVED)
     at: dict[str, dict[str, float]] = {}
-    for f in s.other_rates:
+    for f in s.other_rates if cap.rate_rps > 0 else ():  # none meets the SLO: nothing to add
         sim = simulate(
             step,
             limits,
@@ -726,7 +726,7 @@ def measurement_noise(
         )
     }
     counts = dict(s.ramp)
-    for f in s.other_rates:
+    for f in s.other_rates if capacity > 0 else ():
         sims = [
             simulate(
                 step,
@@ -756,7 +756,7 @@ def measurement_noise(
 
 def engine_snapshot(engine_url: str, backend: str) -> BackendSnapshot:
     """One scrape of the engine's ``/metrics`` as the proxy's scraper turns it into a
-    ``BackendSnapshot`` (``proxy.dialects``): vLLM's ``cache_config_info`` gives the block size
+    ``BackendSnapshot`` (``proxy.upstream.dialects``): vLLM's ``cache_config_info`` gives the block size
     and the number of KV blocks; vLLM does not expose ``max_num_seqs`` (the estimator takes it
     from its config, as an operator would set it)."""
     from proxy.upstream.dialects import parse_metrics
