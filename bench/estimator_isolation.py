@@ -93,8 +93,7 @@ def one_pass(mode: str, rate: float, seconds: float) -> dict[str, float | None]:
     with running(emu):
         config = {
             "estimator": {"enabled": mode != "off", "refresh_interval_s": 1.0, "min_records": 20,
-                          "gpu": "l4", "model_configs": {"llama": str(MODEL)},
-                          "advisor_interval_s": 5.0},
+                          "gpu": "l4", "model_configs": {"llama": str(MODEL)}},
             "health": {"scrape_interval_s": 1.0},
         }  # fmt: skip
         extra = ["--estimator-in-process"] if mode == "thread" else []

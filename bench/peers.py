@@ -57,6 +57,7 @@ def rightsizer_peers() -> list[dict[str, object]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="durations x 0.25")
+    p.add_argument("--duration-scale", type=float, help="durations x this (default 1)")
     p.add_argument("--scenarios", default="A,B,C")
     p.add_argument("--peers", default="direct,nginx,vllm-router-rr,smg,rightsizer,"
                    "rightsizer-nosched,rightsizer-2w")  # fmt: skip
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, str(HARNESS), "--peer-file", f.name, "--peers", args.peers,
            "--scenarios", args.scenarios, "--venvs", args.venvs, "--out", args.out,
            "--python", f"{args.venvs}/harness/bin/python"]  # fmt: skip
-    if args.quick:
-        cmd += ["--duration-scale", "0.25"]
+    if args.quick or args.duration_scale:
+        cmd += ["--duration-scale", str(args.duration_scale or 0.25)]
     if args.proxy_cores:
         cmd += ["--proxy-cores", args.proxy_cores]
     if args.reverse:
