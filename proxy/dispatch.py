@@ -1,8 +1,9 @@
 """Sending a request upstream, with the retry policy and passive health around the transport.
 
-Policy: a connect error, a broken connection or a 502/503 before the first byte is retried once,
-on the next backend of the routing decision (the admission ticket moves with it); a timeout is
-not retried (the engine may still be working on it); nothing is retried after the first byte.
+Policy: a connect error or connect timeout, a broken connection or a 502/503 before the first
+byte is retried once, on the next backend of the routing decision (the admission ticket moves
+with it); a read timeout is not retried (the engine may still be working on it); nothing is
+retried after the first byte.
 Every failure counts toward the backend's passive ejection (``BackendPool.report_failure``).
 """
 
@@ -52,6 +53,12 @@ async def dispatch(
         except aiohttp.ClientConnectorError:
             err: ProxyError = UpstreamError(f"Could not connect to backend {backend.name}.")
             kind = "connect"
+        except aiohttp.ConnectionTimeoutError:  # nothing was sent: as safe to retry as a refusal
+            err = UpstreamTimeout(
+                f"Could not connect to backend {backend.name} within "
+                f"{transport.timeouts.connect_s:g}s."
+            )
+            kind = "connect_timeout"
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             err = UpstreamError(f"Backend {backend.name} closed the connection.")
             kind = "disconnect"

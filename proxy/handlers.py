@@ -271,6 +271,26 @@ def _loop_deadline(meas: Measurement, total_s: float | None) -> float | None:
     return asyncio.get_running_loop().time() + (meas.arrival_s + total_s - time.perf_counter())
 
 
+class _WithinTotal:
+    """Bound the block by the request's ``timeouts.total_s``; a backend's own timeout inside
+    (connect, read: already an ``UpstreamTimeout`` that names its limit) passes unchanged."""
+
+    __slots__ = ("_timeout",)
+
+    def __init__(self, meas: Measurement, total_s: float | None) -> None:
+        self._timeout = asyncio.timeout_at(_loop_deadline(meas, total_s))
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, et: Any, exc: Any, tb: Any) -> bool:
+        try:
+            await self._timeout.__aexit__(et, exc, tb)  # TimeoutError only when it expired
+        except TimeoutError:
+            raise UpstreamTimeout("The request exceeded the proxy's total time limit.") from None
+        return False
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _inference(request, "chat")
 
@@ -329,18 +349,13 @@ async def _forward(
     assert ex.ticket is not None
     cfg, meas = px.config, ex.meas
     total = cfg.timeouts.total_s
-    try:
-        async with asyncio.timeout_at(_loop_deadline(meas, total)):
-            resp = await dispatch(req, ex.ticket, meas, transport=px.transport, pool=px.pool,
-                                  metrics=px.recorder.metrics,
-                                  on_retry=_on_retry(px, req))  # fmt: skip
-            streamed = (
-                req.stream and resp.status == 200 and resp.content_type == "text/event-stream"
-            )
-            if not streamed:
-                return await relay_plain(request, meas, resp)
-    except TimeoutError:
-        raise UpstreamTimeout("The request exceeded the proxy's total time limit.") from None
+    async with _WithinTotal(meas, total):
+        resp = await dispatch(req, ex.ticket, meas, transport=px.transport, pool=px.pool,
+                              metrics=px.recorder.metrics,
+                              on_retry=_on_retry(px, req))  # fmt: skip
+        streamed = req.stream and resp.status == 200 and resp.content_type == "text/event-stream"
+        if not streamed:
+            return await relay_plain(request, meas, resp)
     ex.started = True
     return await relay_stream(
         request, meas, resp, strip_usage=req.strip_usage,
@@ -391,14 +406,11 @@ async def other_v1(request: web.Request) -> web.StreamResponse:
         )
         ex.ticket = px.scheduler.hold(req, candidates)
         total = px.config.timeouts.total_s
-        try:
-            async with asyncio.timeout_at(_loop_deadline(ex.meas, total)):
-                resp = await dispatch(req, ex.ticket, ex.meas, transport=px.transport,
-                                      pool=px.pool, metrics=px.recorder.metrics)  # fmt: skip
-                if resp.content_type == "application/json":
-                    return await relay_plain(request, ex.meas, resp)
-        except TimeoutError:
-            raise UpstreamTimeout("The request exceeded the proxy's total time limit.") from None
+        async with _WithinTotal(ex.meas, total):
+            resp = await dispatch(req, ex.ticket, ex.meas, transport=px.transport,
+                                  pool=px.pool, metrics=px.recorder.metrics)  # fmt: skip
+            if resp.content_type == "application/json":
+                return await relay_plain(request, ex.meas, resp)
         ex.started = True
         return await relay_raw(
             request, ex.meas, resp, deadline=None if total is None else ex.meas.arrival_s + total

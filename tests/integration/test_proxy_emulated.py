@@ -293,6 +293,8 @@ def test_slow_backend_times_out_with_504(tmp_path: Path) -> None:
             timeout=10,
         )
         assert r.status_code == 504 and r.json()["error"]["type"] == "upstream_timeout"
+        # the backend's read limit, named as such (not the proxy's total limit)
+        assert "did not answer within 0.5s" in r.json()["error"]["message"]
         assert time.monotonic() - t0 < 2.5
         # a stream that started (headers sent) ends with an SSE error event instead
         with httpx.stream("POST", p.url + "/v1/completions", timeout=10,
