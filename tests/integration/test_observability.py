@@ -579,9 +579,10 @@ def test_projected_breach_alert_fires_before_measured_breach(
     done = [False]
     load = Load()
     with stopping(prom, proxy, *emus):
-        # warm-up of at least 15 s before the first complete minute (the estimator needs
-        # min_records and a capacity figure by then): wait while too close to a boundary
-        while time.time() % 60.0 > 45.0:
+        # a warm-up of 20 to 60 s before the first complete minute, at a rate close to where
+        # the ramp starts (0.3x capacity): the estimator needs min_records (10 s at 2 req/s)
+        # before it publishes a capacity, and the trend must see no step at the boundary
+        while time.time() % 60.0 > 40.0:
             time.sleep(0.2)
         tl.boundary = math.ceil(time.time() / 60.0) * 60.0
         b = tl.boundary
@@ -589,10 +590,11 @@ def test_projected_breach_alert_fires_before_measured_breach(
         def rate(now: float) -> float | None:
             if tl.measured_at is not None or now > b + 290:
                 return None
-            if now < b:
-                return 1.2
-            if tl.capacity is None:  # the median of the last 15 refreshes (it varies +-10%)
-                tl.capacity = statistics.median(tl.capacities[-15:] or [4.0])
+            if tl.capacity is None and now >= b and tl.capacities:
+                # the median of the last 15 refreshes (it varies +-10%)
+                tl.capacity = statistics.median(tl.capacities[-15:])
+            if tl.capacity is None:  # warm-up (or no capacity published yet: then give up)
+                return 2.0 if now < b + 30 else None
             c, t = tl.capacity, now - b
             if t <= 180:  # 0.3x -> 0.6x capacity over the three minutes the trend needs
                 return c * (0.3 + 0.3 * t / 180)
@@ -617,6 +619,7 @@ def test_projected_breach_alert_fires_before_measured_breach(
 
     report = "\n".join(tl.rows[-60:])
     print(report)
+    assert tl.capacity is not None, f"no capacity published by the first minute\n{report}"
     assert load.failed == 0, load
     assert tl.projected_at is not None, f"the projected-breach alert never went pending\n{report}"
     assert tl.projected_firing_at is not None, f"the projected-breach alert never fired\n{report}"
