@@ -38,7 +38,11 @@ at 0.5 C than in its low phase, another one +6% at 0.5 C and then 27-32% faster 
 on, so that no step up to 1.44 C missed the SLO (bench/README.md). Such a run cannot judge
 the model; the test then runs the whole procedure again on a fresh server, up to
 ``ATTEMPTS`` times, and judges the first run whose engine held its speed at every step up to
-1.0 C; when none did, the run whose engine moved least, on the same bounds.
+1.0 C; when none did, the run whose engine moved least, on the same bounds except at the
+steps where its engine moved beyond ``MAX_HOST_DRIFT`` (listed in the output; the 0.5 C step
+must have held, and the capacity bounds are always checked). One CI run met engines 15%, 29%
+and 28% off their low phase in three runs in a row: the mean on the trace at such a step
+compares the model with another engine.
 
 The engine's own speed sets a floor under the SLO (``accuracy.machine_slo``): at least 2.5
 times its idle TTFT of a p95-length prompt and its idle ITL, as fitted on the low phase. On
@@ -100,7 +104,7 @@ def test_estimator_predicts_real_vllm_capacity_and_latency(
         if drift <= MAX_HOST_DRIFT:
             break
         print(f"the host changed the engine's speed ({runs[-1][1]}); running again")
-    else:  # the host moved the engine in every run: judge the steadiest on the same bounds
+    else:  # the host moved the engine in every run: judge the steadiest, where it held
         print("the engine's speed changed between the phases in every attempt:\n"
               + "\n".join(r[1] for r in runs))  # fmt: skip
     _, _, out, table = min(runs, key=lambda r: r[0])
@@ -110,14 +114,26 @@ def test_estimator_predicts_real_vllm_capacity_and_latency(
     assert out.prediction.fit_source == "calibrated", table
     assert all(st.n_ok == st.n for st in [out.low, *out.steps]), table
     assert out.measured_capacity_rps is not None, f"no SLO crossing measured\n{table}"
+    steady = any(r[0] <= MAX_HOST_DRIFT for r in runs)
+
+    def judged(st: ea.StepResult) -> bool:
+        """The step's engine held its low-phase speed (always, in a steady run)."""
+        change = st.engine_speed_change
+        return steady or math.isnan(change) or abs(change) <= MAX_HOST_DRIFT
+
+    upto_c = [st for st in out.steps if st.factor <= 1.0 + 1e-9]
+    skipped = [f"{st.factor:.2f} C (engine {st.engine_speed_change:+.0%})"
+               for st in upto_c if not judged(st)]  # fmt: skip
+    if skipped:
+        print("not judged, the host moved the engine there: " + ", ".join(skipped))
+    assert judged(upto_c[0]), f"the engine moved at {upto_c[0].factor:.2f} C in every run\n{table}"
     problems = []
-    for st in out.steps:
-        if st.factor <= 1.0 + 1e-9:
-            for what, err in zip(("TTFT", "ITL"), ea.trace_mean_errors(st), strict=True):
-                if not abs(err) <= TRACE_MEAN_TOL:
-                    problems.append(f"mean {what} at {st.factor:.2f} C on the trace: {err:+.0%}")
+    for st in filter(judged, upto_c):
+        for what, err in zip(("TTFT", "ITL"), ea.trace_mean_errors(st), strict=True):
+            if not abs(err) <= TRACE_MEAN_TOL:
+                problems.append(f"mean {what} at {st.factor:.2f} C on the trace: {err:+.0%}")
     checks = {c["name"]: c for c in out.checks}
-    for name in ("ttft_p95_s@0.5C", "itl_p95_s@0.5C"):
+    for name in ("ttft_p95_s@0.5C", "itl_p95_s@0.5C"):  # upto_c[0] is the 0.5 C step: judged
         err = checks[name]["replay_error"]
         if not abs(err) <= TRACE_P95_TOL:
             problems.append(f"{name} on the trace: {err:+.0%}")
