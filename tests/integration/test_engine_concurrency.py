@@ -97,10 +97,14 @@ def test_proxy_learns_the_engines_concurrency_and_keeps_its_batch_full(
     proxy = start_proxy([vllm96.url], config=config)
     failures: list[str] = []
     with running(proxy):
-        # warm: the proxy starts at 64 in flight and learns from the engine's queue
-        asyncio.run(_pass(proxy.url, 12.0, vllm96.url, failures))
-        limits = metric_value(proxy.metrics_text(), "rightsizer_backend_inflight_limit")
-        assert limits >= ENGINE_SEQS, f"the learned limit is {limits}"
+        # warm: the proxy starts at 64 in flight and learns from the engine's queue (two
+        # queueing scrapes in a row; on a slow host a 12 s pass may not hold them)
+        for _ in range(3):
+            asyncio.run(_pass(proxy.url, 12.0, vllm96.url, failures))
+            limits = metric_value(proxy.metrics_text(), "rightsizer_backend_inflight_limit")
+            if limits >= ENGINE_SEQS:
+                break
+        assert limits >= ENGINE_SEQS, f"the learned limit is {limits} after three warm passes"
         rows, met = [], False
         for attempt in range(4):
             d1, peak_d1, mean_d1 = asyncio.run(_pass(vllm96.url, 10.0, vllm96.url, failures))
